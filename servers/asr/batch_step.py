@@ -1,0 +1,167 @@
+"""One batched cache-aware streaming step over rows from many sessions.
+
+Each row is one session's next piece of audio features. The step computes the features
+of all rows in one preprocessor call, subsamples first chunks (no pre-encode cache, as in
+NeMo's exact streaming schedule) and later chunks (with cache) separately, then runs all
+rows through one call of the conformer layers and one batched greedy RNNT decode. Each
+session's encoder caches, decoder state and pre-encode feature cache live in a slot of a
+``StatePool`` and are gathered and scattered by index.
+
+Rows of different kinds can share the conformer call because a first chunk and a later
+chunk both subsample to the same number of encoder frames. A final row may be shorter
+(its right padding is masked) but may only be longer when no row in the step continues:
+padding a continuing row would corrupt its cache, and a final row's state is discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from servers.asr.features import FeatureRequest, compute_features
+from servers.asr.model import StreamingGeometry
+from servers.asr.state_pool import PooledTensor, StatePool
+
+
+@dataclass(frozen=True)
+class StepRow:
+    slot: int
+    request: FeatureRequest
+    first: bool
+    """The utterance's first chunk: subsampled without pre-encode cache."""
+    final: bool
+    """The utterance's last chunk: its state is not kept."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    tokens: list[list[int]]
+    """New token ids per row, in row order."""
+    encoded: torch.Tensor
+    """Encoder output ``[rows, d_model, frames]``; row ``i`` is valid up to ``encoded_len[i]``."""
+    encoded_len: torch.Tensor
+
+
+class BatchedStreamingStep:
+    """The model, its streaming geometry, and the slot pool of per-session state."""
+
+    def __init__(
+        self,
+        model,
+        geometry: StreamingGeometry,
+        *,
+        max_sessions: int,
+        initial_slots: int = 16,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        from nemo.collections.asr.parts.submodules.transducer_decoding.label_looping_base import (
+            BatchedLabelLoopingState,
+        )
+
+        self._state_type = BatchedLabelLoopingState
+        self.model = model
+        self.geometry = geometry
+        self.device = next(model.parameters()).device
+        self._autocast_dtype = autocast_dtype
+        self._decoder = model.decoding.decoding.decoding_computer
+        self.pool = StatePool(self._state_layout(), initial_slots, max_sessions)
+
+    def _state_layout(self) -> dict[str, PooledTensor]:
+        g = self.geometry
+        channel, time_, channel_len = self.model.encoder.get_initial_cache_state(batch_size=1, device=self.device)
+        # The decoder's state after the start symbol, as NeMo's label-looping decoder
+        # starts every hypothesis; carried between steps as tensors, never as Hypothesis.
+        after_sos = self._decoder._get_batched_decoding_state_after_sos(device=self.device, batch_size=1)
+        layout = {
+            "cache_last_channel": PooledTensor(channel, 1),
+            "cache_last_time": PooledTensor(time_, 1),
+            "cache_last_channel_len": PooledTensor(channel_len, 0),
+            "feature_cache": PooledTensor(torch.zeros(1, g.n_mels, g.pre_encode_cache_frames, device=self.device), 0),
+            "predictor_outputs": PooledTensor(after_sos.predictor_outputs, 0),
+            "labels": PooledTensor(after_sos.labels, 0),
+            "decoded_lengths": PooledTensor(after_sos.decoded_lengths, 0),
+        }
+        self._n_predictor_states = len(after_sos.predictor_states)
+        for i, state in enumerate(after_sos.predictor_states):
+            layout[f"predictor_state_{i}"] = PooledTensor(state, 1)
+        return layout
+
+    @torch.inference_mode()
+    def run(self, rows: list[StepRow]) -> StepOutput:
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        state = self.pool.gather(slots)
+        features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
+            x, lengths = self._pre_encode_all(rows, features, state["feature_cache"])
+            encoded, encoded_len, channel, time_, channel_len = self.model.encoder.cache_aware_stream_step(
+                processed_signal=x,
+                processed_signal_length=lengths,
+                cache_last_channel=state["cache_last_channel"],
+                cache_last_time=state["cache_last_time"],
+                cache_last_channel_len=state["cache_last_channel_len"],
+                keep_all_outputs=True,
+                bypass_pre_encode=True,
+            )
+        previous = self._state_type(
+            predictor_states=tuple(state[f"predictor_state_{i}"] for i in range(self._n_predictor_states)),
+            predictor_outputs=state["predictor_outputs"],
+            labels=state["labels"],
+            decoded_lengths=state["decoded_lengths"],
+        )
+        encoded = encoded.float()
+        hyps, decoded = self._decoder(x=encoded.transpose(1, 2), out_len=encoded_len, prev_batched_state=previous)
+        keep = [i for i, r in enumerate(rows) if not r.final]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            new_state = {
+                "cache_last_channel": channel,
+                "cache_last_time": time_,
+                "cache_last_channel_len": channel_len,
+                "feature_cache": self._next_feature_cache(features, state["feature_cache"]),
+                "predictor_outputs": decoded.predictor_outputs,
+                "labels": decoded.labels,
+                "decoded_lengths": decoded.decoded_lengths,
+                **{f"predictor_state_{i}": s for i, s in enumerate(decoded.predictor_states)},
+            }
+            self.pool.scatter(slots[index], new_state, rows=index)
+        transcript = hyps.transcript.cpu()
+        counts = hyps.current_lengths.cpu().tolist()
+        tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
+        return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
+
+    def _pre_encode_all(self, rows: list[StepRow], features: list[torch.Tensor], feature_cache: torch.Tensor):
+        """Subsample first chunks and later chunks separately; one padded batch of both."""
+        groups = []
+        for first in (True, False):
+            index = [i for i, r in enumerate(rows) if r.first == first]
+            if index:
+                cache = None if first else feature_cache[index]
+                groups.append((index, *self._pre_encode([features[i] for i in index], cache)))
+        width = max(x.shape[1] for _, x, _ in groups)
+        d_model = groups[0][1].shape[2]
+        x_all = groups[0][1].new_zeros(len(rows), width, d_model)
+        n_all = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
+        for index, x, n in groups:
+            where = torch.tensor(index, device=self.device)
+            x_all[where, : x.shape[1]] = x
+            n_all[where] = n
+        return x_all, n_all
+
+    def _pre_encode(self, features: list[torch.Tensor], cache: torch.Tensor | None):
+        if cache is not None:
+            features = [torch.cat([c, f], dim=1) for c, f in zip(cache, features)]
+        width = max(f.shape[1] for f in features)
+        batch = torch.stack([torch.nn.functional.pad(f, (0, width - f.shape[1])) for f in features])
+        n = torch.tensor([f.shape[1] for f in features], device=self.device)
+        x, n = self.model.encoder.pre_encode(x=batch.transpose(1, 2), lengths=n)
+        n = n.to(torch.int64)
+        if cache is not None:
+            drop = self.geometry.drop_extra_pre_encoded
+            x, n = x[:, drop:], (n - drop).clamp(min=0)
+        return x, n
+
+    def _next_feature_cache(self, features: list[torch.Tensor], cache: torch.Tensor) -> torch.Tensor:
+        """Each row's last ``pre_encode_cache_frames`` feature frames, old cache included."""
+        keep = self.geometry.pre_encode_cache_frames
+        return torch.stack([torch.cat([c, f], dim=1)[:, -keep:] for c, f in zip(cache, features)])

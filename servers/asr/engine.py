@@ -1,0 +1,378 @@
+"""Streaming ASR sessions on top of one batched step: bookkeeping, resets and results.
+
+One engine per model. ``step()`` is the unit of GPU work: it plans one row for every
+session with a ready chunk (first chunks, steady chunks and finals alike), runs them as
+one ``BatchedStreamingStep``, and hands each session its transcripts. The WebSocket layer
+(``server.py``) or a scheduler decides when to step; the engine never touches an event
+loop, and sessions may be opened, fed and closed from any thread while a step runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from loguru import logger
+
+from pipecat_nvidia.protocol import AsrError, AsrServerMessage, AsrTranscript, ErrorCode
+from servers.asr.batch_step import BatchedStreamingStep, StepRow
+from servers.asr.features import UtteranceAudio
+from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
+
+Sink = Callable[[AsrServerMessage], None]
+
+
+class EngineFull(RuntimeError):
+    """No session slot is left (``max_sessions``)."""
+
+
+class AudioOverflow(RuntimeError):
+    """A session sent more audio than the engine buffers ahead of transcription."""
+
+
+@dataclass(frozen=True)
+class _Reset:
+    finalize: bool
+    trailing_silence_ms: float
+    received: float
+
+
+@dataclass
+class _Session:
+    sid: int
+    slot: int
+    sink: Sink
+    audio: UtteranceAudio
+    arrivals: deque = field(default_factory=deque)
+    """(utterance sample count after a push, monotonic time of that push)."""
+    backlog: deque = field(default_factory=deque)
+    """What arrived after a pending reset: (samples, time) or another ``_Reset``."""
+    reset: _Reset | None = None
+    started: bool = False
+    """The utterance's first chunk has run (the encoder has cache for it)."""
+    utterance_id: int = 0
+    text: str = ""
+    sent_text: str = ""
+    segment_start_samples: int = 0
+    in_flight: bool = False
+    closed: bool = False
+
+    def buffered_samples(self) -> int:
+        return self.audio.buffered_samples + sum(len(a[0]) for a in self.backlog if isinstance(a, tuple))
+
+    def arrival_of(self, sample_count: int) -> float:
+        """When the audio up to ``sample_count`` had arrived."""
+        while len(self.arrivals) > 1 and self.arrivals[0][0] < sample_count:
+            self.arrivals.popleft()
+        return self.arrivals[0][1] if self.arrivals else time.monotonic()
+
+
+@dataclass(frozen=True)
+class _Row:
+    session: _Session
+    step: StepRow
+    ready_at: float
+    """When the input this row completes arrived (for latency)."""
+    padding_samples: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one ``step()`` did, for metrics and for the scheduler's planning."""
+
+    batch_size: int
+    first_rows: int
+    final_rows: int
+    seconds: float
+    events: int
+
+
+class StreamingASREngine:
+    """Batched cache-aware streaming transcription for many sessions of one model."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        right_context: int,
+        max_sessions: int = 1024,
+        max_buffered_s: float = 30.0,
+        max_utterance_s: float = 120.0,
+        precision: str = "auto",
+        initial_slots: int = 16,
+    ):
+        self.geometry: StreamingGeometry = read_geometry(model, right_context)
+        self.max_sessions = max_sessions
+        self._max_buffered = int(max_buffered_s * self.geometry.sample_rate)
+        self._max_utterance = int(max_utterance_s * self.geometry.sample_rate)
+        self._pieces = token_pieces(model)
+        g = self.geometry
+        self._max_final_frames = g.frames_at_end(g.ms_to_samples(g.finalize_audio_ms + g.chunk_ms))
+        self._step = BatchedStreamingStep(
+            model,
+            self.geometry,
+            max_sessions=max_sessions,
+            initial_slots=initial_slots,
+            autocast_dtype=autocast_dtype(precision, next(model.parameters()).device),
+        )
+        self._pool = self._step.pool
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._sessions: dict[int, _Session] = {}
+        self._ready: set[int] = set()
+        """Sessions whose next step can run now; kept up to date so that waiting for
+        work and planning cost nothing per idle session."""
+        self._next_sid = 0
+
+    # ------------------------------------------------------------------ sessions (any thread)
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open_session(self, sink: Sink) -> int:
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineFull(f"all {self.max_sessions} sessions are in use")
+            sid = self._next_sid
+            self._next_sid += 1
+            self._sessions[sid] = _Session(sid=sid, slot=self._pool.acquire(), sink=sink, audio=self._new_audio())
+            return sid
+
+    def close_session(self, sid: int) -> None:
+        """Forget the session now; its slot is reused once any step running it is done."""
+        with self._lock:
+            session = self._sessions.pop(sid, None)
+            if session is None:
+                return
+            session.closed = True
+            self._ready.discard(sid)
+            if not session.in_flight:
+                self._pool.release(session.slot)
+
+    def push_audio(self, sid: int, pcm16: bytes) -> None:
+        """Queue 16-bit little-endian mono PCM for a session."""
+        samples = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
+        now = time.monotonic()
+        with self._work:
+            session = self._sessions[sid]
+            if session.buffered_samples() + len(samples) > self._max_buffered:
+                raise AudioOverflow(
+                    f"more than {self._max_buffered / self.geometry.sample_rate:.0f} s of audio "
+                    "is waiting to be transcribed"
+                )
+            if session.reset is None:
+                self._append(session, samples, now)
+            else:
+                session.backlog.append((samples, now))
+            self._mark_if_ready(session)
+
+    def reset(self, sid: int, finalize: bool = True, trailing_silence_ms: float = 0.0) -> None:
+        """End the session's utterance after the audio pushed so far (see ``AsrReset``)."""
+        request = _Reset(finalize, trailing_silence_ms, time.monotonic())
+        with self._work:
+            session = self._sessions[sid]
+            if session.reset is None:
+                session.reset = request
+            else:
+                session.backlog.append(request)
+            self._mark_if_ready(session)
+
+    def warm_up(self) -> None:
+        """Run one short utterance through every kind of step before serving: it checks
+        the model end to end and moves one-time costs (allocations, kernels) out of the
+        first client's way."""
+        sid = self.open_session(lambda message: None)
+        try:
+            self.push_audio(sid, bytes(2 * self.geometry.sample_rate))
+            self.reset(sid, finalize=True)
+            while self.has_work():
+                self.step()
+        finally:
+            self.close_session(sid)
+
+    # ------------------------------------------------------------------ stepping (one thread)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._work:
+            return self._work.wait_for(lambda: bool(self._ready), timeout=timeout)
+
+    def wake(self) -> None:
+        """Make a pending ``wait_for_work`` return (e.g. to shut down)."""
+        with self._work:
+            self._work.notify_all()
+
+    def step(self) -> StepStats:
+        """Run one batched step over every session with ready work."""
+        started = time.perf_counter()
+        events: list[tuple[Sink, AsrServerMessage]] = []
+        with self._lock:
+            rows = self._plan(events)
+        if rows:
+            try:
+                tokens = self._step.run([r.step for r in rows]).tokens
+            except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
+                logger.exception("ASR step failed")
+                tokens = None
+                error = AsrError(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
+            with self._lock:
+                for i, row in enumerate(rows):
+                    session = row.session
+                    session.in_flight = False
+                    if session.closed:
+                        self._pool.release(session.slot)
+                    elif tokens is None:
+                        events.append((session.sink, error))
+                        self._end_utterance(session)
+                    else:
+                        self._after_row(row, tokens[i], events)
+                        self._mark_if_ready(session)
+        for sink, message in events:
+            sink(message)
+        return StepStats(
+            batch_size=len(rows),
+            first_rows=sum(r.step.first for r in rows),
+            final_rows=sum(r.step.final for r in rows),
+            seconds=time.perf_counter() - started,
+            events=len(events),
+        )
+
+    # ------------------------------------------------------------------ planning (under the lock)
+
+    def _new_audio(self) -> UtteranceAudio:
+        return UtteranceAudio(self.geometry)
+
+    def _append(self, session: _Session, samples: np.ndarray, arrived: float) -> None:
+        session.audio.append(samples)
+        session.arrivals.append((session.audio.total_samples, arrived))
+
+    def _padding_samples(self, reset: _Reset) -> int:
+        missing_ms = max(0.0, self.geometry.finalize_audio_ms - reset.trailing_silence_ms)
+        return self.geometry.ms_to_samples(missing_ms)
+
+    def _mark_if_ready(self, session: _Session) -> None:
+        if not session.closed and self._wants_step(session):
+            self._ready.add(session.sid)
+            self._work.notify()
+
+    def _chunk_frames(self, session: _Session) -> int:
+        return self.geometry.chunk_frames if session.started else self.geometry.first_chunk_frames
+
+    def _wants_step(self, session: _Session) -> bool:
+        return session.reset is not None or session.audio.ready_frames() >= self._chunk_frames(session)
+
+    def _plan(self, events: list) -> list[_Row]:
+        """One row per ready session; resets that need no model are answered here."""
+        rows: list[_Row] = []
+        long_finals: list[tuple[_Session, int, int]] = []
+        ready = [self._sessions[sid] for sid in self._ready]
+        self._ready.clear()
+        for session in ready:
+            reset = session.reset
+            chunk = self._chunk_frames(session)
+            if reset is None:
+                end = self.geometry.samples_for_frames(session.audio.next_frame + chunk)
+                rows.append(self._row(session, chunk, False, session.arrival_of(end)))
+                continue
+            padding = self._padding_samples(reset) if reset.finalize else 0
+            remaining = session.audio.frames_with_padding(padding) if reset.finalize else 0
+            if remaining == 0:
+                events.append((session.sink, self._transcript(session, True, reset.received)))
+                self._end_utterance(session)
+            elif remaining <= chunk:
+                rows.append(self._row(session, remaining, True, reset.received, padding))
+            else:
+                long_finals.append((session, padding, remaining))
+        # A final longer than a chunk runs whole only in a step where no row continues
+        # (and only as long as a real-time client's can be); otherwise it advances one
+        # chunk now and finishes in a later step.
+        whole = all(r.step.final for r in rows) and all(n <= self._max_final_frames for *_, n in long_finals)
+        for session, padding, remaining in long_finals:
+            count = remaining if whole else self._chunk_frames(session)
+            rows.append(self._row(session, count, whole, session.reset.received, padding))
+        for row in rows:
+            row.session.in_flight = True
+        return rows
+
+    def _row(self, session: _Session, count: int, final: bool, ready_at: float, padding: int | None = None) -> _Row:
+        step = StepRow(session.slot, session.audio.take(count, padding), first=not session.started, final=final)
+        return _Row(session, step, ready_at, padding or 0)
+
+    # ------------------------------------------------------------------ results (under the lock)
+
+    def _after_row(self, row: _Row, tokens: list[int], events: list) -> None:
+        session = row.session
+        session.started = True
+        session.text += "".join(self._pieces[t] for t in tokens)
+        if row.step.final:
+            events.append((session.sink, self._transcript(session, True, row.ready_at, row.padding_samples)))
+            self._end_utterance(session)
+            return
+        if session.text.strip() != session.sent_text:
+            events.append((session.sink, self._transcript(session, False, row.ready_at)))
+        if session.audio.total_samples - session.segment_start_samples >= self._max_utterance:
+            # Bound the text a never-ending utterance holds: the text so far becomes final
+            # while the audio streams on through the same encoder state.
+            events.append((session.sink, self._transcript(session, True, row.ready_at)))
+            self._next_segment(session)
+            session.segment_start_samples = session.audio.total_samples
+
+    def _transcript(self, session: _Session, final: bool, latency_from: float, padding_samples: int = 0):
+        g = self.geometry
+        text = session.text.strip()
+        session.sent_text = text
+        covered = session.audio.total_samples if final else min(
+            session.audio.total_samples, session.audio.next_frame * g.hop
+        )
+        return AsrTranscript(
+            text=text,
+            is_final=final,
+            utterance_id=session.utterance_id,
+            audio_ms=1000.0 * (covered - session.segment_start_samples) / g.sample_rate,
+            padding_ms=1000.0 * padding_samples / g.sample_rate,
+            latency_ms=1000.0 * (time.monotonic() - latency_from),
+        )
+
+    def _next_segment(self, session: _Session) -> None:
+        session.utterance_id += 1
+        session.text = session.sent_text = ""
+
+    def _end_utterance(self, session: _Session) -> None:
+        """Start the next utterance: fresh state, then whatever arrived after the reset."""
+        self._pool.reset(session.slot)
+        self._next_segment(session)
+        session.started = False
+        session.segment_start_samples = 0
+        session.audio = self._new_audio()
+        session.arrivals.clear()
+        session.reset = None
+        while session.backlog:
+            item = session.backlog.popleft()
+            if isinstance(item, _Reset):
+                session.reset = item
+                break
+            self._append(session, *item)
+        self._mark_if_ready(session)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")

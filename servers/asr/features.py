@@ -1,0 +1,98 @@
+"""Incremental log-mel features: each chunk costs the same however long the utterance is.
+
+The model's own preprocessor runs on a short snippet of audio around the new frames: the
+snippet starts a few frames early so that every kept frame sees the same samples (and
+the same pre-emphasis history) as in a pass over the whole utterance. Kept frames are
+bit-identical to that pass; only the snippet, never the utterance, is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from servers.asr.model import StreamingGeometry
+
+
+@dataclass
+class FeatureRequest:
+    """Frames ``start .. start + count - 1`` of the log-mel of ``audio`` (a snippet)."""
+
+    audio: np.ndarray
+    start: int
+    count: int
+
+
+class UtteranceAudio:
+    """The audio of one utterance that future frames still need, and the next frame due.
+
+    Holds at most a chunk and a few frames of samples beyond what has been transcribed,
+    plus whatever the client sent ahead of the engine (bounded by the session).
+    """
+
+    def __init__(self, geometry: StreamingGeometry):
+        self._g = geometry
+        self._samples = np.empty(0, dtype=np.float32)
+        self._offset = 0
+        """Utterance sample index of ``_samples[0]``."""
+        self.total_samples = 0
+        self.next_frame = 0
+
+    def append(self, samples: np.ndarray) -> None:
+        self._samples = np.concatenate([self._samples, samples])
+        self.total_samples += len(samples)
+
+    @property
+    def buffered_samples(self) -> int:
+        return len(self._samples)
+
+    def ready_frames(self) -> int:
+        """New frames computable from the audio received so far."""
+        return max(0, self._g.frames_in(self.total_samples) - self.next_frame)
+
+    def frames_with_padding(self, padding_samples: int) -> int:
+        """New frames once the utterance ends with ``padding_samples`` of silence."""
+        return max(0, self._g.frames_at_end(self.total_samples + padding_samples) - self.next_frame)
+
+    def take(self, count: int, padding_samples: int | None = None) -> FeatureRequest:
+        """The request for the next ``count`` frames; moves past them.
+
+        ``padding_samples`` (at the end of the utterance) appends that much silence; the
+        last frames then see zeros past the end, exactly as a whole-utterance pass does.
+        """
+        g = self._g
+        first = self.next_frame
+        begin = max(0, first - g.left_context_frames) * g.hop
+        if padding_samples is None:
+            end = g.samples_for_frames(first + count)
+            audio = self._samples[begin - self._offset : end - self._offset]
+        else:
+            audio = np.concatenate(
+                [self._samples[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)]
+            )
+        self.next_frame = first + count
+        keep_from = max(0, self.next_frame - g.left_context_frames) * g.hop
+        self._samples = self._samples[keep_from - self._offset :]
+        self._offset = keep_from
+        return FeatureRequest(audio=audio, start=first - begin // g.hop, count=count)
+
+    def audio_ms(self) -> float:
+        return 1000.0 * self.total_samples / self._g.sample_rate
+
+
+@torch.no_grad()
+def compute_features(preprocessor, requests: list[FeatureRequest], device: torch.device) -> list[torch.Tensor]:
+    """Run the model's preprocessor once over all snippets; returns ``[n_mels, count]`` each.
+
+    Snippets are right-padded with zeros, which for a shorter snippet acts exactly like
+    the STFT's own end padding, so every row equals its snippet computed alone.
+    """
+    lengths = [len(r.audio) for r in requests]
+    batch = np.zeros((len(requests), max(lengths)), dtype=np.float32)
+    for row, request in zip(batch, requests):
+        row[: len(request.audio)] = request.audio
+    signal = torch.from_numpy(batch).to(device, non_blocking=True)
+    features, _ = preprocessor(input_signal=signal, length=torch.tensor(lengths, device=device))
+    return [features[i, :, r.start : r.start + r.count] for i, r in enumerate(requests)]

@@ -1,0 +1,84 @@
+"""Per-session streaming state kept as rows ("slots") of shared tensors.
+
+A batched step gathers the rows of the sessions it runs with one ``index_select`` per
+tensor and scatters the new state back with one ``index_copy_``: the cost does not
+depend on how many sessions exist, and the tensors keep fixed addresses between
+growths (what CUDA graphs will need). Memory per session is fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PooledTensor:
+    """One state tensor: its initial value for a single session and its batch dimension."""
+
+    initial: torch.Tensor
+    batch_dim: int
+
+
+class StatePool:
+    """Named state tensors with one slot per session, growing by doubling up to a limit."""
+
+    def __init__(self, layout: dict[str, PooledTensor], capacity: int, max_capacity: int):
+        self._layout = layout
+        self._max_capacity = max_capacity
+        self._capacity = 0
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._free: list[int] = []
+        self._grow(min(capacity, max_capacity))
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def in_use(self) -> int:
+        return self._capacity - len(self._free)
+
+    def _grow(self, capacity: int) -> None:
+        for name, spec in self._layout.items():
+            sizes = [1] * spec.initial.dim()
+            sizes[spec.batch_dim] = capacity
+            grown = spec.initial.repeat(*sizes)
+            if name in self._tensors:
+                grown.narrow(spec.batch_dim, 0, self._capacity).copy_(self._tensors[name])
+            self._tensors[name] = grown
+        self._free.extend(reversed(range(self._capacity, capacity)))
+        self._capacity = capacity
+
+    def acquire(self) -> int:
+        """A slot holding the initial state."""
+        if not self._free:
+            if self._capacity >= self._max_capacity:
+                raise RuntimeError("state pool is full")
+            self._grow(min(2 * self._capacity, self._max_capacity))
+        slot = self._free.pop()
+        self.reset(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        for name, spec in self._layout.items():
+            self._tensors[name].narrow(spec.batch_dim, slot, 1).copy_(spec.initial)
+
+    def gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()
+        }
+
+    def scatter(self, slots: torch.Tensor, values: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
+        """Write ``values`` back to ``slots``; with ``rows``, only those rows of ``values``
+        (``slots`` then lists the slots of those rows alone)."""
+        for name, value in values.items():
+            dim = self._layout[name].batch_dim
+            if rows is not None:
+                value = value.index_select(dim, rows)
+            target = self._tensors[name]
+            target.index_copy_(dim, slots, value.to(target.dtype))

@@ -1,0 +1,41 @@
+"""Steps an engine on its own thread whenever it has work (the standalone server's driver).
+
+In the local GPU host the single-GPU scheduler drives ``engine.step()`` instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from loguru import logger
+
+from servers.asr.engine import StepStats, StreamingASREngine
+
+
+class EngineWorker:
+    def __init__(self, engine: StreamingASREngine, on_step: Callable[[StepStats], None] | None = None):
+        self._engine = engine
+        self._on_step = on_step
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asr-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._engine.wake()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self._engine.wait_for_work(timeout=0.5):
+                continue
+            try:
+                stats = self._engine.step()
+            except Exception:  # noqa: BLE001 - the engine thread must outlive any one step
+                logger.exception("ASR engine step failed")
+                continue
+            if self._on_step is not None:
+                self._on_step(stats)

@@ -1,0 +1,46 @@
+"""Driving an engine synchronously, and the offline reference it must agree with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipecat_nvidia.protocol import AsrTranscript
+from servers.asr.engine import StreamingASREngine
+from servers.asr.model import load_streaming_model
+
+
+def make_engine(path, right_context: int = 1, **kwargs) -> StreamingASREngine:
+    model = load_streaming_model(str(path), right_context=right_context, device="cpu")
+    return StreamingASREngine(model, right_context=right_context, **kwargs)
+
+
+def drain(engine: StreamingASREngine) -> None:
+    while engine.has_work():
+        engine.step()
+
+
+def stream(engine, sid, pcm16: np.ndarray, piece: int = 1600) -> None:
+    """Push audio in ``piece``-sample frames, stepping after each as a real-time server would."""
+    for i in range(0, len(pcm16), piece):
+        engine.push_audio(sid, pcm16[i : i + piece].tobytes())
+        drain(engine)
+
+
+def transcribe(engine, pcm16: np.ndarray, trailing_silence_ms: float = 200.0, piece: int = 1600) -> list[AsrTranscript]:
+    """Every message one session gets for one finalised utterance."""
+    messages: list[AsrTranscript] = []
+    sid = engine.open_session(messages.append)
+    stream(engine, sid, pcm16, piece)
+    engine.reset(sid, finalize=True, trailing_silence_ms=trailing_silence_ms)
+    drain(engine)
+    engine.close_session(sid)
+    return messages
+
+
+def offline_text(engine: StreamingASREngine, pcm16: np.ndarray, padding_ms: float) -> str:
+    """NeMo's own whole-utterance transcription of the audio plus ``padding_ms`` of silence."""
+    padding = engine.geometry.ms_to_samples(padding_ms)
+    audio = np.concatenate([pcm16.astype(np.float32) / 32768.0, np.zeros(padding, np.float32)])
+    with torch.no_grad():
+        return engine._step.model.transcribe([audio], batch_size=1, verbose=False)[0].text

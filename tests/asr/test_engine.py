@@ -1,0 +1,181 @@
+"""The streaming engine's sessions: finalisation, padding, resets, limits, cost."""
+
+import statistics
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from servers.asr.engine import AudioOverflow, EngineFull
+from tests.asr.helpers import drain, make_engine, offline_text, stream, transcribe
+
+
+def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    utterance = speech_int16[16000 : 16000 * 6]
+    messages = transcribe(engine, utterance, trailing_silence_ms=200)
+    final = messages[-1]
+    assert final.is_final and final.padding_ms == 120.0
+    assert final.text == offline_text(engine, utterance, padding_ms=120)
+    assert final.text, "the tiny model emits text for speech"
+    assert final.audio_ms == pytest.approx(5000.0)
+
+
+@pytest.mark.parametrize(
+    ("right_context", "trailing_ms", "padding_ms"),
+    [(1, 200, 120), (1, 0, 320), (1, 500, 0), (0, 200, 0), (0, 100, 60), (6, 200, 920), (13, 200, 2040)],
+)
+def test_finalize_pads_only_what_the_encoder_still_needs(tiny_asr_path, speech_int16, right_context, trailing_ms, padding_ms):
+    """(R + 1) x 160 ms of trailing audio, minus what the client already streamed."""
+    engine = make_engine(tiny_asr_path, right_context=right_context)
+    assert engine.geometry.finalize_audio_ms == (right_context + 1) * 160
+    utterance = speech_int16[16000 : 16000 * 4]
+    final = transcribe(engine, utterance, trailing_silence_ms=trailing_ms)[-1]
+    assert final.padding_ms == padding_ms
+    assert final.text == offline_text(engine, utterance, padding_ms=padding_ms)
+
+
+def test_finalize_emits_the_tokens_streaming_withheld(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    messages = transcribe(engine, speech_int16[: 16000 * 4], trailing_silence_ms=200)
+    interims = [m.text for m in messages if not m.is_final]
+    final = messages[-1].text
+    assert interims, "streaming produced interim text"
+    assert all(final.startswith(text) for text in interims)
+    assert len(final) > len(interims[-1])
+
+
+def test_interims_arrive_as_the_text_changes(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    messages = transcribe(engine, speech_int16[: 16000 * 8])
+    interims = [m for m in messages if not m.is_final]
+    assert len(interims) >= 3
+    assert all(a.text != b.text for a, b in zip(interims, interims[1:]))
+    assert all(a.audio_ms < b.audio_ms for a, b in zip(interims, interims[1:]))
+
+
+def test_soft_reset_returns_the_current_text_and_starts_afresh(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    messages = []
+    sid = engine.open_session(messages.append)
+    stream(engine, sid, speech_int16[: 16000 * 4])
+    last_interim = messages[-1]
+    engine.reset(sid, finalize=False)
+    drain(engine)
+    soft = messages[-1]
+    assert soft.is_final and soft.padding_ms == 0 and soft.text == last_interim.text
+    assert soft.utterance_id == 0
+
+    second = speech_int16[16000 * 6 : 16000 * 10]
+    stream(engine, sid, second)
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    drain(engine)
+    assert messages[-1].utterance_id == 1
+    assert messages[-1].text == transcribe(engine, second)[-1].text
+
+
+def test_audio_sent_after_a_reset_belongs_to_the_next_utterance(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    first, second = speech_int16[16000 : 16000 * 4], speech_int16[16000 * 6 : 16000 * 9]
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.push_audio(sid, first.tobytes())
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    engine.push_audio(sid, second.tobytes())
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    drain(engine)
+    finals = [m for m in messages if m.is_final]
+    assert [m.utterance_id for m in finals] == [0, 1]
+    assert finals[0].text == offline_text(engine, first, 120)
+    assert finals[1].text == offline_text(engine, second, 120)
+
+
+def test_a_never_ending_utterance_is_finalised_in_segments_without_losing_text(tiny_asr_path, speech_int16):
+    utterance = speech_int16[: 16000 * 9]
+    whole = transcribe(make_engine(tiny_asr_path), utterance)[-1].text
+    segmented = transcribe(make_engine(tiny_asr_path, max_utterance_s=2.0), utterance)
+    finals = [m for m in segmented if m.is_final]
+    assert len(finals) >= 4
+    assert [m.utterance_id for m in finals] == list(range(len(finals)))
+    assert "".join(m.text + " " for m in finals).replace(" ", "") == whole.replace(" ", "")
+
+
+def test_audio_beyond_the_buffer_limit_is_refused_and_the_session_goes_on(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path, max_buffered_s=1.0)
+    messages = []
+    sid = engine.open_session(messages.append)
+    with pytest.raises(AudioOverflow):
+        engine.push_audio(sid, speech_int16[: 16000 * 2].tobytes())
+    stream(engine, sid, speech_int16[16000 : 16000 * 3])
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    drain(engine)
+    assert messages[-1].is_final
+    assert messages[-1].text == offline_text(engine, speech_int16[16000 : 16000 * 3], 120)
+
+
+def test_sessions_beyond_the_limit_are_refused(tiny_asr_path):
+    engine = make_engine(tiny_asr_path, max_sessions=2)
+    a = engine.open_session(lambda m: None)
+    engine.open_session(lambda m: None)
+    with pytest.raises(EngineFull):
+        engine.open_session(lambda m: None)
+    engine.close_session(a)
+    engine.open_session(lambda m: None)
+
+
+def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_int16):
+    """Sessions opened, fed and closed from another thread while steps run leak nothing."""
+    engine = make_engine(tiny_asr_path, initial_slots=2)
+    stop = threading.Event()
+
+    def keep_stepping():
+        while not stop.is_set():
+            if engine.wait_for_work(timeout=0.01):
+                engine.step()
+
+    stepper = threading.Thread(target=keep_stepping)
+    stepper.start()
+    rng = np.random.default_rng(1)
+    try:
+        open_sessions = []
+        for _ in range(60):
+            open_sessions.append(engine.open_session(lambda m: None))
+            for sid in open_sessions:
+                engine.push_audio(sid, speech_int16[: int(rng.integers(1000, 6000))].tobytes())
+            if rng.random() < 0.3:
+                engine.reset(open_sessions[0], finalize=True)
+            if len(open_sessions) > 5 or rng.random() < 0.4:
+                engine.close_session(open_sessions.pop(int(rng.integers(len(open_sessions)))))
+            time.sleep(float(rng.random()) * 0.01)
+        for sid in open_sessions:
+            engine.close_session(sid)
+    finally:
+        stop.set()
+        stepper.join()
+    assert engine.session_count == 0
+    assert engine._pool.in_use == 0
+
+
+@pytest.mark.slow
+def test_per_chunk_cost_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr_path, speech_int16):
+    """Features are computed per chunk, never over the whole utterance: the last minute's
+    chunks cost what the first minute's did."""
+    engine = make_engine(tiny_asr_path)
+    chunk = 2560
+    ten_minutes = np.tile(speech_int16, int(np.ceil(600 * 16000 / len(speech_int16))))[: 600 * 16000]
+    messages = []
+    sid = engine.open_session(messages.append)
+    times = []
+    for i in range(0, len(ten_minutes), chunk):
+        engine.push_audio(sid, ten_minutes[i : i + chunk].tobytes())
+        while engine.has_work():
+            stats = engine.step()
+            times.append(stats.seconds)
+    session = engine._sessions[sid]
+    first_minute, last_minute = times[10:375], times[-365:]
+    ratio = statistics.median(last_minute) / statistics.median(first_minute)
+    assert ratio < 1.5, f"per-chunk time grew {ratio:.2f}x over 10 minutes"
+    assert session.audio.buffered_samples <= 2 * chunk + 512
+    assert len(session.text) < 5000, "the rolling segments bound the text held"
+    assert sum(m.is_final for m in messages) >= 4

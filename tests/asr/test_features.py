@@ -1,0 +1,57 @@
+"""Incremental features equal the preprocessor's pass over the whole utterance."""
+
+import numpy as np
+import torch
+
+from servers.asr.features import UtteranceAudio, compute_features
+from servers.asr.model import load_streaming_model, read_geometry
+
+
+def _whole_utterance_features(model, audio: np.ndarray) -> torch.Tensor:
+    signal = torch.from_numpy(audio)[None]
+    with torch.no_grad():
+        features, n = model.preprocessor(input_signal=signal, length=torch.tensor([len(audio)]))
+    return features[0, :, : n.item()]
+
+
+def test_chunked_features_equal_whole_utterance_pass(tiny_asr_path, speech):
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
+    g = read_geometry(model, 1)
+    audio = UtteranceAudio(g)
+    rng = np.random.default_rng(0)
+    utterance = speech[: 16000 * 5 + 123]
+    pieces, position, largest_buffer = [], 0, 0
+    while position < len(utterance):
+        size = int(rng.integers(1, 4000))
+        audio.append(utterance[position : position + size])
+        position += size
+        need = g.first_chunk_frames if not pieces else g.chunk_frames
+        while audio.ready_frames() >= need:
+            pieces.append(compute_features(model.preprocessor, [audio.take(need)], torch.device("cpu"))[0])
+            need = g.chunk_frames
+        largest_buffer = max(largest_buffer, audio.buffered_samples)
+    padding = g.ms_to_samples(g.finalize_audio_ms - 200)
+    last = audio.take(audio.frames_with_padding(padding), padding)
+    pieces.append(compute_features(model.preprocessor, [last], torch.device("cpu"))[0])
+
+    streamed = torch.cat(pieces, dim=1)
+    whole = _whole_utterance_features(model, np.concatenate([utterance, np.zeros(padding, np.float32)]))
+    assert streamed.shape == whole.shape
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    # Only a chunk, its look-ahead and left context (plus one uneven push) are ever held.
+    assert largest_buffer <= (g.chunk_frames + g.left_context_frames + 1) * g.hop + g.n_fft + 4000
+
+
+def test_batched_feature_requests_equal_each_alone(tiny_asr_path, speech):
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
+    g = read_geometry(model, 1)
+    requests = []
+    for start, length, padding in ((0, 4000, None), (20000, 9000, None), (50000, 3000, 1920)):
+        audio = UtteranceAudio(g)
+        audio.append(speech[start : start + length])
+        count = audio.frames_with_padding(padding) if padding else audio.ready_frames()
+        requests.append(audio.take(count, padding))
+    together = compute_features(model.preprocessor, requests, torch.device("cpu"))
+    for request, batched in zip(requests, together):
+        alone = compute_features(model.preprocessor, [request], torch.device("cpu"))[0]
+        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+DATA = Path(__file__).parent / "data"
+SAMPLE_RATE = 16000
+
+
+def pytest_configure(config):
+    # NeMo logs warnings for every model it builds; keep test output readable.
+    logging.getLogger("nemo_logger").setLevel(logging.ERROR)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def speech_int16() -> np.ndarray:
+    """18.4 s of real read speech, 16 kHz mono int16 (tests/data/README.md)."""
+    audio, rate = sf.read(DATA / "harvard_16k.wav", dtype="int16")
+    assert rate == SAMPLE_RATE
+    return audio
+
+
+@pytest.fixture(scope="session")
+def speech(speech_int16) -> np.ndarray:
+    """The same speech as float32 in [-1, 1), as NeMo reads audio."""
+    return speech_int16.astype(np.float32) / 32768.0
+
+
+@pytest.fixture(scope="session")
+def tiny_asr_path(tmp_path_factory, speech) -> Path:
+    from tests.tiny_asr import build_tiny_asr_checkpoint
+
+    return build_tiny_asr_checkpoint(tmp_path_factory.mktemp("tiny_asr"), torch.from_numpy(speech))
