@@ -90,6 +90,8 @@ class StepStats:
     final_rows: int
     seconds: float
     events: int
+    chunk_latencies: tuple[float, ...]
+    """Per streamed chunk: seconds from its last audio arriving to its result."""
 
 
 class StreamingASREngine:
@@ -237,6 +239,7 @@ class StreamingASREngine:
                     else:
                         self._after_row(row, tokens[i], events)
                         self._mark_if_ready(session)
+        done = time.monotonic()
         for sink, message in events:
             sink(message)
         return StepStats(
@@ -245,6 +248,7 @@ class StreamingASREngine:
             final_rows=sum(r.step.final for r in rows),
             seconds=time.perf_counter() - started,
             events=len(events),
+            chunk_latencies=tuple(done - r.ready_at for r in rows if not r.step.final),
         )
 
     # ------------------------------------------------------------------ planning (under the lock)

@@ -228,7 +228,9 @@ class AsrServer:
                 received.result()
                 self._error(outbox, ErrorCode.NOT_READY, "the model is still loading; wait for 'ready'")
             else:
+                # recv() is cancel-safe, but the next recv() may start only once this one is over.
                 received.cancel()
+                await asyncio.wait({received})
             ready.cancel()
 
     def _on_message(self, sid: int, message: str | bytes, outbox: _Outbox) -> None:

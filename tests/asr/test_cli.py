@@ -1,0 +1,92 @@
+"""``python -m servers.asr``: settings from flags and environment, and a real run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from servers.asr.config import AsrServerSettings, parse_settings
+from tests.asr.client import http_get, transcribe_over_ws
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_serve_the_released_model_on_loopback(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("ASR_"):
+            monkeypatch.delenv(name)
+    assert parse_settings([]) == AsrServerSettings()
+    assert AsrServerSettings().model == "nvidia/nemotron-speech-streaming-en-0.6b"
+    assert AsrServerSettings().host == "127.0.0.1"
+
+
+def test_environment_sets_defaults_and_flags_override_them(monkeypatch):
+    monkeypatch.setenv("ASR_PORT", "9001")
+    monkeypatch.setenv("ASR_RIGHT_CONTEXT", "6")
+    monkeypatch.setenv("ASR_AUTH_TOKEN", "t")
+    settings = parse_settings(["--port", "9002"])
+    assert (settings.port, settings.right_context, settings.auth_token) == (9002, 6, "t")
+
+
+def test_an_unsupported_right_context_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--right-context", "3"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_server_runs_from_the_command_line_and_stops_on_sigterm(tiny_asr_path, speech_int16):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "servers.asr", "--model", str(tiny_asr_path), "--port", str(port), "--device", "cpu"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                status, body = http_get(f"http://127.0.0.1:{port}/health")
+            except OSError:
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.5)
+        assert status == 200, "the server never became healthy"
+        assert json.loads(body)["status"] == "ready"
+        messages = asyncio.run(transcribe_over_ws(f"ws://127.0.0.1:{port}", speech_int16[16000 : 16000 * 3]))
+        assert messages[-1].is_final
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_the_command_line_exits_with_an_error_for_a_missing_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "servers.asr", "--model", str(tmp_path / "nope.nemo"), "--port", "0", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 1
+    assert "nope.nemo" in result.stderr

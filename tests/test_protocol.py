@@ -1,0 +1,49 @@
+"""The wire protocol: what parses, and which error code each bad message gets."""
+
+import pytest
+
+from pipecat_nvidia.protocol import (
+    AsrError,
+    AsrReady,
+    AsrReset,
+    AsrTranscript,
+    ErrorCode,
+    ProtocolError,
+    parse_asr_client_message,
+    parse_asr_server_message,
+)
+
+
+def test_reset_defaults_to_finalize_with_no_trailing_silence():
+    assert parse_asr_client_message('{"type": "reset"}') == AsrReset(finalize=True, trailing_silence_ms=0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("", ErrorCode.BAD_JSON),
+        ("reset", ErrorCode.BAD_JSON),
+        ('"reset"', ErrorCode.BAD_JSON),
+        ("{}", ErrorCode.INVALID_MESSAGE),
+        ('{"type": "transcript"}', ErrorCode.UNKNOWN_TYPE),
+        ('{"type": "reset", "trailing_silence_ms": Infinity}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "trailing_silence_ms": 1e9}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "finalize": "maybe"}', ErrorCode.INVALID_MESSAGE),
+    ],
+)
+def test_bad_client_messages_get_their_error_code(text, code):
+    with pytest.raises(ProtocolError) as error:
+        parse_asr_client_message(text)
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        AsrReady(session_id="s", model="m", chunk_ms=160, right_context=1, finalize_audio_ms=320),
+        AsrTranscript(text="hi", is_final=True, utterance_id=3, audio_ms=1200, padding_ms=120, latency_ms=9.5),
+        AsrError(code=ErrorCode.SERVER_FULL, message="full", fatal=True),
+    ],
+)
+def test_server_messages_round_trip(message):
+    assert parse_asr_server_message(message.to_json()) == message
