@@ -68,7 +68,8 @@ class AsrReset(_Message):
     trailing_silence_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
 
 
-AsrClientMessage = Annotated[Union[AsrReset], Field(discriminator="type")]
+# A tagged union even with one member, so an unknown "type" is told apart from bad fields.
+AsrClientMessage = Annotated[Union[AsrReset], Field(discriminator="type")]  # noqa: UP007
 
 # ----------------------------------------------------------------------------------------
 # ASR: server -> client
@@ -114,7 +115,7 @@ class AsrError(_Message):
     fatal: bool = False
 
 
-AsrServerMessage = Annotated[Union[AsrReady, AsrTranscript, AsrError], Field(discriminator="type")]
+AsrServerMessage = Annotated[AsrReady | AsrTranscript | AsrError, Field(discriminator="type")]
 
 _asr_client_adapter: TypeAdapter[AsrClientMessage] = TypeAdapter(AsrClientMessage)
 _asr_server_adapter: TypeAdapter[AsrServerMessage] = TypeAdapter(AsrServerMessage)

@@ -37,3 +37,25 @@ def tiny_asr_path(tmp_path_factory, speech) -> Path:
     from tests.tiny_asr import build_tiny_asr_checkpoint
 
     return build_tiny_asr_checkpoint(tmp_path_factory.mktemp("tiny_asr"), torch.from_numpy(speech))
+
+
+@pytest.fixture
+async def start_asr_server(tiny_asr_path):
+    """Start ASR servers on free loopback ports with the tiny model; all stopped after."""
+    from servers.asr.config import AsrServerSettings
+    from servers.asr.server import AsrServer
+
+    servers: list[AsrServer] = []
+
+    async def start(wait: bool = True, **overrides) -> AsrServer:
+        settings = AsrServerSettings(**{"model": str(tiny_asr_path), "port": 0, "device": "cpu", **overrides})
+        server = AsrServer(settings)
+        servers.append(server)
+        await server.start()
+        if wait:
+            await server.wait_loaded()
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()

@@ -335,8 +335,8 @@ class StreamingASREngine:
         g = self.geometry
         text = session.text.strip()
         session.sent_text = text
-        covered = session.audio.total_samples if final else min(
-            session.audio.total_samples, session.audio.next_frame * g.hop
+        covered = (
+            session.audio.total_samples if final else min(session.audio.total_samples, session.audio.next_frame * g.hop)
         )
         return AsrTranscript(
             text=text,

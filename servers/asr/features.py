@@ -69,9 +69,7 @@ class UtteranceAudio:
             end = g.samples_for_frames(first + count)
             audio = self._samples[begin - self._offset : end - self._offset]
         else:
-            audio = np.concatenate(
-                [self._samples[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)]
-            )
+            audio = np.concatenate([self._samples[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)])
         self.next_frame = first + count
         keep_from = max(0, self.next_frame - g.left_context_frames) * g.hop
         self._samples = self._samples[keep_from - self._offset :]

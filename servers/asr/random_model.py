@@ -195,7 +195,9 @@ def calibrate_blank_bias(model, audio: torch.Tensor, emit_fraction: float) -> fl
     """
     features, n = model.preprocessor(input_signal=audio[None], length=torch.tensor([audio.shape[0]]))
     encoded, _ = model.encoder(audio_signal=features, length=n)
-    start, _, _ = model.decoder(targets=torch.zeros(1, 0, dtype=torch.long), target_length=torch.zeros(1, dtype=torch.long))
+    start, _, _ = model.decoder(
+        targets=torch.zeros(1, 0, dtype=torch.long), target_length=torch.zeros(1, dtype=torch.long)
+    )
     logits = model.joint(encoder_outputs=encoded, decoder_outputs=start)[0, :, 0, :]
     blank = model.joint.num_classes_with_blank - 1
     margin = torch.cat([logits[:, :blank], logits[:, blank + 1 :]], dim=1).max(dim=1).values - logits[:, blank]

@@ -182,8 +182,9 @@ class AsrServer:
         try:
             await self._refuse_until_ready(ws, outbox)
             if self._engine is None:
-                self._fatal(outbox, ErrorCode.INTERNAL, f"model failed to load: {self._load_error}",
-                            CLOSE_INTERNAL_ERROR)
+                self._fatal(
+                    outbox, ErrorCode.INTERNAL, f"model failed to load: {self._load_error}", CLOSE_INTERNAL_ERROR
+                )
                 await sender
                 return
             loop = asyncio.get_running_loop()

@@ -69,9 +69,7 @@ class StatePool:
             self._tensors[name].narrow(spec.batch_dim, slot, 1).copy_(spec.initial)
 
     def gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()
-        }
+        return {name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()}
 
     def scatter(self, slots: torch.Tensor, values: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
         """Write ``values`` back to ``slots``; with ``rows``, only those rows of ``values``

@@ -9,12 +9,28 @@ import urllib.request
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from pipecat_nvidia.protocol import AsrReady, AsrTranscript, parse_asr_server_message
+from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, parse_asr_server_message
+
+
+def server_url(server, path: str = "", scheme: str = "ws") -> str:
+    return f"{scheme}://127.0.0.1:{server.port}{path}"
 
 
 async def recv_message(ws, timeout: float = 30.0):
     return parse_asr_server_message(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def expect_fatal(ws, code) -> int:
+    """Read a fatal error with ``code``, then the close; returns the close code."""
+    error = await recv_message(ws)
+    assert isinstance(error, AsrError) and error.code == code and error.fatal, error
+    try:
+        await ws.recv()
+    except ConnectionClosed as closed:
+        return closed.rcvd.code
+    raise AssertionError("the connection stayed open after a fatal error")
 
 
 async def until_final(ws, timeout: float = 30.0) -> list:
@@ -27,8 +43,9 @@ async def until_final(ws, timeout: float = 30.0) -> list:
             return messages
 
 
-async def send_utterance(ws, pcm16: np.ndarray, frame: int = 320, realtime: bool = False,
-                         trailing_silence_ms: float = 200.0) -> None:
+async def send_utterance(
+    ws, pcm16: np.ndarray, frame: int = 320, realtime: bool = False, trailing_silence_ms: float = 200.0
+) -> None:
     for i in range(0, len(pcm16), frame):
         await ws.send(pcm16[i : i + frame].tobytes())
         if realtime:

@@ -86,7 +86,10 @@ def test_the_server_runs_from_the_command_line_and_stops_on_sigterm(tiny_asr_pat
 def test_the_command_line_exits_with_an_error_for_a_missing_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "servers.asr", "--model", str(tmp_path / "nope.nemo"), "--port", "0", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 1
     assert "nope.nemo" in result.stderr

@@ -26,7 +26,9 @@ def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_
     ("right_context", "trailing_ms", "padding_ms"),
     [(1, 200, 120), (1, 0, 320), (1, 500, 0), (0, 200, 0), (0, 100, 60), (6, 200, 920), (13, 200, 2040)],
 )
-def test_finalize_pads_only_what_the_encoder_still_needs(tiny_asr_path, speech_int16, right_context, trailing_ms, padding_ms):
+def test_finalize_pads_only_what_the_encoder_still_needs(
+    tiny_asr_path, speech_int16, right_context, trailing_ms, padding_ms
+):
     """(R + 1) x 160 ms of trailing audio, minus what the client already streamed."""
     engine = make_engine(tiny_asr_path, right_context=right_context)
     assert engine.geometry.finalize_audio_ms == (right_context + 1) * 160

@@ -11,10 +11,14 @@ def _transcript(text, final=False, utterance=0):
 async def test_a_slow_reader_gets_the_latest_interim_and_every_final_and_error():
     outbox = _Outbox()
     for message in (
-        _transcript("a"), _transcript("ab"), _transcript("abc"),
+        _transcript("a"),
+        _transcript("ab"),
+        _transcript("abc"),
         AsrError(code=ErrorCode.BAD_AUDIO, message="odd"),
-        _transcript("abcd"), _transcript("abcd e", final=True),
-        _transcript("x", utterance=1), _transcript("xy", utterance=1),
+        _transcript("abcd"),
+        _transcript("abcd e", final=True),
+        _transcript("x", utterance=1),
+        _transcript("xy", utterance=1),
     ):
         outbox.put(message)
     received = [await asyncio.wait_for(outbox.get(), 1) for _ in range(5)]

@@ -13,32 +13,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, ErrorCode
 from servers.asr import server as server_module
-from servers.asr.config import AsrServerSettings
-from servers.asr.server import AsrServer
-from tests.asr.client import http_get, recv_message, send_utterance, transcribe_over_ws, until_final
+from tests.asr.client import (
+    expect_fatal,
+    http_get,
+    recv_message,
+    send_utterance,
+    server_url,
+    transcribe_over_ws,
+    until_final,
+)
 from tests.asr.helpers import make_engine, offline_text
-
-
-@pytest.fixture
-async def start_server(tiny_asr_path):
-    servers: list[AsrServer] = []
-
-    async def start(wait: bool = True, **overrides) -> AsrServer:
-        settings = AsrServerSettings(**{"model": str(tiny_asr_path), "port": 0, "device": "cpu", **overrides})
-        server = AsrServer(settings)
-        servers.append(server)
-        await server.start()
-        if wait:
-            await server.wait_loaded()
-        return server
-
-    yield start
-    for server in servers:
-        await server.stop()
-
-
-def url(server: AsrServer, path: str = "", scheme: str = "ws") -> str:
-    return f"{scheme}://127.0.0.1:{server.port}{path}"
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +40,19 @@ def expected(tiny_asr_path):
     return text
 
 
-async def test_ready_describes_the_stream(start_server):
-    server = await start_server()
-    async with connect(url(server)) as ws:
+async def test_ready_describes_the_stream(start_asr_server):
+    server = await start_asr_server()
+    async with connect(server_url(server)) as ws:
         ready = await recv_message(ws)
     assert isinstance(ready, AsrReady)
     assert (ready.sample_rate, ready.chunk_ms, ready.right_context, ready.finalize_audio_ms) == (16000, 160, 1, 320)
     assert ready.session_id
 
 
-async def test_client_gets_interims_then_the_final_transcript(start_server, speech_int16, expected):
-    server = await start_server()
+async def test_client_gets_interims_then_the_final_transcript(start_asr_server, speech_int16, expected):
+    server = await start_asr_server()
     utterance = speech_int16[: 16000 * 5]
-    messages = await transcribe_over_ws(url(server), utterance)
+    messages = await transcribe_over_ws(server_url(server), utterance)
     assert all(isinstance(m, AsrTranscript) for m in messages)
     *interims, final = messages
     assert interims and not any(m.is_final for m in interims)
@@ -77,8 +61,8 @@ async def test_client_gets_interims_then_the_final_transcript(start_server, spee
     assert all(final.text.startswith(m.text) for m in interims)
 
 
-async def test_concurrent_clients_get_exactly_what_each_gets_alone(start_server, speech_int16, expected):
-    server = await start_server()
+async def test_concurrent_clients_get_exactly_what_each_gets_alone(start_asr_server, speech_int16, expected):
+    server = await start_asr_server()
     utterances = [
         speech_int16[16000 * 1 : 16000 * 4],
         speech_int16[16000 * 5 : 16000 * 9],
@@ -88,8 +72,10 @@ async def test_concurrent_clients_get_exactly_what_each_gets_alone(start_server,
         speech_int16[: 16000 * 3 + 555],
     ]
     results = await asyncio.gather(
-        *(transcribe_over_ws(url(server), u, frame=frame, realtime=True)
-          for u, frame in zip(utterances, (320, 512, 2560, 160, 1000, 320)))
+        *(
+            transcribe_over_ws(server_url(server), u, frame=frame, realtime=True)
+            for u, frame in zip(utterances, (320, 512, 2560, 160, 1000, 320))
+        )
     )
     for utterance, messages in zip(utterances, results):
         assert messages[-1].text == expected(utterance)
@@ -97,17 +83,17 @@ async def test_concurrent_clients_get_exactly_what_each_gets_alone(start_server,
 
 
 @pytest.mark.slow
-async def test_fifty_concurrent_realtime_clients(start_server, speech_int16, expected):
-    server = await start_server()
+async def test_fifty_concurrent_realtime_clients(start_asr_server, speech_int16, expected):
+    server = await start_asr_server()
     slices = [speech_int16[16000 * k : 16000 * (k + 3)] for k in range(0, 15, 2)]
     results = await asyncio.gather(
-        *(transcribe_over_ws(url(server), slices[i % len(slices)], realtime=True) for i in range(50))
+        *(transcribe_over_ws(server_url(server), slices[i % len(slices)], realtime=True) for i in range(50))
     )
     for i, messages in enumerate(results):
         assert not any(isinstance(m, AsrError) for m in messages)
         assert messages[-1].text == expected(slices[i % len(slices)])
     await asyncio.sleep(0.1)
-    status, body = await asyncio.to_thread(http_get, url(server, "/health", "http"))
+    status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert json.loads(body)["sessions"] == 0
     assert server._engine._pool.in_use == 0
 
@@ -125,10 +111,12 @@ async def test_fifty_concurrent_realtime_clients(start_server, speech_int16, exp
         ('{"type": "reset", "finalise": true}', ErrorCode.INVALID_MESSAGE),
     ],
 )
-async def test_bad_input_gets_a_typed_error_and_the_session_goes_on(start_server, speech_int16, expected, frame, code):
-    server = await start_server()
+async def test_bad_input_gets_a_typed_error_and_the_session_goes_on(
+    start_asr_server, speech_int16, expected, frame, code
+):
+    server = await start_asr_server()
     utterance = speech_int16[16000 : 16000 * 3]
-    async with connect(url(server)) as ws:
+    async with connect(server_url(server)) as ws:
         await recv_message(ws)
         await ws.send(frame)
         error = await recv_message(ws)
@@ -138,13 +126,13 @@ async def test_bad_input_gets_a_typed_error_and_the_session_goes_on(start_server
     assert messages[-1].text == expected(utterance)
 
 
-async def test_one_clients_bad_input_never_affects_another(start_server, speech_int16, expected):
-    server = await start_server()
+async def test_one_clients_bad_input_never_affects_another(start_asr_server, speech_int16, expected):
+    server = await start_asr_server()
     utterance = speech_int16[16000 * 2 : 16000 * 6]
 
     async def vandal():
         rng = np.random.default_rng(7)
-        async with connect(url(server)) as ws:
+        async with connect(server_url(server)) as ws:
             await recv_message(ws)
             for _ in range(40):
                 await ws.send(rng.integers(0, 256, size=int(rng.integers(1, 5000)), dtype=np.uint8).tobytes())
@@ -153,14 +141,16 @@ async def test_one_clients_bad_input_never_affects_another(start_server, speech_
             await ws.send(json.dumps({"type": "reset"}))
             return await until_final(ws)
 
-    good, noisy = await asyncio.gather(transcribe_over_ws(url(server), utterance, realtime=True), vandal())
+    good, noisy = await asyncio.gather(transcribe_over_ws(server_url(server), utterance, realtime=True), vandal())
     assert good[-1].text == expected(utterance)
     assert any(isinstance(m, AsrError) for m in noisy) and noisy[-1].is_final
 
 
-async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that_connection(start_server, speech_int16, expected):
-    server = await start_server(max_message_bytes=10_000)
-    async with connect(url(server), max_size=None) as ws:
+async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that_connection(
+    start_asr_server, speech_int16, expected
+):
+    server = await start_asr_server(max_message_bytes=10_000)
+    async with connect(server_url(server), max_size=None) as ws:
         await recv_message(ws)
         await ws.send(bytes(12_000))
         error = await recv_message(ws)
@@ -169,11 +159,13 @@ async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that
         with pytest.raises(ConnectionClosed) as closed:
             await recv_message(ws)
     assert closed.value.rcvd.code == 1009
-    messages = await transcribe_over_ws(url(server), speech_int16[16000 : 16000 * 3])
+    messages = await transcribe_over_ws(server_url(server), speech_int16[16000 : 16000 * 3])
     assert messages[-1].text == expected(speech_int16[16000 : 16000 * 3])
 
 
-async def test_messages_before_ready_get_not_ready_while_the_model_loads(start_server, monkeypatch, speech_int16, expected):
+async def test_messages_before_ready_get_not_ready_while_the_model_loads(
+    start_asr_server, monkeypatch, speech_int16, expected
+):
     gate = threading.Event()
     real_load = server_module.load_engine
 
@@ -182,11 +174,11 @@ async def test_messages_before_ready_get_not_ready_while_the_model_loads(start_s
         return real_load(settings)
 
     monkeypatch.setattr(server_module, "load_engine", gated_load)
-    server = await start_server(wait=False)
-    status, body = await asyncio.to_thread(http_get, url(server, "/health", "http"))
+    server = await start_asr_server(wait=False)
+    status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert status == 503 and json.loads(body)["status"] == "loading"
     utterance = speech_int16[16000 : 16000 * 3]
-    async with connect(url(server)) as ws:
+    async with connect(server_url(server)) as ws:
         await ws.send(utterance[:1600].tobytes())
         error = await recv_message(ws)
         assert error.code == ErrorCode.NOT_READY
@@ -195,60 +187,52 @@ async def test_messages_before_ready_get_not_ready_while_the_model_loads(start_s
         await send_utterance(ws, utterance)
         messages = await until_final(ws)
     assert messages[-1].text == expected(utterance)
-    status, body = await asyncio.to_thread(http_get, url(server, "/health", "http"))
+    status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert status == 200 and json.loads(body)["status"] == "ready"
 
 
-async def test_a_model_that_fails_to_load_is_reported_to_health_and_clients(start_server, tmp_path):
-    server = await start_server(wait=False, model=str(tmp_path / "missing.nemo"))
+async def test_a_model_that_fails_to_load_is_reported_to_health_and_clients(start_asr_server, tmp_path):
+    server = await start_asr_server(wait=False, model=str(tmp_path / "missing.nemo"))
     with pytest.raises(RuntimeError, match="missing.nemo"):
         await server.wait_loaded()
-    status, body = await asyncio.to_thread(http_get, url(server, "/health", "http"))
+    status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert status == 503 and json.loads(body)["status"] == "error"
-    async with connect(url(server)) as ws:
-        error = await recv_message(ws)
-        assert error.code == ErrorCode.INTERNAL and error.fatal
-        with pytest.raises(ConnectionClosed) as closed:
-            await ws.recv()
-    assert closed.value.rcvd.code == 1011
+    async with connect(server_url(server)) as ws:
+        assert await expect_fatal(ws, ErrorCode.INTERNAL) == 1011
 
 
-async def test_bearer_token_is_required_when_set(start_server):
-    server = await start_server(auth_token="s3cret")
+async def test_bearer_token_is_required_when_set(start_asr_server):
+    server = await start_asr_server(auth_token="s3cret")
     with pytest.raises(InvalidStatus) as refused:
-        async with connect(url(server)):
+        async with connect(server_url(server)):
             pass
     assert refused.value.response.status_code == 401
     with pytest.raises(InvalidStatus):
-        async with connect(url(server), additional_headers={"Authorization": "Bearer wrong"}):
+        async with connect(server_url(server), additional_headers={"Authorization": "Bearer wrong"}):
             pass
-    async with connect(url(server), additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+    async with connect(server_url(server), additional_headers={"Authorization": "Bearer s3cret"}) as ws:
         assert isinstance(await recv_message(ws), AsrReady)
-    status, _ = await asyncio.to_thread(http_get, url(server, "/health", "http"))
+    status, _ = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert status == 200
 
 
-async def test_sessions_beyond_max_sessions_are_refused_until_one_leaves(start_server):
-    server = await start_server(max_sessions=2)
-    async with connect(url(server)) as first, connect(url(server)) as second:
+async def test_sessions_beyond_max_sessions_are_refused_until_one_leaves(start_asr_server):
+    server = await start_asr_server(max_sessions=2)
+    async with connect(server_url(server)) as first, connect(server_url(server)) as second:
         await recv_message(first)
         await recv_message(second)
-        async with connect(url(server)) as third:
-            error = await recv_message(third)
-            assert error.code == ErrorCode.SERVER_FULL and error.fatal
-            with pytest.raises(ConnectionClosed) as closed:
-                await third.recv()
-            assert closed.value.rcvd.code == 1013
-    async with connect(url(server)) as again:
+        async with connect(server_url(server)) as third:
+            assert await expect_fatal(third, ErrorCode.SERVER_FULL) == 1013
+    async with connect(server_url(server)) as again:
         assert isinstance(await recv_message(again), AsrReady)
 
 
-async def test_a_client_that_drops_mid_utterance_is_cleaned_up(start_server, speech_int16, expected):
-    server = await start_server()
+async def test_a_client_that_drops_mid_utterance_is_cleaned_up(start_asr_server, speech_int16, expected):
+    server = await start_asr_server()
     utterance = speech_int16[16000 * 2 : 16000 * 5]
-    survivor = asyncio.create_task(transcribe_over_ws(url(server), utterance, realtime=True))
+    survivor = asyncio.create_task(transcribe_over_ws(server_url(server), utterance, realtime=True))
     for _ in range(3):
-        ws = await connect(url(server))
+        ws = await connect(server_url(server))
         await recv_message(ws)
         for i in range(0, 16000, 320):
             await ws.send(speech_int16[i : i + 320].tobytes())
@@ -262,14 +246,12 @@ async def test_a_client_that_drops_mid_utterance_is_cleaned_up(start_server, spe
     assert server._engine._pool.in_use == 0
 
 
-async def test_metrics_count_sessions_steps_and_latencies(start_server, speech_int16):
-    server = await start_server()
-    await transcribe_over_ws(url(server), speech_int16[16000 : 16000 * 3], realtime=True)
-    status, body = await asyncio.to_thread(http_get, url(server, "/metrics", "http"))
+async def test_metrics_count_sessions_steps_and_latencies(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    await transcribe_over_ws(server_url(server), speech_int16[16000 : 16000 * 3], realtime=True)
+    status, body = await asyncio.to_thread(http_get, server_url(server, "/metrics", "http"))
     assert status == 200
-    metrics = dict(
-        line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#")
-    )
+    metrics = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line.startswith("#"))
     assert float(metrics["asr_sessions_total"]) == 1
     assert float(metrics["asr_final_latency_seconds_count"]) == 1
     assert float(metrics["asr_interim_latency_seconds_count"]) >= 1
@@ -279,7 +261,7 @@ async def test_metrics_count_sessions_steps_and_latencies(start_server, speech_i
     assert float(metrics["asr_audio_seconds_total"]) == pytest.approx(2.0)
 
 
-async def test_unknown_paths_are_not_found(start_server):
-    server = await start_server()
-    status, _ = await asyncio.to_thread(http_get, url(server, "/v2/anything", "http"))
+async def test_unknown_paths_are_not_found(start_asr_server):
+    server = await start_asr_server()
+    status, _ = await asyncio.to_thread(http_get, server_url(server, "/v2/anything", "http"))
     assert status == 404

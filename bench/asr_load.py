@@ -1,0 +1,227 @@
+"""Load generator for the streaming ASR server: N concurrent real-time sessions.
+
+Each session streams real speech in real time, as a voice agent's client would:
+utterances of a few seconds, then the VAD's 200 ms of silence, then
+``reset {trailing_silence_ms: 200}``, then the next utterance at once. Client processes
+share the sessions so the load generator is not the bottleneck.
+
+Reported per N:
+- chunk latency p50/p90/p99: from a chunk's last byte reaching the server to the end of
+  the step that transcribed it. Read from the server's ``asr_chunk_latency_seconds``
+  histogram (difference over the run, interpolated within buckets; a value equal to the
+  top bucket edge, 2500 ms, means "at least that").
+- final latency p50/p90/p99: measured by the clients, from sending ``reset`` to
+  receiving the final transcript.
+- mean batch size and step time, errors.
+The largest N whose p99 chunk latency stays within the chunk period (160 ms at R = 1)
+is what one server sustains.
+
+    python -m bench.asr_load --url ws://127.0.0.1:8080 --sessions 1 64 256 512 1024 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import random
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, parse_asr_server_message
+
+SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
+RATE = 16000
+VAD_STOP_MS = 200
+
+
+@dataclass
+class ClientResult:
+    final_latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    sessions_ready: int = 0
+
+
+async def _session(
+    url: str,
+    speech: np.ndarray,
+    seconds: float,
+    frame_ms: float,
+    utterance_s: float,
+    rng: random.Random,
+    result: ClientResult,
+) -> None:
+    frame = int(RATE * frame_ms / 1000)
+    silence = np.zeros(int(RATE * VAD_STOP_MS / 1000), np.int16)
+    reset = json.dumps({"type": "reset", "finalize": True, "trailing_silence_ms": VAD_STOP_MS})
+    resets_sent: list[float] = []
+    async with connect(url, max_queue=None) as ws:
+        if not isinstance(parse_asr_server_message(await ws.recv()), AsrReady):
+            result.errors.append("no ready")
+            return
+        result.sessions_ready += 1
+
+        async def receive() -> None:
+            async for raw in ws:
+                message = parse_asr_server_message(raw)
+                if isinstance(message, AsrTranscript) and message.is_final and resets_sent:
+                    result.final_latencies.append(time.perf_counter() - resets_sent.pop(0))
+                elif isinstance(message, AsrError):
+                    result.errors.append(message.code.value)
+
+        receiver = asyncio.create_task(receive())
+        await asyncio.sleep(rng.random() * frame_ms / 1000)  # spread sessions over a frame
+        start = time.perf_counter()
+        sent = 0
+        while time.perf_counter() - start < seconds:
+            offset = rng.randrange(0, len(speech) - int(utterance_s * RATE))
+            utterance = np.concatenate([speech[offset : offset + int(utterance_s * RATE)], silence])
+            for i in range(0, len(utterance), frame):
+                sent += frame
+                await asyncio.sleep(max(0.0, start + sent / RATE - time.perf_counter()))
+                await ws.send(utterance[i : i + frame].tobytes())
+            resets_sent.append(time.perf_counter())
+            await ws.send(reset)
+        await asyncio.sleep(1.0)  # let the last final arrive
+        receiver.cancel()
+
+
+def _client_process(url: str, sessions: int, seconds: float, frame_ms: float, utterance_s: float, seed: int) -> dict:
+    speech, rate = sf.read(SPEECH, dtype="int16")
+    assert rate == RATE
+    result = ClientResult()
+
+    async def main() -> None:
+        rng = random.Random(seed)
+        await asyncio.gather(
+            *(
+                _session(url, speech, seconds, frame_ms, utterance_s, random.Random(rng.random()), result)
+                for _ in range(sessions)
+            ),
+            return_exceptions=False,
+        )
+
+    asyncio.run(main())
+    return result.__dict__
+
+
+def _scrape(http_url: str) -> dict[str, dict]:
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.labels.get("le")
+            samples.setdefault(sample.name, {})[key] = sample.value
+    return samples
+
+
+def histogram_quantiles(before: dict, after: dict, name: str, quantiles=(0.5, 0.9, 0.99)) -> list[float | None]:
+    """Quantiles of a Prometheus histogram's observations between two scrapes."""
+    buckets = after.get(f"{name}_bucket", {})
+    edges = sorted((float(le), count - before.get(f"{name}_bucket", {}).get(le, 0.0)) for le, count in buckets.items())
+    total = edges[-1][1] if edges else 0.0
+    if total <= 0:
+        return [None for _ in quantiles]
+    values = []
+    for q in quantiles:
+        target, lower, below = q * total, 0.0, 0.0
+        for upper, cumulative in edges:
+            if cumulative >= target:
+                if upper == float("inf"):
+                    values.append(lower)
+                else:
+                    inside = cumulative - below
+                    values.append(lower + (upper - lower) * ((target - below) / inside if inside else 1.0))
+                break
+            lower, below = upper, cumulative
+    return values
+
+
+def _delta(before: dict, after: dict, name: str) -> float:
+    return after.get(name, {}).get(None, 0.0) - before.get(name, {}).get(None, 0.0)
+
+
+def run_load(url: str, sessions: int, seconds: float, frame_ms: float, utterance_s: float, processes: int) -> dict:
+    http_url = url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
+    before = _scrape(http_url)
+    per_process = [sessions // processes + (1 if i < sessions % processes else 0) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        parts = pool.starmap(
+            _client_process,
+            [(url, n, seconds, frame_ms, utterance_s, seed) for seed, n in enumerate(per_process) if n],
+        )
+    after = _scrape(http_url)
+    finals = sorted(x for p in parts for x in p["final_latencies"])
+    chunk = histogram_quantiles(before, after, "asr_chunk_latency_seconds")
+    steps = _delta(before, after, "asr_step_seconds_count")
+    return {
+        "sessions": sessions,
+        "sessions_ready": sum(p["sessions_ready"] for p in parts),
+        "chunks": _delta(before, after, "asr_chunk_latency_seconds_count"),
+        "chunk_ms_p50_p90_p99": [None if v is None else round(1000 * v, 1) for v in chunk],
+        "finals": len(finals),
+        "final_ms_p50_p90_p99": [round(1000 * float(np.percentile(finals, q)), 1) for q in (50, 90, 99)]
+        if finals
+        else None,
+        "mean_batch": round(_delta(before, after, "asr_batch_size_sum") / steps, 1) if steps else None,
+        "mean_step_ms": round(1000 * _delta(before, after, "asr_step_seconds_sum") / steps, 2) if steps else None,
+        "errors": sorted({e for p in parts for e in p["errors"]}),
+        "error_count": sum(len(p["errors"]) for p in parts),
+    }
+
+
+def _within_budget(result: dict, budget_ms: float) -> bool:
+    p99 = result["chunk_ms_p50_p90_p99"][2]
+    return (
+        p99 is not None
+        and p99 <= budget_ms
+        and result["sessions_ready"] == result["sessions"]
+        and not result["error_count"]
+    )
+
+
+def _within_budget(result: dict, budget_ms: float) -> bool:
+    p99 = result["chunk_ms_p50_p90_p99"][2]
+    return (
+        p99 is not None
+        and p99 <= budget_ms
+        and result["sessions_ready"] == result["sessions"]
+        and not result["error_count"]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="ws://127.0.0.1:8080")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds each session streams")
+    parser.add_argument("--frame-ms", type=float, default=160.0, help="audio per WebSocket frame")
+    parser.add_argument("--utterance-s", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=max(1, min(8, multiprocessing.cpu_count() // 2)))
+    parser.add_argument("--budget-ms", type=float, default=160.0, help="p99 chunk latency a load must keep")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    results = []
+    for n in args.sessions:
+        result = run_load(args.url, n, args.duration, args.frame_ms, args.utterance_s, min(args.processes, n))
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    sustained = [r["sessions"] for r in results if _within_budget(r, args.budget_ms)]
+    summary = {"largest_sessions_within_budget": max(sustained) if sustained else None, "budget_ms": args.budget_ms}
+    print(json.dumps(summary), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": results, **summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

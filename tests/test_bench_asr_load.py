@@ -1,0 +1,35 @@
+"""The ASR load generator measures what it says (it is how speed claims are made)."""
+
+import asyncio
+
+import pytest
+
+from bench.asr_load import histogram_quantiles, run_load
+from tests.asr.client import server_url
+
+
+def _histogram(counts):
+    return {"h_bucket": {str(le): c for le, c in counts}}
+
+
+def test_quantiles_interpolate_within_buckets_of_the_difference_between_scrapes():
+    before = _histogram([(0.01, 5), (0.02, 5), (float("inf"), 5)])
+    after = _histogram([(0.01, 55), (0.02, 105), (float("inf"), 105)])
+    p50, p90, p99 = histogram_quantiles(before, after, "h")
+    assert p50 == pytest.approx(0.01)
+    assert p90 == pytest.approx(0.018)
+    assert p99 == pytest.approx(0.0198)
+
+
+def test_no_observations_give_no_quantiles():
+    assert histogram_quantiles({}, {}, "h") == [None, None, None]
+
+
+@pytest.mark.slow
+async def test_a_short_load_run_against_a_real_server(start_asr_server):
+    server = await start_asr_server()
+    result = await asyncio.to_thread(run_load, server_url(server), 3, 2.0, 160.0, 1.0, 1)
+    assert result["sessions_ready"] == 3 and result["error_count"] == 0
+    assert result["finals"] >= 3
+    assert result["chunks"] >= 3 * 10
+    assert all(v is not None and v > 0 for v in result["chunk_ms_p50_p90_p99"])
