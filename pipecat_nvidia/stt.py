@@ -1,0 +1,289 @@
+"""NemotronSTTService: Pipecat streaming STT on a pipecat-nvidia ASR server.
+
+The service streams the transport's audio to the server (resampled to 16 kHz when the
+pipeline runs at another rate) and turns the server's interim and final transcripts into
+Pipecat frames. When the VAD reports the end of speech it asks the server to finalize,
+saying how much trailing silence the VAD already let through. The server then pads only
+the missing part and answers at once. That final transcript is marked ``finalized``, so
+the user turn closes as soon as Smart Turn agrees, without waiting on a timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from loguru import logger
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InterimTranscriptionFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
+from pipecat.services.settings import STTSettings
+from pipecat.services.stt_service import WebsocketSTTService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.errors import ErrorCategory
+from pipecat.utils.time import time_now_iso8601
+from pipecat.utils.tracing.service_decorators import traced_stt
+from websockets.protocol import State
+
+from pipecat_nvidia.protocol import (
+    ASR_SAMPLE_RATE,
+    AsrError,
+    AsrReady,
+    AsrReset,
+    AsrTranscript,
+    ProtocolError,
+    parse_asr_server_message,
+)
+
+NEMOTRON_TTFS_P99: float = 0.6
+"""What Pipecat's turn strategy waits, from the end of speech, for a transcript that is not
+marked finalized. Ours are finalized and arrive ~15 ms after the VAD stop, which closes a
+completed turn at once, so this timer only matters when a final is lost. It must not be
+shorter than the VAD stop window plus Smart Turn's inference (~100-150 ms on a CPU): the
+strategy checks the timer as soon as inference ends, and a deadline already past would
+close the turn before a final that has arrived, but waits behind that inference in the
+aggregator's queue, is counted (its words would start a turn of their own)."""
+
+
+@dataclass
+class NemotronSTTSettings(STTSettings):
+    """Settings for NemotronSTTService.
+
+    Parameters:
+        model: The server's model, filled in from its ``ready`` message (the server, not
+            the client, decides which model runs).
+        language: Language of the transcripts; the Nemotron streaming model is English.
+    """
+
+
+class NemotronSTTService(WebsocketSTTService):
+    """Streaming speech-to-text on a pipecat-nvidia ASR server (Nemotron Speech).
+
+    Example::
+
+        stt = NemotronSTTService(url="ws://localhost:8080")
+
+    Pair it with :func:`pipecat_nvidia.turns.user_turn_params` (Silero VAD at 200 ms and
+    Smart Turn v3 on the CPU) for the recommended turn-taking.
+
+    Metrics: TTFB as Pipecat defines it for STT (end of speech to the finalized
+    transcript). Processing time is the finalize round trip: from sending the finalize
+    request at the VAD's stop to receiving the final transcript. Usage is the audio
+    seconds streamed, reported with each final transcript.
+    """
+
+    Settings = NemotronSTTSettings
+    _settings: Settings
+
+    def __init__(
+        self,
+        *,
+        url: str = "ws://localhost:8080",
+        auth_token: str | None = None,
+        sample_rate: int | None = None,
+        ttfs_p99_latency: float | None = NEMOTRON_TTFS_P99,
+        settings: Settings | None = None,
+        **kwargs,
+    ):
+        """Initialize the service.
+
+        Args:
+            url: WebSocket URL of the ASR server (``python -m servers.asr``).
+            auth_token: Bearer token, if the server was started with ``--auth-token``.
+            sample_rate: Input audio rate; None uses the pipeline's. Audio is resampled
+                to the server's 16 kHz when it differs.
+            ttfs_p99_latency: P99 latency from end of speech to final transcript, in
+                seconds (see :data:`NEMOTRON_TTFS_P99`). Measure your deployment and pass it.
+            settings: Runtime-updatable settings.
+            **kwargs: Passed to ``WebsocketSTTService`` (e.g. reconnect backoff).
+        """
+        default_settings = self.Settings(model=None, language=Language.EN)
+        if settings is not None:
+            default_settings.apply_update(settings)
+        super().__init__(
+            sample_rate=sample_rate,
+            ttfs_p99_latency=ttfs_p99_latency,
+            settings=default_settings,
+            **kwargs,
+        )
+        self._url = url
+        self._auth_token = auth_token
+        self._resampler = create_stream_resampler()
+        self._receive_task = None
+        self._ready: AsrReady | None = None
+        self._dropped_before_ready = 0
+        self._after_final = False
+        """A final answered our finalize: interims wait for the next speech, since an
+        interim would make the turn strategy wait for another finalized transcript."""
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> AsrReady | None:
+        """The server's ``ready`` for the current connection, or None before it."""
+        return self._ready
+
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        await self._connect()
+
+    # ------------------------------------------------------------------ frames
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._after_final = False
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            await self._finalize(frame.stop_secs)
+
+    async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
+        """Stream audio to the server; transcripts arrive through the receive loop."""
+        if not self._is_open():
+            self._dropped_before_ready += 1
+            if self._dropped_before_ready == 1:
+                logger.warning(f"{self}: the ASR server is not ready; dropping audio until it is")
+            yield None
+            return
+        if self.sample_rate != ASR_SAMPLE_RATE:
+            audio = await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
+        try:
+            await self._websocket.send(audio)
+        except Exception as e:
+            yield ErrorFrame(error=f"{self}: sending audio failed: {e}")
+            return
+        yield None
+
+    async def _finalize(self, vad_stop_secs: float) -> None:
+        if not self._is_open():
+            return
+        self.request_finalize()
+        await self.start_processing_metrics()
+        reset = AsrReset(finalize=True, trailing_silence_ms=1000.0 * vad_stop_secs)
+        try:
+            await self._websocket.send(reset.to_json())
+        except Exception as e:
+            logger.warning(f"{self}: sending finalize failed: {e}")
+
+    def _is_open(self) -> bool:
+        return self._ready is not None and self._websocket is not None and self._websocket.state is State.OPEN
+
+    # ------------------------------------------------------------------ server messages
+
+    async def _receive_messages(self):
+        if self._websocket is None:
+            raise ConnectionError(f"not connected to {self._url}")
+        async for raw in self._websocket:
+            try:
+                message = parse_asr_server_message(raw)
+            except ProtocolError as e:
+                logger.warning(f"{self}: ignoring a message the protocol does not know ({e})")
+                continue
+            if isinstance(message, AsrReady):
+                await self._on_ready(message)
+            elif isinstance(message, AsrTranscript):
+                await self._on_transcript(message)
+            else:
+                await self._on_error(message)
+
+    async def _on_ready(self, ready: AsrReady) -> None:
+        self._ready = ready
+        self._settings.model = ready.model
+        if self._dropped_before_ready:
+            logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")
+            self._dropped_before_ready = 0
+        logger.debug(f"{self}: ready ({ready.model}, {ready.chunk_ms:.0f} ms chunks)")
+        await self._call_event_handler("on_connected")
+
+    async def _on_transcript(self, message: AsrTranscript) -> None:
+        if not message.is_final:
+            if message.text and not self._after_final:
+                await self.push_frame(
+                    InterimTranscriptionFrame(
+                        message.text,
+                        self._user_id,
+                        time_now_iso8601(),
+                        self._settings.language,
+                        result=message.model_dump(),
+                    )
+                )
+            return
+        self.confirm_finalize()
+        await self.stop_processing_metrics()
+        self._after_final = True
+        # An empty final is not pushed: a turn strategy takes a transcript's text as the
+        # turn's text, and empty text would hold the turn open until its watchdog.
+        if not message.text:
+            return
+        await self.emit_stt_usage_metrics()
+        await self.push_frame(
+            TranscriptionFrame(
+                message.text,
+                self._user_id,
+                time_now_iso8601(),
+                self._settings.language,
+                result=message.model_dump(),
+            )
+        )
+        await self._handle_transcription(message.text, True, self._settings.language)
+
+    async def _on_error(self, error: AsrError) -> None:
+        await self.push_error(
+            f"{self}: ASR server error {error.code.value}: {error.message}", category=ErrorCategory.SERVER
+        )
+
+    @traced_stt
+    async def _handle_transcription(self, transcript: str, is_final: bool, language: str | None = None):
+        """Marks a final transcript for tracing."""
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect(self):
+        try:
+            await self._connect_websocket()
+        except Exception as e:
+            await self.push_error(f"{self}: cannot connect to the ASR server at {self._url}: {e}", exception=e)
+            await self._call_event_handler("on_connection_error", str(e))
+        await super()._connect()
+        # Started even when the connection failed: the receive loop then goes straight
+        # to its reconnect path, which retries with backoff and gives up with an error.
+        if not self._receive_task:
+            self._receive_task = self.create_task(self._receive_task_handler(self._report_error))
+
+    async def _disconnect(self):
+        await super()._disconnect()
+        if self._receive_task:
+            await self.cancel_task(self._receive_task)
+            self._receive_task = None
+        await self._disconnect_websocket()
+
+    async def _connect_websocket(self):
+        """Open the connection; raises if the server cannot be reached, so that each
+        reconnect attempt reports the real cause once."""
+        if self._websocket and self._websocket.state is State.OPEN:
+            return
+        headers = {"Authorization": f"Bearer {self._auth_token}"} if self._auth_token else None
+        try:
+            self._websocket = await self._websocket_connect(self._url, additional_headers=headers)
+        except Exception as e:
+            self._websocket = None
+            raise ConnectionError(f"cannot connect to {self._url}: {e}") from e
+        logger.debug(f"{self}: connected to {self._url}, waiting for ready")
+
+    async def _disconnect_websocket(self):
+        self._ready = None
+        try:
+            if self._websocket and self._websocket.state is State.OPEN:
+                await self._websocket.close()
+        except Exception as e:
+            logger.warning(f"{self}: error closing the connection: {e}")
+        finally:
+            self._websocket = None
+            await self._call_event_handler("on_disconnected")

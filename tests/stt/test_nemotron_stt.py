@@ -1,0 +1,133 @@
+"""NemotronSTTService in a real pipeline: real ASR server (tiny model), real Silero VAD and
+Smart Turn v3, real speech paced in real time."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+import soxr
+from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, TranscriptionFrame
+from pipecat.metrics.metrics import ProcessingMetricsData, STTUsageMetricsData, TTFBMetricsData
+from pipecat.processors.frame_processor import FrameDirection
+
+from pipecat_nvidia.stt import NemotronSTTService
+from tests.asr.client import server_url
+from tests.stt.harness import run_pipeline, silence
+
+pytestmark = pytest.mark.slow
+
+TWO_SENTENCES = (0.0, 6.9)  # seconds of tests/data/harvard_16k.wav: silence, sentence, pause, sentence
+
+
+def _speech(speech_int16, span, tail_s=1.5):
+    begin, end = span
+    return np.concatenate([speech_int16[int(begin * 16000) : int(end * 16000)], silence(tail_s)])
+
+
+async def test_each_turn_closes_on_its_finalized_transcript_without_waiting_on_a_timer(start_asr_server, speech_int16):
+    """The final transcript reaches the user aggregator before the turn closes, and the
+    turn closes right after it: with a 2 s ``ttfs_p99_latency`` a timer would take 1.8 s."""
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server), ttfs_p99_latency=2.0)
+    run = await run_pipeline(stt, _speech(speech_int16, TWO_SENTENCES))
+
+    vad_stops, finals, user_stops = run.vad_stops(), run.near.of(TranscriptionFrame), run.user_stops()
+    assert len(vad_stops) == len(finals) == len(user_stops) == 2
+    for vad_stop, final, user_stop in zip(vad_stops, finals, user_stops):
+        assert final.frame.finalized and final.frame.text
+        assert vad_stop < final.t < user_stop
+        assert user_stop - vad_stop < 0.8
+    assert run.user_messages() == [f.frame.text for f in finals]
+
+
+async def test_the_final_carries_the_words_streamed_before_the_stop(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    run = await run_pipeline(stt, _speech(speech_int16, TWO_SENTENCES))
+    events = [e for e in run.near.events if isinstance(e.frame, (InterimTranscriptionFrame, TranscriptionFrame))]
+    utterance_interims: list[str] = []
+    checked = 0
+    for event in events:
+        if isinstance(event.frame, InterimTranscriptionFrame):
+            utterance_interims.append(event.frame.text)
+            continue
+        assert utterance_interims, "interim transcripts stream before each final"
+        assert all(event.frame.text.startswith(text) for text in utterance_interims)
+        utterance_interims = []
+        checked += 1
+    assert checked == 2
+
+
+async def test_finalize_tells_the_server_the_silence_the_vad_already_streamed(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    run = await run_pipeline(stt, _speech(speech_int16, TWO_SENTENCES))
+    assert [f.result["padding_ms"] for f in run.finals()] == [120.0, 120.0]
+
+
+async def test_ttfb_finalize_time_and_usage_are_reported(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    audio = _speech(speech_int16, TWO_SENTENCES)
+    run = await run_pipeline(stt, audio)
+    ours = [m for m in run.metrics() if m.processor == stt.name]
+    ttfb = [m.value for m in ours if isinstance(m, TTFBMetricsData)]
+    finalize = [m.value for m in ours if isinstance(m, ProcessingMetricsData)]
+    usage = [m.value.audio_seconds for m in ours if isinstance(m, STTUsageMetricsData)]
+    assert len(ttfb) == 2 and all(0.2 <= v < 0.6 for v in ttfb), ttfb  # the VAD's 200 ms + the finalize
+    assert len(finalize) == 2 and all(0 < v < 0.4 for v in finalize), finalize
+    # Every second streamed counts, reported with each final and the rest at the end.
+    assert len(usage) == 3 and sum(usage) == pytest.approx(len(audio) / 16000, abs=0.05)
+
+
+async def test_telephone_rate_audio_is_resampled_to_16_khz(start_asr_server, speech):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    speech_8k = soxr.resample(speech[: int(6.9 * 16000)], 16000, 8000)
+    audio = np.concatenate([(speech_8k * 32767).astype(np.int16), silence(1.5, 8000)])
+    run = await run_pipeline(stt, audio, sample_rate=8000)
+    assert len(run.finals()) == 2 and all(f.text for f in run.finals())
+    received = float(server.metrics.audio_seconds._value.get())
+    assert received == pytest.approx(len(audio) / 8000, abs=0.1)
+
+
+async def test_the_service_reconnects_when_the_server_restarts(start_asr_server, speech_int16):
+    """Mid-conversation the server goes away and comes back on the same port: the
+    pipeline does not hang and the next turn is transcribed."""
+    server = await start_asr_server()
+    port = server.port
+    stt = NemotronSTTService(url=server_url(server), reconnect_backoff_min_wait=0.2, reconnect_backoff_max_wait=0.5)
+    first = speech_int16[int(1.0 * 16000) : int(4.3 * 16000)]
+    second = speech_int16[int(4.3 * 16000) : int(6.9 * 16000)]
+    audio = np.concatenate([first, silence(1.0), second, silence(1.5)])
+
+    async def restart():
+        await server.stop()
+        restarted = await start_asr_server(port=port)
+        while stt.ready is None:
+            await asyncio.sleep(0.05)
+        assert restarted.port == port
+
+    run = await run_pipeline(stt, audio, between={(len(first) + 16000) // 320: restart})
+    finals = run.finals()
+    assert len(finals) == 2 and all(f.text and f.finalized for f in finals)
+    assert len(run.user_messages()) == 2
+
+
+async def test_an_unreachable_server_gives_a_clear_error_not_a_loop(speech_int16):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stt = NemotronSTTService(
+        url=f"ws://127.0.0.1:{port}", reconnect_backoff_min_wait=0.1, reconnect_backoff_max_wait=0.2
+    )
+    run = await run_pipeline(stt, _speech(speech_int16, (1.0, 4.3)), wait_ready=False)
+    errors = [e.frame.error for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
+    # The first connect, each of the base class's three retries, and its giving up.
+    assert len(errors) == 5, errors
+    assert all(f"cannot connect to ws://127.0.0.1:{port}" in e or "ASR server at" in e for e in errors), errors
+    assert run.finals() == []
+    assert not stt.is_usable, "after its retries the service gives up for good"
