@@ -15,7 +15,9 @@ SAMPLE_RATE = 16000
 def pytest_configure(config):
     # NeMo logs warnings for every model it builds; keep test output readable.
     logging.getLogger("nemo_logger").setLevel(logging.ERROR)
-    torch.set_num_threads(2)
+    # One intra-op thread: the servers' engine threads, ONNX (VAD, Smart Turn) and the
+    # event loop share two cores, and oversubscribed torch threads stall badly under load.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
