@@ -36,7 +36,7 @@ import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, parse_asr_server_message
+from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorMessage, parse_asr_server_message
 
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
 RATE = 16000
@@ -74,7 +74,7 @@ async def _session(
                 message = parse_asr_server_message(raw)
                 if isinstance(message, AsrTranscript) and message.is_final and resets_sent:
                     result.final_latencies.append(time.perf_counter() - resets_sent.pop(0))
-                elif isinstance(message, AsrError):
+                elif isinstance(message, ErrorMessage):
                     result.errors.append(message.code.value)
 
         receiver = asyncio.create_task(receive())

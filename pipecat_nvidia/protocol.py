@@ -8,6 +8,7 @@ See docs/PROTOCOL.md for the conversation as a whole.
 
 from __future__ import annotations
 
+import base64
 from enum import Enum
 from typing import Annotated, Literal, Union
 
@@ -46,7 +47,17 @@ class ErrorCode(str, Enum):
     SERVER_FULL = "server_full"
     """The server is at ``max_sessions``; the connection is closed."""
     INTERNAL = "internal"
-    """The server failed on this session's work; the utterance was dropped."""
+    """The server failed on this session's work; the utterance (or segment) was dropped."""
+    EMPTY_TEXT = "empty_text"
+    """TTS: nothing speakable in the segment's text; the segment was dropped."""
+    TEXT_TOO_LONG = "text_too_long"
+    """TTS: the segment's text exceeds the server's limit; the segment was dropped."""
+    UNKNOWN_VOICE = "unknown_voice"
+    """TTS: the segment names a voice the model does not have; the segment was dropped."""
+    UNKNOWN_LANGUAGE = "unknown_language"
+    """TTS: the segment's language has no tokenizer in the model; the segment was dropped."""
+    UNKNOWN_PRESET = "unknown_preset"
+    """TTS: the segment names a stream preset the server does not have; the segment was dropped."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,17 +119,146 @@ class AsrTranscript(_Message):
     last audio byte for an interim, the reset for a final) to sending this message."""
 
 
-class AsrError(_Message):
+class ErrorMessage(_Message):
+    """Either server's error. TTS errors about one segment name its context and segment."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str
     fatal: bool = False
+    context_id: str | None = None
+    segment_id: str | None = None
 
 
-AsrServerMessage = Annotated[AsrReady | AsrTranscript | AsrError, Field(discriminator="type")]
+AsrServerMessage = Annotated[AsrReady | AsrTranscript | ErrorMessage, Field(discriminator="type")]
+
+# ----------------------------------------------------------------------------------------
+# TTS: client -> server
+
+ContextId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class TtsSpeak(_Message):
+    """Speak a segment of text as part of a context (a bot turn).
+
+    Segments of one context are spoken in order, one after another; contexts run
+    concurrently. ``stream`` sends audio as soon as the first frames exist; ``batch``
+    sends a segment's audio when it is complete.
+    """
+
+    type: Literal["speak"] = "speak"
+    context_id: ContextId
+    segment_id: str | None = Field(default=None, max_length=128)
+    """Echoed in the segment's audio and ``segment_done``; numbered 0, 1, ... if omitted."""
+    text: str
+    voice: str | None = None
+    language: str = "en"
+    mode: Literal["stream", "batch"] = "stream"
+    preset: str | None = None
+    """A stream preset named in ``ready``; the server's default if omitted."""
+    sample_rate: int | None = Field(default=None, ge=8000, le=48000)
+    """Rate of the audio sent back; the model's own rate if omitted."""
+
+
+class TtsFlush(_Message):
+    """No more segments for this context: ``done`` follows its last segment's audio."""
+
+    type: Literal["flush"] = "flush"
+    context_id: ContextId
+
+
+class TtsCancel(_Message):
+    """Stop this context now (barge-in): queued segments are dropped, the segment being
+    spoken stops within one decoder step, and no audio for it follows ``cancelled``."""
+
+    type: Literal["cancel"] = "cancel"
+    context_id: ContextId
+
+
+TtsClientMessage = Annotated[TtsSpeak | TtsFlush | TtsCancel, Field(discriminator="type")]
+
+# ----------------------------------------------------------------------------------------
+# TTS: server -> client
+
+
+class TtsPreset(_Message):
+    """How a streamed segment is cut into audio chunks."""
+
+    first_frames: int
+    """Codec frames generated before the first audio is sent."""
+    chunk_frames: int
+    """Codec frames per later audio chunk."""
+    context_frames: int
+    """Earlier frames decoded again with each chunk; at the codec's receptive field (26)
+    chunks join exactly, below it approximately."""
+
+
+class TtsReady(_Message):
+    type: Literal["ready"] = "ready"
+    protocol_version: int = PROTOCOL_VERSION
+    session_id: str
+    model: str
+    sample_rate: int
+    """The model's own output rate (used when a segment asks for none)."""
+    frame_ms: float
+    """Audio per codec frame."""
+    voices: list[str]
+    default_voice: str
+    languages: list[str]
+    presets: dict[str, TtsPreset]
+    default_preset: str
+
+
+class TtsAudio(_Message):
+    """A piece of a segment's audio: mono signed 16-bit little-endian PCM."""
+
+    type: Literal["audio"] = "audio"
+    context_id: str
+    segment_id: str
+    sample_rate: int
+    audio: str
+    """Base64 of the PCM bytes."""
+
+    @classmethod
+    def from_pcm(cls, pcm: bytes, **fields) -> TtsAudio:
+        return cls(audio=base64.b64encode(pcm).decode("ascii"), **fields)
+
+    @property
+    def pcm(self) -> bytes:
+        return base64.b64decode(self.audio)
+
+
+class TtsSegmentDone(_Message):
+    type: Literal["segment_done"] = "segment_done"
+    context_id: str
+    segment_id: str
+    audio_ms: float
+    """Duration of all the audio sent for the segment."""
+    first_audio_ms: float
+    """From the segment's arrival (or its turn to start, if its context was busy) to its first audio."""
+    decoder_steps: int
+    stopped_by: Literal["end_of_speech", "max_frames"]
+    """Whether the model ended the speech itself or the length cap did."""
+
+
+class TtsDone(_Message):
+    type: Literal["done"] = "done"
+    context_id: str
+
+
+class TtsCancelled(_Message):
+    type: Literal["cancelled"] = "cancelled"
+    context_id: str
+
+
+TtsServerMessage = Annotated[
+    TtsReady | TtsAudio | TtsSegmentDone | TtsDone | TtsCancelled | ErrorMessage, Field(discriminator="type")
+]
 
 _asr_client_adapter: TypeAdapter[AsrClientMessage] = TypeAdapter(AsrClientMessage)
 _asr_server_adapter: TypeAdapter[AsrServerMessage] = TypeAdapter(AsrServerMessage)
+_tts_client_adapter: TypeAdapter[TtsClientMessage] = TypeAdapter(TtsClientMessage)
+_tts_server_adapter: TypeAdapter[TtsServerMessage] = TypeAdapter(TtsServerMessage)
 
 
 class ProtocolError(ValueError):
@@ -150,5 +290,17 @@ def parse_asr_client_message(text: str | bytes) -> AsrReset:
     return _parse(_asr_client_adapter, frozenset({"reset"}), text)
 
 
-def parse_asr_server_message(text: str | bytes) -> AsrReady | AsrTranscript | AsrError:
+def parse_asr_server_message(text: str | bytes) -> AsrReady | AsrTranscript | ErrorMessage:
     return _parse(_asr_server_adapter, frozenset({"ready", "transcript", "error"}), text)
+
+
+def parse_tts_client_message(text: str | bytes) -> TtsSpeak | TtsFlush | TtsCancel:
+    return _parse(_tts_client_adapter, frozenset({"speak", "flush", "cancel"}), text)
+
+
+def parse_tts_server_message(
+    text: str | bytes,
+) -> TtsReady | TtsAudio | TtsSegmentDone | TtsDone | TtsCancelled | ErrorMessage:
+    return _parse(
+        _tts_server_adapter, frozenset({"ready", "audio", "segment_done", "done", "cancelled", "error"}), text
+    )

@@ -34,10 +34,10 @@ from websockets.protocol import State
 
 from pipecat_nvidia.protocol import (
     ASR_SAMPLE_RATE,
-    AsrError,
     AsrReady,
     AsrReset,
     AsrTranscript,
+    ErrorMessage,
     ProtocolError,
     parse_asr_server_message,
 )
@@ -234,7 +234,7 @@ class NemotronSTTService(WebsocketSTTService):
         )
         await self._handle_transcription(message.text, True, self._settings.language)
 
-    async def _on_error(self, error: AsrError) -> None:
+    async def _on_error(self, error: ErrorMessage) -> None:
         await self.push_error(
             f"{self}: ASR server error {error.code.value}: {error.message}", category=ErrorCategory.SERVER
         )

@@ -35,6 +35,13 @@ def speech(speech_int16) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def tiny_tts_path(tmp_path_factory) -> Path:
+    from tests.tiny_tts import build_tiny_tts_checkpoint
+
+    return build_tiny_tts_checkpoint(tmp_path_factory.mktemp("tiny_tts"))
+
+
+@pytest.fixture(scope="session")
 def tiny_asr_path(tmp_path_factory, speech) -> Path:
     from tests.tiny_asr import build_tiny_asr_checkpoint
 

@@ -3,11 +3,11 @@
 import pytest
 
 from pipecat_nvidia.protocol import (
-    AsrError,
     AsrReady,
     AsrReset,
     AsrTranscript,
     ErrorCode,
+    ErrorMessage,
     ProtocolError,
     parse_asr_client_message,
     parse_asr_server_message,
@@ -42,7 +42,7 @@ def test_bad_client_messages_get_their_error_code(text, code):
     [
         AsrReady(session_id="s", model="m", chunk_ms=160, right_context=1, finalize_audio_ms=320),
         AsrTranscript(text="hi", is_final=True, utterance_id=3, audio_ms=1200, padding_ms=120, latency_ms=9.5),
-        AsrError(code=ErrorCode.SERVER_FULL, message="full", fatal=True),
+        ErrorMessage(code=ErrorCode.SERVER_FULL, message="full", fatal=True),
     ],
 )
 def test_server_messages_round_trip(message):

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from loguru import logger
 
-from pipecat_nvidia.protocol import AsrError, AsrServerMessage, AsrTranscript, ErrorCode
+from pipecat_nvidia.protocol import AsrServerMessage, AsrTranscript, ErrorCode, ErrorMessage
 from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
+from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
 
@@ -226,7 +226,7 @@ class StreamingASREngine:
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
                 logger.exception("ASR step failed")
                 tokens = None
-                error = AsrError(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
+                error = ErrorMessage(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
             with self._lock:
                 for i, row in enumerate(rows):
                     session = row.session
@@ -367,16 +367,3 @@ class StreamingASREngine:
                 break
             self._append(session, *item)
         self._mark_if_ready(session)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (auto: bf16 on CUDA, fp32 elsewhere)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")

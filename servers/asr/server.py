@@ -18,11 +18,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from pipecat_nvidia.protocol import (
-    AsrError,
     AsrReady,
     AsrServerMessage,
     AsrTranscript,
     ErrorCode,
+    ErrorMessage,
     ProtocolError,
     parse_asr_client_message,
 )
@@ -30,8 +30,8 @@ from servers.asr.config import AsrServerSettings
 from servers.asr.engine import AudioOverflow, EngineFull, StreamingASREngine
 from servers.asr.metrics import AsrMetrics
 from servers.asr.model import load_streaming_model
-from servers.asr.worker import EngineWorker
 from servers.common.http import make_process_request
+from servers.common.worker import EngineWorker
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
@@ -146,7 +146,7 @@ class AsrServer:
             self._ready.set()
             return
         self._engine = engine
-        self._worker = EngineWorker(engine, on_step=self.metrics.observe_step)
+        self._worker = EngineWorker(engine, "asr-engine", on_step=self.metrics.observe_step)
         self._worker.start()
         g = engine.geometry
         logger.info(
@@ -257,10 +257,10 @@ class AsrServer:
             self._engine.reset(sid, finalize=reset.finalize, trailing_silence_ms=reset.trailing_silence_ms)
 
     def _error(self, outbox: _Outbox, code: ErrorCode, message: str) -> None:
-        outbox.put(AsrError(code=code, message=message))
+        outbox.put(ErrorMessage(code=code, message=message))
 
     def _fatal(self, outbox: _Outbox, code: ErrorCode, message: str, close_code: int) -> None:
-        outbox.put(AsrError(code=code, message=message, fatal=True))
+        outbox.put(ErrorMessage(code=code, message=message, fatal=True))
         outbox.put(_Close(close_code, code.value))
 
     async def _send_loop(self, ws: ServerConnection, outbox: _Outbox) -> None:
@@ -273,7 +273,7 @@ class AsrServer:
                 await ws.send(message.to_json())
                 if isinstance(message, AsrTranscript):
                     self.metrics.observe_transcript(message)
-                elif isinstance(message, AsrError):
+                elif isinstance(message, ErrorMessage):
                     self.metrics.observe_error(message.code)
         except ConnectionClosed:
             pass

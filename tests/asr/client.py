@@ -11,7 +11,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, parse_asr_server_message
+from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorMessage, parse_asr_server_message
 
 
 def server_url(server, path: str = "", scheme: str = "ws") -> str:
@@ -25,7 +25,7 @@ async def recv_message(ws, timeout: float = 30.0):
 async def expect_fatal(ws, code) -> int:
     """Read a fatal error with ``code``, then the close; returns the close code."""
     error = await recv_message(ws)
-    assert isinstance(error, AsrError) and error.code == code and error.fatal, error
+    assert isinstance(error, ErrorMessage) and error.code == code and error.fatal, error
     try:
         await ws.recv()
     except ConnectionClosed as closed:

@@ -1,6 +1,6 @@
 import asyncio
 
-from pipecat_nvidia.protocol import AsrError, AsrTranscript, ErrorCode
+from pipecat_nvidia.protocol import AsrTranscript, ErrorCode, ErrorMessage
 from servers.asr.server import _Outbox
 
 
@@ -14,7 +14,7 @@ async def test_a_slow_reader_gets_the_latest_interim_and_every_final_and_error()
         _transcript("a"),
         _transcript("ab"),
         _transcript("abc"),
-        AsrError(code=ErrorCode.BAD_AUDIO, message="odd"),
+        ErrorMessage(code=ErrorCode.BAD_AUDIO, message="odd"),
         _transcript("abcd"),
         _transcript("abcd e", final=True),
         _transcript("x", utterance=1),

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipecat_nvidia.protocol import AsrError, AsrReady, AsrTranscript, ErrorCode
+from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorCode, ErrorMessage
 from servers.asr import server as server_module
 from tests.asr.client import (
     expect_fatal,
@@ -90,7 +90,7 @@ async def test_fifty_concurrent_realtime_clients(start_asr_server, speech_int16,
         *(transcribe_over_ws(server_url(server), slices[i % len(slices)], realtime=True) for i in range(50))
     )
     for i, messages in enumerate(results):
-        assert not any(isinstance(m, AsrError) for m in messages)
+        assert not any(isinstance(m, ErrorMessage) for m in messages)
         assert messages[-1].text == expected(slices[i % len(slices)])
     await asyncio.sleep(0.1)
     status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
@@ -120,7 +120,7 @@ async def test_bad_input_gets_a_typed_error_and_the_session_goes_on(
         await recv_message(ws)
         await ws.send(frame)
         error = await recv_message(ws)
-        assert isinstance(error, AsrError) and error.code == code and not error.fatal
+        assert isinstance(error, ErrorMessage) and error.code == code and not error.fatal
         await send_utterance(ws, utterance)
         messages = await until_final(ws)
     assert messages[-1].text == expected(utterance)
@@ -143,7 +143,7 @@ async def test_one_clients_bad_input_never_affects_another(start_asr_server, spe
 
     good, noisy = await asyncio.gather(transcribe_over_ws(server_url(server), utterance, realtime=True), vandal())
     assert good[-1].text == expected(utterance)
-    assert any(isinstance(m, AsrError) for m in noisy) and noisy[-1].is_final
+    assert any(isinstance(m, ErrorMessage) for m in noisy) and noisy[-1].is_final
 
 
 async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that_connection(

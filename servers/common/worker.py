@@ -1,4 +1,4 @@
-"""Steps an engine on its own thread whenever it has work (the standalone server's driver).
+"""Steps an engine on its own thread whenever it has work (a standalone server's driver).
 
 In the local GPU host the single-GPU scheduler drives ``engine.step()`` instead.
 """
@@ -7,18 +7,27 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from loguru import logger
 
-from servers.asr.engine import StepStats, StreamingASREngine
+
+class SteppedEngine(Protocol):
+    """What a worker (or a scheduler) needs of an engine."""
+
+    def wait_for_work(self, timeout: float | None = None) -> bool: ...
+
+    def step(self) -> Any: ...
+
+    def wake(self) -> None: ...
 
 
 class EngineWorker:
-    def __init__(self, engine: StreamingASREngine, on_step: Callable[[StepStats], None] | None = None):
+    def __init__(self, engine: SteppedEngine, name: str, on_step: Callable[[Any], None] | None = None):
         self._engine = engine
         self._on_step = on_step
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="asr-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -35,7 +44,7 @@ class EngineWorker:
             try:
                 stats = self._engine.step()
             except Exception:  # noqa: BLE001 - the engine thread must outlive any one step
-                logger.exception("ASR engine step failed")
+                logger.exception(f"{self._thread.name} step failed")
                 continue
             if self._on_step is not None:
                 self._on_step(stats)

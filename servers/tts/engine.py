@@ -1,0 +1,442 @@
+"""Magpie TTS sessions on top of one batched decoder step: segments, turns, cancel, audio.
+
+One engine per model. A session holds contexts (bot turns); a context speaks its segments
+in order, one at a time; contexts of all sessions share each decoder step. ``step()`` is
+the unit of GPU work: it starts segments whose turn has come (one batched text-encoder
+call), advances every active segment by one decoder step, turns new codec frames into
+audio (one batched codec call) and hands each session its messages. A cancelled context
+never takes part in another step and nothing more is sent for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import soxr
+import torch
+from loguru import logger
+
+from pipecat_nvidia.protocol import (
+    ErrorCode,
+    ErrorMessage,
+    TtsAudio,
+    TtsCancelled,
+    TtsDone,
+    TtsPreset,
+    TtsSegmentDone,
+    TtsServerMessage,
+    TtsSpeak,
+)
+from servers.common.precision import autocast_dtype
+from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
+from servers.tts.decoder import MagpieDecoder, Sequence
+from servers.tts.model import languages, voices
+from servers.tts.text import TextChunk, TextPreparer, TextRejected
+
+Sink = Callable[[TtsServerMessage], None]
+
+PRESETS: dict[str, TtsPreset] = {
+    "fast": TtsPreset(first_frames=2, chunk_frames=4, context_frames=8),
+    "balanced": TtsPreset(first_frames=4, chunk_frames=8, context_frames=RECEPTIVE_FIELD_FRAMES),
+    "smooth": TtsPreset(first_frames=8, chunk_frames=16, context_frames=RECEPTIVE_FIELD_FRAMES),
+}
+"""Stream presets: first audio after 1 / 2 / 4 decoder steps; ``fast`` also decodes less
+context per chunk (cheaper, chunk joins approximate), the others join exactly."""
+DEFAULT_PRESET = "balanced"
+
+
+class EngineFull(RuntimeError):
+    """No session slot is left (``max_sessions``)."""
+
+
+class SegmentRejected(ValueError):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Segment:
+    context: _Context
+    segment_id: str
+    text: str
+    language: str
+    mode: str
+    preset: TtsPreset
+    voice: int
+    output_rate: int
+    queued_at: float
+    started_at: float | None
+    """When it became its context's current segment (first-audio latency counts from here)."""
+    chunks: list[TextChunk] | None = None
+    chunk_index: int = 0
+    sequence: Sequence | None = None
+    sent_frames: int = 0
+    """Frames of the current sequence already sent as audio."""
+    sent_samples: int = 0
+    steps: int = 0
+    first_audio_at: float | None = None
+    stopped_by: str = "end_of_speech"
+    resampler: soxr.ResampleStream | None = None
+
+
+@dataclass
+class _Context:
+    session: _Session
+    context_id: str
+    segments: deque[_Segment] = field(default_factory=deque)
+    numbered: int = 0
+    flushed: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class _Session:
+    sid: int
+    sink: Sink
+    contexts: dict[str, _Context] = field(default_factory=dict)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class TtsStepStats:
+    """What one ``step()`` did, for metrics and for the scheduler's planning."""
+
+    batch_size: int
+    started: int
+    seconds: float
+    audio_seconds: float
+    """Audio produced by this step's codec decode (model rate)."""
+    first_audio_latencies: tuple[float, ...]
+
+
+class TTSEngine:
+    """Batched Magpie synthesis for many sessions of one model."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        voice_names: list[str] | None = None,
+        max_sessions: int = 256,
+        max_batch: int = 64,
+        max_text_chars: int = 2000,
+        max_frames_per_token: float = 6.0,
+        min_frames: int = 20,
+        use_cfg: bool = True,
+        precision: str = "auto",
+    ):
+        self.model = model
+        self.voices = voices(model, voice_names)
+        self.languages = languages(model)
+        self.sample_rate = int(model.output_sample_rate)
+        self.max_sessions = max_sessions
+        self._max_batch = max_batch
+        self._max_frames_per_token = max_frames_per_token
+        self._min_frames = min_frames
+        self._max_frames = int(model.inference_parameters.max_decoder_steps)
+        self._text = TextPreparer(model, max_text_chars)
+        self._decoder = MagpieDecoder(model, use_cfg=use_cfg)
+        self._device = next(model.parameters()).device
+        self._autocast = autocast_dtype(precision, self._device)
+        self._codec = CodecDecoder(model)
+        self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._sessions: dict[int, _Session] = {}
+        self._busy: deque[_Context] = deque()
+        """Contexts with segments to speak, oldest first (the order segments get a row)."""
+        self._next_sid = 0
+
+    @property
+    def presets(self) -> dict[str, TtsPreset]:
+        return PRESETS
+
+    # ------------------------------------------------------------------ sessions (any thread)
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open_session(self, sink: Sink) -> int:
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineFull(f"all {self.max_sessions} sessions are in use")
+            sid = self._next_sid
+            self._next_sid += 1
+            self._sessions[sid] = _Session(sid, sink)
+            return sid
+
+    def close_session(self, sid: int) -> None:
+        with self._lock:
+            session = self._sessions.pop(sid, None)
+            if session is None:
+                return
+            session.closed = True
+            for context in session.contexts.values():
+                context.cancelled = True
+            self._busy = deque(c for c in self._busy if not c.cancelled)
+
+    def speak(self, sid: int, request: TtsSpeak) -> str:
+        """Queue a segment; returns its segment id. Raises ``SegmentRejected`` for a voice,
+        language or preset the server does not have (text is checked when it is spoken)."""
+        voice = request.voice if request.voice is not None else self.voices[0]
+        if voice not in self.voices:
+            raise SegmentRejected(ErrorCode.UNKNOWN_VOICE, f"unknown voice {voice!r}; voices: {self.voices}")
+        if request.language not in self.languages:
+            raise SegmentRejected(
+                ErrorCode.UNKNOWN_LANGUAGE, f"unknown language {request.language!r}; languages: {self.languages}"
+            )
+        preset_name = request.preset or DEFAULT_PRESET
+        if preset_name not in PRESETS:
+            raise SegmentRejected(ErrorCode.UNKNOWN_PRESET, f"unknown preset {preset_name!r}; presets: {list(PRESETS)}")
+        with self._work:
+            session = self._sessions[sid]
+            context = session.contexts.get(request.context_id)
+            if context is None:
+                context = session.contexts[request.context_id] = _Context(session, request.context_id)
+            segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
+            context.numbered += 1
+            queued_at = time.monotonic()
+            context.segments.append(
+                _Segment(
+                    context=context,
+                    segment_id=segment_id,
+                    text=request.text,
+                    language=request.language,
+                    mode=request.mode,
+                    preset=PRESETS[preset_name],
+                    voice=self.voices.index(voice),
+                    output_rate=request.sample_rate or self.sample_rate,
+                    queued_at=queued_at,
+                    started_at=queued_at if not context.segments else None,
+                )
+            )
+            if context not in self._busy:
+                self._busy.append(context)
+            self._work.notify()
+        return segment_id
+
+    def flush(self, sid: int, context_id: str) -> None:
+        """After the context's last segment, send ``done`` (at once if nothing is queued)."""
+        with self._lock:
+            session = self._sessions[sid]
+            context = session.contexts.get(context_id)
+            if context is not None and context.segments:
+                context.flushed = True
+                return
+            session.contexts.pop(context_id, None)
+            sink = session.sink
+        sink(TtsDone(context_id=context_id))
+
+    def cancel(self, sid: int, context_id: str) -> None:
+        """Stop the context at once; after the ``cancelled`` this sends, nothing more for it."""
+        with self._lock:
+            session = self._sessions[sid]
+            context = session.contexts.pop(context_id, None)
+            if context is not None:
+                context.cancelled = True
+                if context in self._busy:
+                    self._busy.remove(context)
+            sink = session.sink
+        sink(TtsCancelled(context_id=context_id))
+
+    def warm_up(self) -> None:
+        """Speak one short segment through every kind of step before serving."""
+        sid = self.open_session(lambda message: None)
+        try:
+            for mode in ("stream", "batch"):
+                self.speak(sid, TtsSpeak(context_id=mode, text="Warm up.", mode=mode))
+            while self.has_work():
+                self.step()
+        finally:
+            self.close_session(sid)
+
+    # ------------------------------------------------------------------ stepping (one thread)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._busy)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._work:
+            return self._work.wait_for(lambda: bool(self._busy), timeout=timeout)
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def step(self) -> TtsStepStats:
+        started = time.perf_counter()
+        events: list[tuple[Sink, TtsServerMessage]] = []
+        with self._lock:
+            segments = [context.segments[0] for context in list(self._busy)[: self._max_batch]]
+        new = [s for s in segments if s.sequence is None and self._start(s, events)]
+        running = [s for s in segments if s.sequence is not None]
+        with torch.autocast(self._device.type, dtype=self._autocast, enabled=self._autocast is not None):
+            if new:
+                self._decoder.start([s.sequence for s in new])
+            if running:
+                self._decoder.step([s.sequence for s in running])
+        decoding = [(s, r) for s in running if (r := self._audio_due(s)) is not None]
+        audio = self._codec.decode([r for _, r in decoding]) if decoding else []
+        now = time.monotonic()
+        latencies = []
+        with self._lock:
+            for segment in running:
+                segment.steps += 1
+            for (segment, request), samples in zip(decoding, audio):
+                if not segment.context.cancelled and self._send_audio(segment, request, samples, now, events):
+                    latencies.append(now - segment.started_at)
+            for segment in running:
+                if (
+                    not segment.context.cancelled
+                    and segment.sequence.done
+                    and segment.sent_frames >= segment.sequence.speech_frames
+                ):
+                    self._next_chunk(segment, events)
+        for sink, message in events:
+            sink(message)
+        return TtsStepStats(
+            batch_size=len(running),
+            started=len(new),
+            seconds=time.perf_counter() - started,
+            audio_seconds=sum(len(a) for a in audio) / self.sample_rate,
+            first_audio_latencies=tuple(latencies),
+        )
+
+    # ------------------------------------------------------------------ segments
+
+    def _start(self, segment: _Segment, events: list) -> bool:
+        """Give the segment's next text chunk a decoder sequence; False if it was refused."""
+        if segment.chunks is None:
+            try:
+                segment.chunks = self._text.prepare(segment.text, segment.language)
+            except TextRejected as e:
+                with self._lock:
+                    self._error(segment, e.code, str(e), events)
+                    self._finish(segment, events, sent=False)
+                return False
+        chunk = segment.chunks[segment.chunk_index]
+        spoken_tokens = len(chunk.tokens) - 1  # EOS excluded
+        max_frames = min(self._max_frames, max(self._min_frames, int(self._max_frames_per_token * spoken_tokens)))
+        segment.sequence = Sequence(tokens=chunk.tokens, voice=segment.voice, max_frames=max_frames)
+        segment.sent_frames = 0
+        return True
+
+    def _audio_due(self, segment: _Segment) -> DecodeRequest | None:
+        """The frames to turn into audio now: stream mode sends the first frames as soon
+        as the preset's first chunk exists and then chunk by chunk; batch mode sends
+        everything once the sequence ends."""
+        sequence, preset = segment.sequence, segment.preset
+        available = sequence.speech_frames
+        if available <= segment.sent_frames:
+            return None
+        if segment.mode == "batch":
+            if not sequence.done:
+                return None
+            context = 0
+        else:
+            wanted = preset.first_frames if segment.sent_frames == 0 else preset.chunk_frames
+            if available - segment.sent_frames < wanted and not sequence.done:
+                return None
+            context = preset.context_frames
+        bos = sequence.codes.shape[-1] - sequence.frames
+        return DecodeRequest(
+            codes=sequence.codes[:, bos : bos + available], start=segment.sent_frames, end=available, context=context
+        )
+
+    def _send_audio(
+        self, segment: _Segment, request: DecodeRequest, samples: np.ndarray, now: float, events: list
+    ) -> bool:
+        """Queue the audio (resampled, 16-bit) in pieces of at most a second; True if it
+        was the segment's first audio."""
+        segment.sent_frames = request.end
+        if segment.output_rate != self.sample_rate:
+            if segment.resampler is None:
+                segment.resampler = soxr.ResampleStream(self.sample_rate, segment.output_rate, 1, dtype="float32")
+            samples = segment.resampler.resample_chunk(samples, last=False)
+        first = segment.first_audio_at is None
+        if first:
+            segment.first_audio_at = now
+        self._queue_pcm(segment, samples, events)
+        return first
+
+    def _queue_pcm(self, segment: _Segment, samples: np.ndarray, events: list) -> None:
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+        for begin in range(0, len(pcm), segment.output_rate):
+            events.append(
+                (
+                    segment.context.session.sink,
+                    TtsAudio.from_pcm(
+                        pcm[begin : begin + segment.output_rate].tobytes(),
+                        context_id=segment.context.context_id,
+                        segment_id=segment.segment_id,
+                        sample_rate=segment.output_rate,
+                    ),
+                )
+            )
+        segment.sent_samples += len(pcm)
+
+    def _last_chunk(self, segment: _Segment) -> bool:
+        return segment.chunk_index + 1 >= len(segment.chunks)
+
+    def _next_chunk(self, segment: _Segment, events: list) -> None:
+        """The sequence has ended and its audio is out: speak the segment's next text chunk,
+        or finish the segment."""
+        if segment.sequence.end_frame == segment.sequence.max_frames:
+            segment.stopped_by = "max_frames"
+        if not self._last_chunk(segment):
+            segment.chunk_index += 1
+            segment.sequence = None
+            return
+        self._finish(segment, events, sent=True)
+
+    def _finish(self, segment: _Segment, events: list, sent: bool) -> None:
+        """The segment is over: report it, and start the context's next segment or end
+        the context (``done`` once flushed). Nothing for a cancelled context."""
+        context = segment.context
+        if context.cancelled:
+            return
+        segment.sequence = None
+        if segment.resampler is not None:
+            self._queue_pcm(segment, segment.resampler.resample_chunk(np.zeros(0, np.float32), last=True), events)
+        if sent:
+            events.append(
+                (
+                    context.session.sink,
+                    TtsSegmentDone(
+                        context_id=context.context_id,
+                        segment_id=segment.segment_id,
+                        audio_ms=1000.0 * segment.sent_samples / segment.output_rate,
+                        first_audio_ms=1000.0 * ((segment.first_audio_at or time.monotonic()) - segment.started_at),
+                        decoder_steps=segment.steps,
+                        stopped_by=segment.stopped_by,
+                    ),
+                )
+            )
+        context.segments.popleft()
+        if context.segments:
+            context.segments[0].started_at = time.monotonic()
+            return
+        self._busy.remove(context)
+        if context.flushed:
+            context.session.contexts.pop(context.context_id, None)
+            events.append((context.session.sink, TtsDone(context_id=context.context_id)))
+
+    def _error(self, segment: _Segment, code: ErrorCode, message: str, events: list) -> None:
+        logger.debug(f"TTS segment {segment.segment_id} of {segment.context.context_id} refused: {message}")
+        events.append(
+            (
+                segment.context.session.sink,
+                ErrorMessage(
+                    code=code, message=message, context_id=segment.context.context_id, segment_id=segment.segment_id
+                ),
+            )
+        )

@@ -1,0 +1,72 @@
+"""Our step-at-a-time driver reproduces NeMo's own generate_speech loop."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from servers.tts.decoder import MagpieDecoder, Sequence
+from servers.tts.model import SamplingSettings, load_magpie
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tts_path):
+    return load_magpie(str(tiny_tts_path), device="cpu", sampling=SamplingSettings(temperature=0.0))
+
+
+def _tokens(model, text):
+    return torch.tensor(model.tokenizer.encode(text, "english_phoneme") + [model.eos_id])
+
+
+def _generate_speech(model, text, frames, voice):
+    """NeMo's whole-utterance loop, stopped after ``frames`` codec frames."""
+    model.inference_parameters.max_decoder_steps = frames
+    tokens = _tokens(model, text)
+    batch = {"text": tokens[None], "text_lens": torch.tensor([len(tokens)]), "speaker_indices": voice}
+    with torch.no_grad():
+        out = model.generate_speech(
+            batch,
+            chunk_state=model.create_chunk_state(1),
+            end_of_text=[True],
+            beginning_of_text=True,
+            use_cfg=True,
+            use_local_transformer_for_inference=True,
+        )
+    model.inference_parameters.max_decoder_steps = 500
+    return out.predicted_codes[0]
+
+
+def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model):
+    texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
+    decoder = MagpieDecoder(model)
+    sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=24) for t, v, _ in texts]
+    for step in range(20):
+        joining = [s for s, (_, _, start) in zip(sequences, texts) if start == step]
+        if joining:
+            decoder.start(joining)
+        running = [s for s, (_, _, start) in zip(sequences, texts) if start <= step and not s.done]
+        if running:
+            decoder.step(running)
+    for sequence, (text, voice, _) in zip(sequences, texts):
+        assert sequence.done and sequence.speech_frames == 24
+        ours = sequence.codes[:, -sequence.frames :]
+        assert torch.equal(ours, _generate_speech(model, text, 24, voice))
+
+
+def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_path):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(tiny_tts_path, moved / "magpie.nemo")
+    shutil.copy(tiny_tts_path.with_name("codec.nemo"), moved / "codec.nemo")
+    original_codec = tiny_tts_path.with_name("codec.nemo")
+    hidden = original_codec.rename(tmp_path / "elsewhere.nemo")
+    try:
+        assert load_magpie(str(moved / "magpie.nemo"), device="cpu").num_baked_speakers == 2
+        (moved / "codec.nemo").unlink()
+        with pytest.raises(FileNotFoundError, match="--codec"):
+            load_magpie(str(moved / "magpie.nemo"), device="cpu")
+        assert load_magpie(str(moved / "magpie.nemo"), device="cpu", codec=str(hidden)).num_baked_speakers == 2
+    finally:
+        hidden.rename(original_codec)

@@ -1,0 +1,224 @@
+"""The Magpie TTS engine with a tiny random model: streaming, batching, cancel, bad text."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
+from servers.tts.engine import PRESETS, SegmentRejected
+from tests.tts.helpers import drain, make_tts_engine, pcm, synthesize
+
+TEXT = "Good morning to you."
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_tts_path):
+    return make_tts_engine(tiny_tts_path)
+
+
+def test_stream_and_batch_give_the_same_audio(engine):
+    """The codec decoder is causal: chunks decoded with its receptive field of context
+    join into exactly the one-shot audio."""
+    batch = pcm(synthesize(engine, TEXT, mode="batch"))
+    for preset in ("balanced", "smooth"):
+        streamed = pcm(synthesize(engine, TEXT, mode="stream", preset=preset))
+        assert len(streamed) == len(batch) > 0
+        assert np.abs(streamed.astype(int) - batch).max() <= 1
+
+
+def test_the_fast_preset_is_close_to_batch_audio(engine):
+    batch = pcm(synthesize(engine, TEXT, mode="batch")).astype(float)
+    fast = pcm(synthesize(engine, TEXT, mode="stream", preset="fast")).astype(float)
+    assert len(fast) == len(batch)
+    assert np.abs(fast - batch).max() < 0.01 * np.abs(batch).max()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_streamed_audio_starts_after_the_presets_first_frames(engine, preset):
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="c", text=TEXT, mode="stream", preset=preset))
+    steps = 0
+    while not messages:
+        engine.step()
+        steps += 1
+    first = PRESETS[preset].first_frames
+    assert steps == -(-first // engine.model.frame_stacking_factor)
+    assert len(messages[0].pcm) == 2 * first * 1024
+    engine.close_session(sid)
+    drain(engine)
+
+
+def test_batch_mode_sends_audio_only_when_the_segment_is_complete(engine):
+    messages = synthesize(engine, TEXT, mode="batch")
+    done = next(m for m in messages if m.type == "segment_done")
+    audio = [m for m in messages if m.type == "audio"]
+    assert done.first_audio_ms > 0 and done.stopped_by == "max_frames"
+    assert len(pcm(messages)) == pytest.approx(done.audio_ms / 1000 * engine.sample_rate, abs=2)
+    assert all(len(m.pcm) <= 2 * engine.sample_rate for m in audio)
+
+
+def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine):
+    requests = [
+        dict(text="Good morning to you.", voice="0", mode="stream"),
+        dict(text="The weather is fine.", voice="1", mode="batch"),
+        dict(text="See you later, alligator.", voice="0", mode="stream", preset="smooth"),
+    ]
+    alone = [pcm(synthesize(engine, **r)) for r in requests]
+    assert len({a.tobytes() for a in alone}) == 3, "different texts and voices give different audio"
+    received = [[] for _ in requests]
+    sids = [engine.open_session(r.append) for r in received]
+    for sid, request in zip(sids, requests):
+        engine.speak(sid, TtsSpeak(context_id="same-name-everywhere", **request))
+        engine.flush(sid, "same-name-everywhere")
+    stats = drain(engine)
+    assert max(s.batch_size for s in stats) == 3
+    for mine, expected in zip(received, alone):
+        assert np.abs(pcm(mine).astype(int) - expected).max() <= 1
+        assert mine[-1].type == "done"
+
+
+def test_segments_of_a_context_play_in_order_and_end_with_done(engine):
+    messages = []
+    sid = engine.open_session(messages.append)
+    for text in ("First part.", "Second part.", "Third part."):
+        engine.speak(sid, TtsSpeak(context_id="turn", text=text))
+    engine.flush(sid, "turn")
+    drain(engine)
+    kinds = [(m.type, getattr(m, "segment_id", None)) for m in messages if m.type != "audio"]
+    assert kinds == [("segment_done", "0"), ("segment_done", "1"), ("segment_done", "2"), ("done", None)]
+    order = [m.segment_id for m in messages if m.type == "audio"]
+    assert order == sorted(order)
+
+
+def test_cancel_stops_the_segment_within_a_step_and_drops_queued_ones(engine):
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text="A rather long sentence that would take a while."))
+    engine.speak(sid, TtsSpeak(context_id="turn", text="And another one queued behind it."))
+    engine.speak(sid, TtsSpeak(context_id="other", text=TEXT))
+    for _ in range(5):
+        assert engine.step().batch_size == 2
+    engine.cancel(sid, "turn")
+    assert engine.step().batch_size == 1, "the cancelled context takes no further step"
+    drain(engine)
+    cancelled_at = next(i for i, m in enumerate(messages) if m.type == "cancelled")
+    after = messages[cancelled_at + 1 :]
+    assert not [m for m in after if getattr(m, "context_id", None) == "turn"]
+    assert not [m for m in messages if m.type == "segment_done" and m.context_id == "turn"]
+    assert [m.type for m in after if m.context_id == "other"][-1] == "segment_done"
+
+
+def test_cancel_from_another_thread_while_steps_run_sends_nothing_after_cancelled(engine):
+    messages = []
+    lock = threading.Lock()
+
+    def sink(message):
+        with lock:
+            messages.append(message)
+
+    sid = engine.open_session(sink)
+    engine.speak(sid, TtsSpeak(context_id="turn", text="A rather long sentence that would take a while."))
+    stop = threading.Event()
+
+    def keep_stepping():
+        while not stop.is_set():
+            if engine.wait_for_work(timeout=0.01):
+                engine.step()
+
+    stepper = threading.Thread(target=keep_stepping)
+    stepper.start()
+    try:
+        while not any(m.type == "audio" for m in list(messages)):
+            threading.Event().wait(0.005)
+        engine.cancel(sid, "turn")
+        threading.Event().wait(0.3)
+    finally:
+        stop.set()
+        stepper.join()
+    types = [m.type for m in messages]
+    assert types.count("cancelled") == 1 and types[-1] == "cancelled"
+    assert not engine.has_work()
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("   ", ErrorCode.EMPTY_TEXT), ("\u2603\u2603", ErrorCode.EMPTY_TEXT), ("word " * 500, ErrorCode.TEXT_TOO_LONG)],
+)
+def test_unspeakable_text_is_refused_and_the_context_goes_on(engine, text, code):
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=text))
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT))
+    engine.flush(sid, "turn")
+    drain(engine)
+    error = next(m for m in messages if m.type == "error")
+    assert (error.code, error.context_id, error.segment_id) == (code, "turn", "0")
+    assert [m.type for m in messages if m.type != "audio"] == ["error", "segment_done", "done"]
+    assert len(pcm(messages)) > 0
+
+
+def test_characters_the_tokenizer_lacks_are_skipped(engine):
+    assert np.array_equal(pcm(synthesize(engine, "h\u00e9llo \u2603 world")), pcm(synthesize(engine, "hello  world")))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("voice", "nobody", ErrorCode.UNKNOWN_VOICE),
+        ("language", "tlh", ErrorCode.UNKNOWN_LANGUAGE),
+        ("preset", "warp", ErrorCode.UNKNOWN_PRESET),
+    ],
+)
+def test_unknown_voice_language_or_preset_is_refused_at_once(engine, field, value, code):
+    sid = engine.open_session(lambda m: None)
+    with pytest.raises(SegmentRejected) as refused:
+        engine.speak(sid, TtsSpeak(context_id="c", text=TEXT, **{field: value}))
+    assert refused.value.code == code
+    assert not engine.has_work()
+    engine.close_session(sid)
+
+
+def test_long_text_is_spoken_sentence_by_sentence(engine):
+    sentence = "This sentence has exactly eight words in it. "
+    messages = synthesize(engine, sentence * 7, mode="batch")
+    done = next(m for m in messages if m.type == "segment_done")
+    single = next(m for m in synthesize(engine, sentence, mode="batch") if m.type == "segment_done")
+    assert done.decoder_steps == pytest.approx(7 * single.decoder_steps, abs=7)
+
+
+def test_audio_comes_at_the_rate_asked_for(engine):
+    native = pcm(synthesize(engine, TEXT))
+    resampled = synthesize(engine, TEXT, sample_rate=16000)
+    assert all(m.sample_rate == 16000 for m in resampled if m.type == "audio")
+    assert len(pcm(resampled)) == pytest.approx(len(native) * 16000 / 22050, abs=32)
+
+
+def test_a_closed_session_stops_its_work(engine):
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="c", text=TEXT))
+    engine.step()
+    engine.close_session(sid)
+    count = len(messages)
+    drain(engine)
+    assert len(messages) == count and not engine.has_work()
+
+
+def test_speech_ends_where_the_model_says_it_ends(tiny_tts_path):
+    eager = make_tts_engine(tiny_tts_path)
+    model = eager.model
+    tokens = model.num_all_tokens_per_codebook
+    with torch.no_grad():
+        for k in range(model.num_audio_codebooks * model.frame_stacking_factor):
+            model.final_proj.bias[k * tokens + model.audio_eos_id] = 1e4
+            model.local_transformer_out_projections[k].bias[model.audio_eos_id] = 1e4
+    messages = synthesize(eager, TEXT)
+    done = next(m for m in messages if m.type == "segment_done")
+    min_frames = model.inference_parameters.min_generated_frames
+    assert done.stopped_by == "end_of_speech"
+    assert len(pcm(messages)) == min_frames * 1024
