@@ -22,13 +22,10 @@ from pipecat_nvidia.protocol import AsrServerMessage, AsrTranscript, ErrorCode, 
 from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
+from servers.common.engine import EngineFull
 from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
-
-
-class EngineFull(RuntimeError):
-    """No session slot is left (``max_sessions``)."""
 
 
 class AudioOverflow(RuntimeError):

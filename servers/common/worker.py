@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
-
-class SteppedEngine(Protocol):
-    """What a worker (or a scheduler) needs of an engine."""
-
-    def wait_for_work(self, timeout: float | None = None) -> bool: ...
-
-    def step(self) -> Any: ...
-
-    def wake(self) -> None: ...
+from servers.common.engine import SteppedEngine
 
 
 class EngineWorker:

@@ -32,6 +32,7 @@ from pipecat_nvidia.protocol import (
     TtsServerMessage,
     TtsSpeak,
 )
+from servers.common.engine import EngineFull
 from servers.common.precision import autocast_dtype
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -48,10 +49,6 @@ PRESETS: dict[str, TtsPreset] = {
 """Stream presets: first audio after 1 / 2 / 4 decoder steps; ``fast`` also decodes less
 context per chunk (cheaper, chunk joins approximate), the others join exactly."""
 DEFAULT_PRESET = "balanced"
-
-
-class EngineFull(RuntimeError):
-    """No session slot is left (``max_sessions``)."""
 
 
 class SegmentRejected(ValueError):

@@ -1,7 +1,9 @@
 import asyncio
 
 from pipecat_nvidia.protocol import AsrTranscript, ErrorCode, ErrorMessage
-from servers.asr.server import _Outbox
+from servers.asr.config import AsrServerSettings
+from servers.asr.server import AsrServer
+from servers.common.ws_server import Outbox
 
 
 def _transcript(text, final=False, utterance=0):
@@ -9,7 +11,7 @@ def _transcript(text, final=False, utterance=0):
 
 
 async def test_a_slow_reader_gets_the_latest_interim_and_every_final_and_error():
-    outbox = _Outbox()
+    outbox = Outbox(AsrServer(AsrServerSettings()).supersedes)
     for message in (
         _transcript("a"),
         _transcript("ab"),

@@ -95,7 +95,7 @@ async def test_fifty_concurrent_realtime_clients(start_asr_server, speech_int16,
     await asyncio.sleep(0.1)
     status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert json.loads(body)["sessions"] == 0
-    assert server._engine._pool.in_use == 0
+    assert server.engine._pool.in_use == 0
 
 
 @pytest.mark.parametrize(
@@ -239,11 +239,11 @@ async def test_a_client_that_drops_mid_utterance_is_cleaned_up(start_asr_server,
         ws.transport.abort()
     assert (await survivor)[-1].text == expected(utterance)
     for _ in range(100):
-        if server._engine.session_count == 0:
+        if server.engine.session_count == 0:
             break
         await asyncio.sleep(0.05)
-    assert server._engine.session_count == 0
-    assert server._engine._pool.in_use == 0
+    assert server.engine.session_count == 0
+    assert server.engine._pool.in_use == 0
 
 
 async def test_metrics_count_sessions_steps_and_latencies(start_asr_server, speech_int16):

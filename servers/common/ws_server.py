@@ -1,0 +1,287 @@
+"""A WebSocket server around a stepped engine: the I/O every pipecat-nvidia server shares.
+
+It listens at once and loads the model in a thread (``/health`` says "loading"), holds
+connections made meanwhile and answers their messages ``not_ready``, refuses sessions
+beyond the engine's limit, sends each connection's messages from one outbox in order,
+and frees a session the moment its client goes. Subclasses say how to load the engine,
+what ``ready`` says, and what each client message does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from loguru import logger
+from pydantic import BaseModel
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from pipecat_nvidia.protocol import ErrorCode, ErrorMessage
+from servers.common.engine import EngineFull, SteppedEngine
+from servers.common.http import make_process_request
+from servers.common.metrics import ServerMetrics
+from servers.common.worker import EngineWorker
+
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_INTERNAL_ERROR = 1011
+
+
+class ServerSettings(Protocol):
+    model: str
+    host: str
+    port: int
+    max_sessions: int
+    max_message_bytes: int
+    auth_token: str | None
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    """Queued after a fatal error: the send loop sends what is before it, then closes."""
+
+    code: int
+    reason: str
+
+
+class Outbox:
+    """What waits to be sent to one client, in order.
+
+    ``supersedes(old, new)`` lets a newer message replace the unsent last one (a slow
+    reader then gets fresh interims rather than a backlog); ``discard`` drops unsent
+    messages that have become stale (a cancelled turn's audio).
+    """
+
+    def __init__(self, supersedes: Callable[[Any, Any], bool] | None = None):
+        self._items: deque[BaseModel | CloseRequest] = deque()
+        self._nonempty = asyncio.Event()
+        self._supersedes = supersedes
+
+    def put(self, message: BaseModel | CloseRequest) -> None:
+        if self._items and self._supersedes is not None and self._supersedes(self._items[-1], message):
+            self._items[-1] = message
+        else:
+            self._items.append(message)
+        self._nonempty.set()
+
+    def discard(self, stale: Callable[[Any], bool]) -> None:
+        self._items = deque(item for item in self._items if not stale(item))
+
+    async def get(self) -> BaseModel | CloseRequest:
+        while not self._items:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+        return self._items.popleft()
+
+
+@dataclass
+class Connection:
+    """One client's session: its engine session id and its outbox."""
+
+    sid: int
+    outbox: Outbox
+
+    def error(self, code: ErrorCode, message: str, **fields) -> None:
+        self.outbox.put(ErrorMessage(code=code, message=message, **fields))
+
+
+E = TypeVar("E", bound=SteppedEngine)
+
+
+class EngineServer(ABC, Generic[E]):
+    kind: str
+    """"ASR" or "TTS", for logs and the worker thread's name."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._engine: E | None = None
+        self._worker: EngineWorker | None = None
+        self._ready = asyncio.Event()
+        self._load_error: str | None = None
+        self._server: Server | None = None
+        self._loading: asyncio.Task | None = None
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ what a server says
+
+    @abstractmethod
+    def load_engine(self) -> E:
+        """Load the model and build a warmed-up engine (runs in a thread)."""
+
+    @abstractmethod
+    def ready_message(self, engine: E, session_id: str) -> BaseModel: ...
+
+    @abstractmethod
+    def handle_message(self, engine: E, connection: Connection, message: str | bytes) -> None:
+        """Act on one client message (size already checked); never blocks."""
+
+    def supersedes(self, old: Any, new: Any) -> bool:
+        """Whether ``new`` may replace ``old`` unsent in an outbox."""
+        return False
+
+    def observe_sent(self, message: BaseModel) -> None:
+        if isinstance(message, ErrorMessage):
+            self.metrics.errors.labels(code=message.code.value).inc()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def engine(self) -> E | None:
+        return self._engine
+
+    async def start(self) -> None:
+        """Listen at once; load the model in the background (``/health`` shows progress)."""
+        s = self.settings
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=make_process_request(
+                health=self._health, registry=self.metrics.registry, auth_token=s.auth_token
+            ),
+            max_size=4 * s.max_message_bytes,
+        )
+        logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port} (model loading)")
+        self._loading = asyncio.create_task(self._load())
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def wait_loaded(self) -> None:
+        """Return once the model is ready; raise if loading failed."""
+        await asyncio.shield(self._loading)
+        if self._load_error is not None:
+            raise RuntimeError(self._load_error)
+
+    async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.stop)
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            engine = await asyncio.to_thread(self.load_engine)
+        except Exception as e:  # noqa: BLE001 - reported on /health and to clients
+            logger.exception(f"Loading the {self.kind} model failed")
+            self._load_error = f"{type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        self._engine = engine
+        self._worker = EngineWorker(engine, f"{self.kind.lower()}-engine", on_step=self.metrics.observe_step)
+        self._worker.start()
+        logger.info(f"{self.kind} ready in {time.monotonic() - started:.1f} s: {self.settings.model}")
+        self._ready.set()
+
+    def _health(self) -> tuple[bool, dict]:
+        if self._load_error is not None:
+            status = "error"
+        elif self._engine is None:
+            status = "loading"
+        else:
+            status = "ready"
+        details = {
+            "status": status,
+            "model": self.settings.model,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "sessions": self._engine.session_count if self._engine else 0,
+            "max_sessions": self.settings.max_sessions,
+        }
+        if self._load_error is not None:
+            details["error"] = self._load_error
+        return status == "ready", details
+
+    # ------------------------------------------------------------------ connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        outbox = Outbox(self.supersedes)
+        sender = asyncio.create_task(self._send_loop(ws, outbox))
+        connection: Connection | None = None
+        try:
+            await self._refuse_until_ready(ws, outbox)
+            engine = self._engine
+            if engine is None:
+                self._fatal(
+                    outbox, ErrorCode.INTERNAL, f"model failed to load: {self._load_error}", CLOSE_INTERNAL_ERROR
+                )
+                await sender
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                sid = engine.open_session(lambda message: _deliver(loop, outbox, message))
+            except EngineFull as e:
+                self._fatal(outbox, ErrorCode.SERVER_FULL, str(e), CLOSE_TRY_AGAIN_LATER)
+                await sender
+                return
+            connection = Connection(sid, outbox)
+            self.metrics.sessions.inc()
+            self.metrics.sessions_total.inc()
+            session_id = uuid.uuid4().hex[:12]
+            logger.debug(f"{self.kind} session {session_id} opened from {ws.remote_address}")
+            outbox.put(self.ready_message(engine, session_id))
+            async for message in ws:
+                limit = self.settings.max_message_bytes
+                if len(message) > limit:
+                    connection.error(ErrorCode.MESSAGE_TOO_BIG, f"frame of {len(message)} bytes exceeds {limit}")
+                else:
+                    self.handle_message(engine, connection, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            if connection is not None:
+                self._engine.close_session(connection.sid)
+                self.metrics.sessions.dec()
+            sender.cancel()
+
+    async def _refuse_until_ready(self, ws: ServerConnection, outbox: Outbox) -> None:
+        """While the model loads, keep the connection and answer every message not_ready."""
+        while not self._ready.is_set():
+            received = asyncio.ensure_future(ws.recv())
+            ready = asyncio.ensure_future(self._ready.wait())
+            done, _ = await asyncio.wait({received, ready}, return_when=asyncio.FIRST_COMPLETED)
+            if received in done:
+                received.result()
+                outbox.put(
+                    ErrorMessage(code=ErrorCode.NOT_READY, message="the model is still loading; wait for 'ready'")
+                )
+            else:
+                # recv() is cancel-safe, but the next recv() may start only once this one is over.
+                received.cancel()
+                await asyncio.wait({received})
+            ready.cancel()
+
+    def _fatal(self, outbox: Outbox, code: ErrorCode, message: str, close_code: int) -> None:
+        outbox.put(ErrorMessage(code=code, message=message, fatal=True))
+        outbox.put(CloseRequest(close_code, code.value))
+
+    async def _send_loop(self, ws: ServerConnection, outbox: Outbox) -> None:
+        try:
+            while True:
+                message = await outbox.get()
+                if isinstance(message, CloseRequest):
+                    await ws.close(message.code, message.reason)
+                    return
+                await ws.send(message.model_dump_json())
+                self.observe_sent(message)
+        except ConnectionClosed:
+            pass
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, outbox: Outbox, message: BaseModel) -> None:
+    """Hand a message from the engine thread to the event loop (dropped once it is closed)."""
+    try:
+        loop.call_soon_threadsafe(outbox.put, message)
+    except RuntimeError:
+        pass
