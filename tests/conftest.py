@@ -48,23 +48,43 @@ def tiny_asr_path(tmp_path_factory, speech) -> Path:
     return build_tiny_asr_checkpoint(tmp_path_factory.mktemp("tiny_asr"), torch.from_numpy(speech))
 
 
-@pytest.fixture
-async def start_asr_server(tiny_asr_path):
-    """Start ASR servers on free loopback ports with the tiny model; all stopped after."""
-    from servers.asr.config import AsrServerSettings
-    from servers.asr.server import AsrServer
+class _ServerStarter:
+    """Starts servers on free loopback ports with a tiny model; stops them all after the test."""
 
-    servers: list[AsrServer] = []
+    def __init__(self, make_server, model_path: Path, **defaults):
+        self._make_server = make_server
+        self._defaults = {"model": str(model_path), "port": 0, "device": "cpu", **defaults}
+        self.servers = []
 
-    async def start(wait: bool = True, **overrides) -> AsrServer:
-        settings = AsrServerSettings(**{"model": str(tiny_asr_path), "port": 0, "device": "cpu", **overrides})
-        server = AsrServer(settings)
-        servers.append(server)
+    async def __call__(self, wait: bool = True, **overrides):
+        server = self._make_server(**{**self._defaults, **overrides})
+        self.servers.append(server)
         await server.start()
         if wait:
             await server.wait_loaded()
         return server
 
-    yield start
-    for server in servers:
-        await server.stop()
+    async def stop_all(self) -> None:
+        for server in self.servers:
+            await server.stop()
+
+
+@pytest.fixture
+async def start_asr_server(tiny_asr_path):
+    from servers.asr.config import AsrServerSettings
+    from servers.asr.server import AsrServer
+
+    starter = _ServerStarter(lambda **s: AsrServer(AsrServerSettings(**s)), tiny_asr_path)
+    yield starter
+    await starter.stop_all()
+
+
+@pytest.fixture
+async def start_tts_server(tiny_tts_path):
+    """TTS servers sampling greedily, so the same text always gives the same audio."""
+    from servers.tts.config import TtsServerSettings
+    from servers.tts.server import TtsServer
+
+    starter = _ServerStarter(lambda **s: TtsServer(TtsServerSettings(**s)), tiny_tts_path, temperature=0.0)
+    yield starter
+    await starter.stop_all()

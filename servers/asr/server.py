@@ -6,6 +6,8 @@ The I/O around the engine (loading, health, sessions, outboxes) is the shared
 
 from __future__ import annotations
 
+from collections import deque
+
 from pydantic import BaseModel
 
 from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorCode, ProtocolError, parse_asr_client_message
@@ -71,15 +73,19 @@ class AsrServer(EngineServer[StreamingASREngine]):
             return
         engine.reset(connection.sid, finalize=reset.finalize, trailing_silence_ms=reset.trailing_silence_ms)
 
-    def supersedes(self, old, new) -> bool:
+    def put_policy(self, items: deque, message) -> None:
         """A newer interim replaces an unsent one of the same utterance."""
-        return (
-            isinstance(old, AsrTranscript)
-            and isinstance(new, AsrTranscript)
-            and not old.is_final
-            and not new.is_final
-            and old.utterance_id == new.utterance_id
-        )
+        last = items[-1] if items else None
+        if (
+            isinstance(last, AsrTranscript)
+            and isinstance(message, AsrTranscript)
+            and not last.is_final
+            and not message.is_final
+            and last.utterance_id == message.utterance_id
+        ):
+            items[-1] = message
+        else:
+            items.append(message)
 
     def observe_sent(self, message: BaseModel) -> None:
         super().observe_sent(message)

@@ -29,3 +29,40 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         except ValueError as e:
             self.error(f"${env_name}={raw!r} is not valid: {e}")
         self.add_argument(flag, default=value, type=type, help=f"{help} [${env_name}]", **kwargs)
+
+
+class DeviceSetting:
+    """For settings dataclasses with a ``device`` field that may be "auto"."""
+
+    device: str
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
+    """The flags every server has, with ``d``'s values as defaults."""
+    p.add_setting("--model", d.model, model_help)
+    p.add_setting("--host", d.host, "address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_setting("--port", d.port, "port for the WebSocket, /health and /metrics (0 picks a free one)", type=int)
+    p.add_setting("--device", d.device, "cuda, cuda:N, cpu, or auto (cuda when available)")
+    p.add_setting(
+        "--precision",
+        d.precision,
+        "autocast for the model: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    p.add_setting("--max-sessions", d.max_sessions, "concurrent sessions; more are refused with server_full", type=int)
+    p.add_setting(
+        "--max-message-bytes",
+        d.max_message_bytes,
+        "largest frame accepted; larger ones get message_too_big (above 4x the connection closes)",
+        type=int,
+    )
+    p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
+    p.add_setting("--log-level", d.log_level, "loguru level")

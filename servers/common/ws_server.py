@@ -50,28 +50,23 @@ class CloseRequest:
     reason: str
 
 
+PutPolicy = Callable[[deque, Any], None]
+"""How a message joins the unsent ones (append it, replace a stale one, drop others)."""
+
+
 class Outbox:
-    """What waits to be sent to one client, in order.
+    """What waits to be sent to one client, in order, as the server's ``put_policy`` says:
+    a slow reader then gets fresh interims rather than a backlog, and a cancelled turn's
+    unsent audio is dropped."""
 
-    ``supersedes(old, new)`` lets a newer message replace the unsent last one (a slow
-    reader then gets fresh interims rather than a backlog); ``discard`` drops unsent
-    messages that have become stale (a cancelled turn's audio).
-    """
-
-    def __init__(self, supersedes: Callable[[Any, Any], bool] | None = None):
+    def __init__(self, put_policy: PutPolicy = deque.append):
         self._items: deque[BaseModel | CloseRequest] = deque()
         self._nonempty = asyncio.Event()
-        self._supersedes = supersedes
+        self._put_policy = put_policy
 
     def put(self, message: BaseModel | CloseRequest) -> None:
-        if self._items and self._supersedes is not None and self._supersedes(self._items[-1], message):
-            self._items[-1] = message
-        else:
-            self._items.append(message)
+        self._put_policy(self._items, message)
         self._nonempty.set()
-
-    def discard(self, stale: Callable[[Any], bool]) -> None:
-        self._items = deque(item for item in self._items if not stale(item))
 
     async def get(self) -> BaseModel | CloseRequest:
         while not self._items:
@@ -122,9 +117,9 @@ class EngineServer(ABC, Generic[E]):
     def handle_message(self, engine: E, connection: Connection, message: str | bytes) -> None:
         """Act on one client message (size already checked); never blocks."""
 
-    def supersedes(self, old: Any, new: Any) -> bool:
-        """Whether ``new`` may replace ``old`` unsent in an outbox."""
-        return False
+    def put_policy(self, items: deque, message: Any) -> None:
+        """How a message joins the unsent ones of a connection (appended by default)."""
+        items.append(message)
 
     def observe_sent(self, message: BaseModel) -> None:
         if isinstance(message, ErrorMessage):
@@ -206,7 +201,7 @@ class EngineServer(ABC, Generic[E]):
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: ServerConnection) -> None:
-        outbox = Outbox(self.supersedes)
+        outbox = Outbox(self.put_policy)
         sender = asyncio.create_task(self._send_loop(ws, outbox))
         connection: Connection | None = None
         try:

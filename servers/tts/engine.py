@@ -40,6 +40,8 @@ from servers.tts.model import languages, voices
 from servers.tts.text import TextChunk, TextPreparer, TextRejected
 
 Sink = Callable[[TtsServerMessage], None]
+"""Called with the engine's lock held, in the order messages arise: hand the message
+over (e.g. to an event loop) and return; never block or call back into the engine."""
 
 PRESETS: dict[str, TtsPreset] = {
     "fast": TtsPreset(first_frames=2, chunk_frames=4, context_frames=8),
@@ -109,6 +111,8 @@ class TtsStepStats:
     seconds: float
     audio_seconds: float
     """Audio produced by this step's codec decode (model rate)."""
+    step_audio_seconds: float
+    """Audio one decoder step adds to each segment (real time is kept while steps are faster)."""
     first_audio_latencies: tuple[float, ...]
 
 
@@ -229,8 +233,7 @@ class TTSEngine:
                 context.flushed = True
                 return
             session.contexts.pop(context_id, None)
-            sink = session.sink
-        sink(TtsDone(context_id=context_id))
+            session.sink(TtsDone(context_id=context_id))
 
     def cancel(self, sid: int, context_id: str) -> None:
         """Stop the context at once; after the ``cancelled`` this sends, nothing more for it."""
@@ -241,8 +244,7 @@ class TTSEngine:
                 context.cancelled = True
                 if context in self._busy:
                     self._busy.remove(context)
-            sink = session.sink
-        sink(TtsCancelled(context_id=context_id))
+            session.sink(TtsCancelled(context_id=context_id))
 
     def warm_up(self) -> None:
         """Speak one short segment through every kind of step before serving."""
@@ -292,19 +294,19 @@ class TTSEngine:
                 if not segment.context.cancelled and self._send_audio(segment, request, samples, now, events):
                     latencies.append(now - segment.started_at)
             for segment in running:
-                if (
-                    not segment.context.cancelled
-                    and segment.sequence.done
-                    and segment.sent_frames >= segment.sequence.speech_frames
-                ):
+                sequence = segment.sequence
+                if not segment.context.cancelled and sequence.done and segment.sent_frames >= sequence.speech_frames:
                     self._next_chunk(segment, events)
-        for sink, message in events:
-            sink(message)
+            # Delivered under the lock: a cancel, which takes the lock, then comes after
+            # every message of this step, and nothing of the cancelled context follows it.
+            for sink, message in events:
+                sink(message)
         return TtsStepStats(
             batch_size=len(running),
             started=len(new),
             seconds=time.perf_counter() - started,
             audio_seconds=sum(len(a) for a in audio) / self.sample_rate,
+            step_audio_seconds=self._decoder.frames_per_step * self.frame_ms / 1000.0,
             first_audio_latencies=tuple(latencies),
         )
 

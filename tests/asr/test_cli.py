@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from servers.asr.config import AsrServerSettings, parse_settings
-from tests.asr.client import http_get, transcribe_over_ws
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.asr.client import transcribe_over_ws
+from tests.server_process import ROOT, server_process
 
 
 def test_defaults_serve_the_released_model_on_loopback(monkeypatch):
@@ -43,43 +37,11 @@ def test_an_unsupported_right_context_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_server_runs_from_the_command_line_and_stops_on_sigterm(tiny_asr_path, speech_int16):
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "servers.asr", "--model", str(tiny_asr_path), "--port", str(port), "--device", "cpu"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        status = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                status, body = http_get(f"http://127.0.0.1:{port}/health")
-            except OSError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.5)
-        assert status == 200, "the server never became healthy"
-        assert json.loads(body)["status"] == "ready"
+    with server_process("servers.asr", "--model", str(tiny_asr_path), "--device", "cpu") as port:
         messages = asyncio.run(transcribe_over_ws(f"ws://127.0.0.1:{port}", speech_int16[16000 : 16000 * 3]))
         assert messages[-1].is_final
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ def _transcript(text, final=False, utterance=0):
 
 
 async def test_a_slow_reader_gets_the_latest_interim_and_every_final_and_error():
-    outbox = Outbox(AsrServer(AsrServerSettings()).supersedes)
+    outbox = Outbox(AsrServer(AsrServerSettings()).put_policy)
     for message in (
         _transcript("a"),
         _transcript("ab"),

@@ -1,0 +1,62 @@
+"""Settings of the Magpie TTS server: CLI flags, each defaulting to a ``TTS_*`` variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server_settings
+
+DEFAULT_MODEL = "nvidia/magpie_tts_multilingual_357m"
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class TtsServerSettings(DeviceSetting):
+    model: str = DEFAULT_MODEL
+    codec: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8001
+    device: str = "auto"
+    precision: str = "auto"
+    max_sessions: int = 256
+    max_message_bytes: int = 1 << 20
+    max_batch: int = 64
+    max_text_chars: int = 2000
+    max_frames_per_token: float = 6.0
+    voice_names: tuple[str, ...] = ()
+    temperature: float | None = None
+    topk: int | None = None
+    cfg_scale: float | None = None
+    auth_token: str | None = None
+    log_level: str = "INFO"
+
+
+def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
+    d = TtsServerSettings()
+    p = EnvDefaultsParser(
+        prog="python -m servers.tts",
+        description="Magpie TTS over WebSocket: streamed or batch synthesis, decoder steps batched across sessions.",
+        env_prefix="TTS_",
+    )
+    add_server_settings(p, d, "Hugging Face model name (downloaded on first use) or path to a Magpie .nemo file")
+    p.add_setting("--codec", d.codec, "codec .nemo for a local checkpoint whose stored codec path moved")
+    p.add_setting("--max-batch", d.max_batch, "segments advanced by one decoder step at most", type=int)
+    p.add_setting("--max-text-chars", d.max_text_chars, "longest text one segment may carry", type=int)
+    p.add_setting(
+        "--max-frames-per-token",
+        d.max_frames_per_token,
+        "speech is cut after this many codec frames per text token if the model has not ended it",
+        type=float,
+    )
+    p.add_setting(
+        "--voice-names", ",".join(d.voice_names), "names for the baked voices, comma-separated, in order", type=_names
+    )
+    p.add_setting(
+        "--temperature", d.temperature, "sampling temperature (0: greedy); default: the checkpoint's", type=float
+    )
+    p.add_setting("--topk", d.topk, "sampling top-k; default: the checkpoint's", type=int)
+    p.add_setting("--cfg-scale", d.cfg_scale, "classifier-free guidance scale; default: the checkpoint's", type=float)
+    return TtsServerSettings(**vars(p.parse_args(argv)))
