@@ -27,18 +27,16 @@ import json
 import multiprocessing
 import random
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
+from bench.common import SPEECH, delta, histogram_quantiles, percentiles_ms, run_clients, scrape
 from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorMessage, parse_asr_server_message
 
-SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
 RATE = 16000
 VAD_STOP_MS = 200
 
@@ -94,7 +92,7 @@ async def _session(
         receiver.cancel()
 
 
-def _client_process(url: str, sessions: int, seconds: float, frame_ms: float, utterance_s: float, seed: int) -> dict:
+def _client_process(sessions: int, seed: int, url: str, seconds: float, frame_ms: float, utterance_s: float) -> dict:
     speech, rate = sf.read(SPEECH, dtype="int16")
     assert rate == RATE
     result = ClientResult()
@@ -113,67 +111,22 @@ def _client_process(url: str, sessions: int, seconds: float, frame_ms: float, ut
     return result.__dict__
 
 
-def _scrape(http_url: str) -> dict[str, dict]:
-    with urllib.request.urlopen(f"{http_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, dict] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.labels.get("le")
-            samples.setdefault(sample.name, {})[key] = sample.value
-    return samples
-
-
-def histogram_quantiles(before: dict, after: dict, name: str, quantiles=(0.5, 0.9, 0.99)) -> list[float | None]:
-    """Quantiles of a Prometheus histogram's observations between two scrapes."""
-    buckets = after.get(f"{name}_bucket", {})
-    edges = sorted((float(le), count - before.get(f"{name}_bucket", {}).get(le, 0.0)) for le, count in buckets.items())
-    total = edges[-1][1] if edges else 0.0
-    if total <= 0:
-        return [None for _ in quantiles]
-    values = []
-    for q in quantiles:
-        target, lower, below = q * total, 0.0, 0.0
-        for upper, cumulative in edges:
-            if cumulative >= target:
-                if upper == float("inf"):
-                    values.append(lower)
-                else:
-                    inside = cumulative - below
-                    values.append(lower + (upper - lower) * ((target - below) / inside if inside else 1.0))
-                break
-            lower, below = upper, cumulative
-    return values
-
-
-def _delta(before: dict, after: dict, name: str) -> float:
-    return after.get(name, {}).get(None, 0.0) - before.get(name, {}).get(None, 0.0)
-
-
 def run_load(url: str, sessions: int, seconds: float, frame_ms: float, utterance_s: float, processes: int) -> dict:
-    http_url = url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
-    before = _scrape(http_url)
-    per_process = [sessions // processes + (1 if i < sessions % processes else 0) for i in range(processes)]
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        parts = pool.starmap(
-            _client_process,
-            [(url, n, seconds, frame_ms, utterance_s, seed) for seed, n in enumerate(per_process) if n],
-        )
-    after = _scrape(http_url)
-    finals = sorted(x for p in parts for x in p["final_latencies"])
+    before = scrape(url)
+    parts = run_clients(_client_process, sessions, processes, url, seconds, frame_ms, utterance_s)
+    after = scrape(url)
+    finals = [x for p in parts for x in p["final_latencies"]]
     chunk = histogram_quantiles(before, after, "asr_chunk_latency_seconds")
-    steps = _delta(before, after, "asr_step_seconds_count")
+    steps = delta(before, after, "asr_step_seconds_count")
     return {
         "sessions": sessions,
         "sessions_ready": sum(p["sessions_ready"] for p in parts),
-        "chunks": _delta(before, after, "asr_chunk_latency_seconds_count"),
+        "chunks": delta(before, after, "asr_chunk_latency_seconds_count"),
         "chunk_ms_p50_p90_p99": [None if v is None else round(1000 * v, 1) for v in chunk],
         "finals": len(finals),
-        "final_ms_p50_p90_p99": [round(1000 * float(np.percentile(finals, q)), 1) for q in (50, 90, 99)]
-        if finals
-        else None,
-        "mean_batch": round(_delta(before, after, "asr_batch_size_sum") / steps, 1) if steps else None,
-        "mean_step_ms": round(1000 * _delta(before, after, "asr_step_seconds_sum") / steps, 2) if steps else None,
+        "final_ms_p50_p90_p99": percentiles_ms(finals),
+        "mean_batch": round(delta(before, after, "asr_batch_size_sum") / steps, 1) if steps else None,
+        "mean_step_ms": round(1000 * delta(before, after, "asr_step_seconds_sum") / steps, 2) if steps else None,
         "errors": sorted({e for p in parts for e in p["errors"]}),
         "error_count": sum(len(p["errors"]) for p in parts),
     }
@@ -213,7 +166,7 @@ def main() -> None:
 
     results = []
     for n in args.sessions:
-        result = run_load(args.url, n, args.duration, args.frame_ms, args.utterance_s, min(args.processes, n))
+        result = run_load(args.url, n, args.duration, args.frame_ms, args.utterance_s, args.processes)
         results.append(result)
         print(json.dumps(result), flush=True)
     sustained = [r["sessions"] for r in results if _within_budget(r, args.budget_ms)]

@@ -27,20 +27,11 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.services.settings import STTSettings
 from pipecat.services.stt_service import WebsocketSTTService
 from pipecat.transcriptions.language import Language
-from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
-from websockets.protocol import State
 
-from pipecat_nvidia.protocol import (
-    ASR_SAMPLE_RATE,
-    AsrReady,
-    AsrReset,
-    AsrTranscript,
-    ErrorMessage,
-    ProtocolError,
-    parse_asr_server_message,
-)
+from pipecat_nvidia.connection import ServerConnection
+from pipecat_nvidia.protocol import ASR_SAMPLE_RATE, AsrReset, AsrTranscript, parse_asr_server_message
 
 NEMOTRON_TTFS_P99: float = 0.6
 """What Pipecat's turn strategy waits, from the end of speech, for a transcript that is not
@@ -63,7 +54,7 @@ class NemotronSTTSettings(STTSettings):
     """
 
 
-class NemotronSTTService(WebsocketSTTService):
+class NemotronSTTService(ServerConnection, WebsocketSTTService):
     """Streaming speech-to-text on a pipecat-nvidia ASR server (Nemotron Speech).
 
     Example::
@@ -113,11 +104,8 @@ class NemotronSTTService(WebsocketSTTService):
             settings=default_settings,
             **kwargs,
         )
-        self._url = url
-        self._auth_token = auth_token
+        self._init_connection(url, auth_token, parse_asr_server_message)
         self._resampler = create_stream_resampler()
-        self._receive_task = None
-        self._ready: AsrReady | None = None
         self._dropped_before_ready = 0
         self._after_final = False
         """A final answered our finalize: interims wait for the next speech, since an
@@ -125,11 +113,6 @@ class NemotronSTTService(WebsocketSTTService):
 
     def can_generate_metrics(self) -> bool:
         return True
-
-    @property
-    def ready(self) -> AsrReady | None:
-        """The server's ``ready`` for the current connection, or None before it."""
-        return self._ready
 
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)
@@ -172,37 +155,14 @@ class NemotronSTTService(WebsocketSTTService):
         except Exception as e:
             logger.warning(f"{self}: sending finalize failed: {e}")
 
-    def _is_open(self) -> bool:
-        return self._ready is not None and self._websocket is not None and self._websocket.state is State.OPEN
-
     # ------------------------------------------------------------------ server messages
 
-    async def _receive_messages(self):
-        if self._websocket is None:
-            raise ConnectionError(f"not connected to {self._url}")
-        async for raw in self._websocket:
-            try:
-                message = parse_asr_server_message(raw)
-            except ProtocolError as e:
-                logger.warning(f"{self}: ignoring a message the protocol does not know ({e})")
-                continue
-            if isinstance(message, AsrReady):
-                await self._on_ready(message)
-            elif isinstance(message, AsrTranscript):
-                await self._on_transcript(message)
-            else:
-                await self._on_error(message)
-
-    async def _on_ready(self, ready: AsrReady) -> None:
-        self._ready = ready
-        self._settings.model = ready.model
+    async def _on_server_ready(self) -> None:
         if self._dropped_before_ready:
             logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")
             self._dropped_before_ready = 0
-        logger.debug(f"{self}: ready ({ready.model}, {ready.chunk_ms:.0f} ms chunks)")
-        await self._call_event_handler("on_connected")
 
-    async def _on_transcript(self, message: AsrTranscript) -> None:
+    async def _on_server_message(self, message: AsrTranscript) -> None:
         if not message.is_final:
             if message.text and not self._after_final:
                 await self.push_frame(
@@ -234,56 +194,6 @@ class NemotronSTTService(WebsocketSTTService):
         )
         await self._handle_transcription(message.text, True, self._settings.language)
 
-    async def _on_error(self, error: ErrorMessage) -> None:
-        await self.push_error(
-            f"{self}: ASR server error {error.code.value}: {error.message}", category=ErrorCategory.SERVER
-        )
-
     @traced_stt
     async def _handle_transcription(self, transcript: str, is_final: bool, language: str | None = None):
         """Marks a final transcript for tracing."""
-
-    # ------------------------------------------------------------------ connection
-
-    async def _connect(self):
-        try:
-            await self._connect_websocket()
-        except Exception as e:
-            await self.push_error(f"{self}: cannot connect to the ASR server at {self._url}: {e}", exception=e)
-            await self._call_event_handler("on_connection_error", str(e))
-        await super()._connect()
-        # Started even when the connection failed: the receive loop then goes straight
-        # to its reconnect path, which retries with backoff and gives up with an error.
-        if not self._receive_task:
-            self._receive_task = self.create_task(self._receive_task_handler(self._report_error))
-
-    async def _disconnect(self):
-        await super()._disconnect()
-        if self._receive_task:
-            await self.cancel_task(self._receive_task)
-            self._receive_task = None
-        await self._disconnect_websocket()
-
-    async def _connect_websocket(self):
-        """Open the connection; raises if the server cannot be reached, so that each
-        reconnect attempt reports the real cause once."""
-        if self._websocket and self._websocket.state is State.OPEN:
-            return
-        headers = {"Authorization": f"Bearer {self._auth_token}"} if self._auth_token else None
-        try:
-            self._websocket = await self._websocket_connect(self._url, additional_headers=headers)
-        except Exception as e:
-            self._websocket = None
-            raise ConnectionError(f"cannot connect to {self._url}: {e}") from e
-        logger.debug(f"{self}: connected to {self._url}, waiting for ready")
-
-    async def _disconnect_websocket(self):
-        self._ready = None
-        try:
-            if self._websocket and self._websocket.state is State.OPEN:
-                await self._websocket.close()
-        except Exception as e:
-            logger.warning(f"{self}: error closing the connection: {e}")
-        finally:
-            self._websocket = None
-            await self._call_event_handler("on_disconnected")

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from bench.asr_load import histogram_quantiles, run_load
+from bench.asr_load import run_load
+from bench.common import histogram_quantiles
 from tests.asr.client import server_url
 
 

@@ -92,6 +92,16 @@ class _Context:
     numbered: int = 0
     flushed: bool = False
     cancelled: bool = False
+    playout_start: float | None = None
+    """When the turn's first audio left; the listener plays from then on."""
+    sent_seconds: float = 0.0
+    """The turn's audio sent so far."""
+
+    def ahead_of_playout(self, now: float) -> float | None:
+        """Seconds of audio the listener still has in hand (None before any audio)."""
+        if self.playout_start is None:
+            return None
+        return self.sent_seconds - (now - self.playout_start)
 
 
 @dataclass
@@ -131,8 +141,11 @@ class TTSEngine:
         min_frames: int = 20,
         use_cfg: bool = True,
         precision: str = "auto",
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """``clock`` tells the engine the time (listeners' playout is reckoned with it)."""
         self.model = model
+        self._clock = clock
         self.voices = voices(model, voice_names)
         self.languages = languages(model)
         self.sample_rate = int(model.output_sample_rate)
@@ -147,6 +160,8 @@ class TTSEngine:
         self._autocast = autocast_dtype(precision, self._device)
         self._codec = CodecDecoder(model)
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
+        self._step_seconds = _Average()
+        self._decode_seconds = _Average()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._sessions: dict[int, _Session] = {}
@@ -204,7 +219,7 @@ class TTSEngine:
                 context = session.contexts[request.context_id] = _Context(session, request.context_id)
             segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
             context.numbered += 1
-            queued_at = time.monotonic()
+            queued_at = self._clock()
             context.segments.append(
                 _Segment(
                     context=context,
@@ -283,9 +298,12 @@ class TTSEngine:
                 self._decoder.start([s.sequence for s in new])
             if running:
                 self._decoder.step([s.sequence for s in running])
-        decoding = [(s, r) for s in running if (r := self._audio_due(s)) is not None]
+        decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
+        decode_started = time.perf_counter()
         audio = self._codec.decode([r for _, r in decoding]) if decoding else []
-        now = time.monotonic()
+        if decoding:
+            self._decode_seconds.add(time.perf_counter() - decode_started)
+        now = self._clock()
         latencies = []
         with self._lock:
             for segment in running:
@@ -301,6 +319,8 @@ class TTSEngine:
             # every message of this step, and nothing of the cancelled context follows it.
             for sink, message in events:
                 sink(message)
+        if running:
+            self._step_seconds.add(time.perf_counter() - started)
         return TtsStepStats(
             batch_size=len(running),
             started=len(new),
@@ -329,27 +349,48 @@ class TTSEngine:
         segment.sent_frames = 0
         return True
 
-    def _audio_due(self, segment: _Segment) -> DecodeRequest | None:
-        """The frames to turn into audio now: stream mode sends the first frames as soon
-        as the preset's first chunk exists and then chunk by chunk; batch mode sends
-        everything once the sequence ends."""
+    def _audio_due(self, segment: _Segment, now: float) -> DecodeRequest | None:
+        """The frames to turn into audio now.
+
+        Stream mode sends the preset's first frames as soon as they exist, then chunk by
+        chunk; batch mode sends a segment once it is complete. Either way, when the audio
+        the listener still has in hand would run out before another step and a decode,
+        the frames that exist go early, provided there are enough of them to be worth a
+        decode (fewer would cost more time to make and decode than they play).
+        """
         sequence, preset = segment.sequence, segment.preset
         available = sequence.speech_frames
-        if available <= segment.sent_frames:
+        pending = available - segment.sent_frames
+        if pending <= 0:
             return None
         if segment.mode == "batch":
-            if not sequence.done:
-                return None
-            context = 0
+            due = sequence.done
         else:
             wanted = preset.first_frames if segment.sent_frames == 0 else preset.chunk_frames
-            if available - segment.sent_frames < wanted and not sequence.done:
-                return None
-            context = preset.context_frames
+            due = pending >= wanted or sequence.done
+        if not (due or self._running_dry(segment, pending, now)):
+            return None
+        context = preset.context_frames if segment.mode == "stream" else RECEPTIVE_FIELD_FRAMES
         bos = sequence.codes.shape[-1] - sequence.frames
         return DecodeRequest(
             codes=sequence.codes[:, bos : bos + available], start=segment.sent_frames, end=available, context=context
         )
+
+    def _running_dry(self, segment: _Segment, frames: int, now: float) -> bool:
+        if frames < self._frames_worth_a_decode():
+            return False
+        ahead = segment.context.ahead_of_playout(now)
+        return ahead is not None and ahead < self._step_seconds.value + self._decode_seconds.value
+
+    def _frames_worth_a_decode(self) -> float:
+        """The fewest frames whose playout outlasts making them and one decode call.
+
+        A frame plays ``frame_ms`` and takes a step over ``frames_per_step`` to make;
+        a decode costs about the same however few frames it carries. With no time to
+        spare per frame there is none to gain by sending early.
+        """
+        spare = self.frame_ms / 1000.0 - self._step_seconds.value / self._decoder.frames_per_step
+        return self._decode_seconds.value / spare if spare > 0 else float("inf")
 
     def _send_audio(
         self, segment: _Segment, request: DecodeRequest, samples: np.ndarray, now: float, events: list
@@ -357,6 +398,10 @@ class TTSEngine:
         """Queue the audio (resampled, 16-bit) in pieces of at most a second; True if it
         was the segment's first audio."""
         segment.sent_frames = request.end
+        context = segment.context
+        if context.playout_start is None:
+            context.playout_start = now
+        context.sent_seconds += len(samples) / self.sample_rate
         if segment.output_rate != self.sample_rate:
             if segment.resampler is None:
                 segment.resampler = soxr.ResampleStream(self.sample_rate, segment.output_rate, 1, dtype="float32")
@@ -414,7 +459,7 @@ class TTSEngine:
                         context_id=context.context_id,
                         segment_id=segment.segment_id,
                         audio_ms=1000.0 * segment.sent_samples / segment.output_rate,
-                        first_audio_ms=1000.0 * ((segment.first_audio_at or time.monotonic()) - segment.started_at),
+                        first_audio_ms=1000.0 * ((segment.first_audio_at or self._clock()) - segment.started_at),
                         decoder_steps=segment.steps,
                         stopped_by=segment.stopped_by,
                     ),
@@ -422,7 +467,7 @@ class TTSEngine:
             )
         context.segments.popleft()
         if context.segments:
-            context.segments[0].started_at = time.monotonic()
+            context.segments[0].started_at = self._clock()
             return
         self._busy.remove(context)
         if context.flushed:
@@ -439,3 +484,14 @@ class TTSEngine:
                 ),
             )
         )
+
+
+class _Average:
+    """Exponential moving average of a duration, in seconds."""
+
+    def __init__(self, weight: float = 0.2):
+        self.value = 0.0
+        self._weight = weight
+
+    def add(self, seconds: float) -> None:
+        self.value = seconds if self.value == 0.0 else (1 - self._weight) * self.value + self._weight * seconds

@@ -10,49 +10,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from pipecat.frames.frames import (
     EndFrame,
-    Frame,
     InputAudioRawFrame,
     MetricsFrame,
     TranscriptionFrame,
-    UserSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
+from pipecat.processors.frame_processor import FrameDirection
 
 from pipecat_nvidia.turns import user_turn_params
+from tests.pipeline import Clock, FrameLog, run_worker
 
 FRAME_MS = 20
-
-
-@dataclass
-class Logged:
-    t: float
-    direction: FrameDirection
-    frame: Frame
-
-
-class FrameLog(FrameProcessor):
-    """Passes every frame on; remembers all but audio and speaking ticks, with a time."""
-
-    def __init__(self, clock: Callable[[], float], **kwargs):
-        super().__init__(**kwargs)
-        self._clock = clock
-        self.events: list[Logged] = []
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        if not isinstance(frame, (InputAudioRawFrame, UserSpeakingFrame)):
-            self.events.append(Logged(self._clock(), direction, frame))
-        await self.push_frame(frame, direction)
-
-    def of(self, kind: type, direction: FrameDirection | None = None) -> list[Logged]:
-        return [e for e in self.events if isinstance(e.frame, kind) and direction in (None, e.direction)]
 
 
 @dataclass
@@ -105,11 +77,7 @@ async def run_pipeline(
     ``between`` maps a frame index to a coroutine run before that frame is fed (e.g. to
     restart a server mid-conversation); feeding resumes in real time afterwards.
     """
-    start = time.monotonic()
-
-    def clock() -> float:
-        return time.monotonic() - start
-
+    clock = Clock()
     context = LLMContext()
     user, _assistant = LLMContextAggregatorPair(context, user_params=user_params or user_turn_params())
     head, near, far = FrameLog(clock), FrameLog(clock), FrameLog(clock)
@@ -119,20 +87,7 @@ async def run_pipeline(
     async def on_turn_stopped(_aggregator, _strategy, _message):
         run.turn_ends.append(clock())
 
-    worker = PipelineWorker(
-        Pipeline([head, stt, near, user, far]),
-        params=PipelineParams(audio_in_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True),
-        cancel_on_idle_timeout=False,
-        enable_rtvi=False,
-    )
-    started = asyncio.Event()
-
-    @worker.event_handler("on_pipeline_started")
-    async def on_started(_worker, _frame):
-        started.set()
-
-    async def feed():
-        await started.wait()
+    async def feed(worker):
         while wait_ready and stt.ready is None:
             await asyncio.sleep(0.01)
         paced_from = time.monotonic()
@@ -144,9 +99,8 @@ async def run_pipeline(
             await asyncio.sleep(max(0.0, paced_from + (i + 1) * FRAME_MS / 1000 - time.monotonic()))
         await worker.queue_frame(EndFrame())
 
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    await asyncio.wait_for(asyncio.gather(runner.run(), feed()), timeout)
+    params = PipelineParams(audio_in_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True)
+    await run_worker([head, stt, near, user, far], feed, params, timeout)
     return run
 
 

@@ -222,3 +222,31 @@ def test_speech_ends_where_the_model_says_it_ends(tiny_tts_path):
     min_frames = model.inference_parameters.min_generated_frames
     assert done.stopped_by == "end_of_speech"
     assert len(pcm(messages)) == min_frames * 1024
+
+
+class _SlowClock:
+    """Time that passes a second per reading after the turn's first audio: a server too
+    slow to keep a whole sentence ahead of the listener."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_a_turn_that_would_run_dry_gets_its_audio_early(tiny_tts_path):
+    """A batch segment normally waits until it is complete, but not when the listener
+    would hear a gap first: then what exists goes out at once (and still joins exactly)."""
+    slow = make_tts_engine(tiny_tts_path, clock=_SlowClock())
+    messages = []
+    sid = slow.open_session(messages.append)
+    slow.speak(sid, TtsSpeak(context_id="turn", text="Hi.", mode="stream", preset="smooth"))
+    slow.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="batch"))
+    slow.flush(sid, "turn")
+    drain(slow)
+    second = [m for m in messages if m.type == "audio" and m.segment_id == "1"]
+    assert len(second) > 3, "the batch segment was sent in pieces"
+    reference = pcm(synthesize(make_tts_engine(tiny_tts_path), TEXT, mode="batch"))
+    assert np.abs(pcm(messages, segment_id="1").astype(int) - reference).max() <= 1

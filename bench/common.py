@@ -1,0 +1,67 @@
+"""What the load generators share: client processes and reading the server's metrics."""
+
+from __future__ import annotations
+
+import multiprocessing
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
+
+
+def http_url(ws_url: str) -> str:
+    return ws_url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
+
+
+def scrape(ws_url: str) -> dict[str, dict]:
+    """The server's metrics: sample name -> {bucket edge or None: value}."""
+    with urllib.request.urlopen(f"{http_url(ws_url)}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[sample.labels.get("le")] = sample.value
+    return samples
+
+
+def delta(before: dict, after: dict, name: str) -> float:
+    return after.get(name, {}).get(None, 0.0) - before.get(name, {}).get(None, 0.0)
+
+
+def histogram_quantiles(before: dict, after: dict, name: str, quantiles=(0.5, 0.9, 0.99)) -> list[float | None]:
+    """Quantiles of a Prometheus histogram's observations between two scrapes (linear
+    within buckets; a value equal to the top edge means "at least that")."""
+    buckets = after.get(f"{name}_bucket", {})
+    edges = sorted((float(le), count - before.get(f"{name}_bucket", {}).get(le, 0.0)) for le, count in buckets.items())
+    total = edges[-1][1] if edges else 0.0
+    if total <= 0:
+        return [None for _ in quantiles]
+    values = []
+    for q in quantiles:
+        target, lower, below = q * total, 0.0, 0.0
+        for upper, cumulative in edges:
+            if cumulative >= target:
+                if upper == float("inf"):
+                    values.append(lower)
+                else:
+                    inside = cumulative - below
+                    values.append(lower + (upper - lower) * ((target - below) / inside if inside else 1.0))
+                break
+            lower, below = upper, cumulative
+    return values
+
+
+def percentiles_ms(seconds: list[float], qs=(50, 90, 99)) -> list[float] | None:
+    return [round(1000 * float(np.percentile(seconds, q)), 1) for q in qs] if seconds else None
+
+
+def run_clients(target: Callable[..., dict], sessions: int, processes: int, *args) -> list[dict]:
+    """Run ``target(n, seed, *args)`` in ``processes`` client processes sharing ``sessions``."""
+    processes = max(1, min(processes, sessions))
+    shares = [sessions // processes + (1 if i < sessions % processes else 0) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.starmap(target, [(n, seed, *args) for seed, n in enumerate(shares) if n])

@@ -1,0 +1,119 @@
+"""The WebSocket connection of a Pipecat service to a pipecat-nvidia server.
+
+Mixed into a Pipecat ``WebsocketSTTService`` / ``WebsocketTTSService`` (before it in the
+bases), it opens the connection with the optional bearer token, waits for the server's
+``ready``, parses every server message with the protocol's parser, reports server errors
+as Pipecat errors, and leaves reconnecting with backoff to Pipecat's WebSocket service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from loguru import logger
+from pipecat.utils.errors import ErrorCategory
+from pydantic import BaseModel
+from websockets.protocol import State
+
+from pipecat_nvidia.protocol import ErrorMessage, ProtocolError
+
+
+class ServerConnection:
+    """Connection handling shared by the pipecat-nvidia services."""
+
+    def _init_connection(self, url: str, auth_token: str | None, parse: Callable[[str | bytes], BaseModel]) -> None:
+        self._url = url
+        self._auth_token = auth_token
+        self._parse = parse
+        self._receive_task = None
+        self._ready: Any = None
+
+    @property
+    def ready(self) -> Any:
+        """The server's ``ready`` for the current connection, or None before it."""
+        return self._ready
+
+    def _is_open(self) -> bool:
+        return self._ready is not None and self._websocket is not None and self._websocket.state is State.OPEN
+
+    # ------------------------------------------------------------------ what a service adds
+
+    async def _on_server_message(self, message: BaseModel) -> None:
+        """A message other than ``ready`` and ``error``."""
+
+    async def _on_server_ready(self) -> None:
+        """Called once ``self.ready`` holds the new connection's ``ready``."""
+
+    async def _on_connection_lost(self) -> None:
+        """Called before the connection closes: end what waited for this server."""
+
+    # ------------------------------------------------------------------ messages
+
+    async def _receive_messages(self):
+        if self._websocket is None:
+            raise ConnectionError(f"not connected to {self._url}")
+        async for raw in self._websocket:
+            try:
+                message = self._parse(raw)
+            except ProtocolError as e:
+                logger.warning(f"{self}: ignoring a message the protocol does not know ({e})")
+                continue
+            if message.type == "ready":
+                self._ready = message
+                self._settings.model = message.model
+                logger.debug(f"{self}: ready ({message.model})")
+                await self._on_server_ready()
+                await self._call_event_handler("on_connected")
+            elif isinstance(message, ErrorMessage):
+                await self.push_error(
+                    f"{self}: server error {message.code.value}: {message.message}", category=ErrorCategory.SERVER
+                )
+            else:
+                await self._on_server_message(message)
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect(self):
+        try:
+            await self._connect_websocket()
+        except Exception as e:
+            await self.push_error(f"{self}: cannot connect to the server at {self._url}: {e}", exception=e)
+            await self._call_event_handler("on_connection_error", str(e))
+        await super()._connect()
+        # Started even when the connection failed: the receive loop then goes straight
+        # to its reconnect path, which retries with backoff and gives up with an error.
+        if not self._receive_task:
+            self._receive_task = self.create_task(self._receive_task_handler(self._report_error))
+
+    async def _disconnect(self):
+        await super()._disconnect()
+        if self._receive_task:
+            await self.cancel_task(self._receive_task)
+            self._receive_task = None
+        await self._disconnect_websocket()
+
+    async def _connect_websocket(self):
+        """Open the connection; raises if the server cannot be reached, so that each
+        reconnect attempt reports the real cause once."""
+        if self._websocket and self._websocket.state is State.OPEN:
+            return
+        headers = {"Authorization": f"Bearer {self._auth_token}"} if self._auth_token else None
+        try:
+            self._websocket = await self._websocket_connect(self._url, additional_headers=headers)
+        except Exception as e:
+            self._websocket = None
+            raise ConnectionError(f"cannot connect to {self._url}: {e}") from e
+        logger.debug(f"{self}: connected to {self._url}, waiting for ready")
+
+    async def _disconnect_websocket(self):
+        self._ready = None
+        await self._on_connection_lost()
+        try:
+            if self._websocket and self._websocket.state is State.OPEN:
+                await self._websocket.close()
+        except Exception as e:
+            logger.warning(f"{self}: error closing the connection: {e}")
+        finally:
+            self._websocket = None
+            await self._call_event_handler("on_disconnected")

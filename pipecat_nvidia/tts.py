@@ -1,0 +1,187 @@
+"""MagpieTTSService: Pipecat TTS on a pipecat-nvidia Magpie TTS server.
+
+Each bot turn is one context on the server. Pipecat cuts the LLM's text into sentences;
+each sentence becomes a segment of the turn's context. In adaptive mode (the default)
+the first segment of a turn is streamed, so that first audio comes as early as
+possible, and later segments, which have a sentence of audio ahead of them, are made
+whole (batch mode). A barge-in cancels the turn on the server, and audio still on its way
+for it is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from loguru import logger
+from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.services.settings import NOT_GIVEN, NotGiven, TTSSettings
+from pipecat.services.tts_service import WebsocketTTSService
+from pipecat.transcriptions.language import Language
+from pipecat.utils.tracing.service_decorators import traced_tts
+
+from pipecat_nvidia.connection import ServerConnection
+from pipecat_nvidia.protocol import (
+    TtsAudio,
+    TtsCancel,
+    TtsDone,
+    TtsFlush,
+    TtsSegmentDone,
+    TtsSpeak,
+    parse_tts_server_message,
+)
+
+Mode = Literal["adaptive", "stream", "batch"]
+
+
+@dataclass
+class MagpieTTSSettings(TTSSettings):
+    """Settings for MagpieTTSService.
+
+    Parameters:
+        model: The server's model, filled in from its ``ready`` message.
+        voice: A voice the server lists (its first when unset).
+        language: Language of the text.
+        mode: ``adaptive`` (stream a turn's first segment, batch the rest), ``stream`` or
+            ``batch``.
+        preset: Stream preset the server lists (``fast``, ``balanced``, ``smooth``); the
+            server's default when unset.
+    """
+
+    mode: Mode | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    preset: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+class MagpieTTSService(ServerConnection, WebsocketTTSService):
+    """Text-to-speech on a pipecat-nvidia Magpie TTS server (``python -m servers.tts``).
+
+    Example::
+
+        tts = MagpieTTSService(url="ws://localhost:8001",
+                               settings=MagpieTTSService.Settings(voice="Aria"))
+
+    Metrics: TTFB (a turn's first text to its first audio) as Pipecat's TTS services
+    report it, and usage (characters) per segment.
+    """
+
+    Settings = MagpieTTSSettings
+    _settings: Settings
+
+    def __init__(
+        self,
+        *,
+        url: str = "ws://localhost:8001",
+        auth_token: str | None = None,
+        sample_rate: int | None = None,
+        settings: Settings | None = None,
+        **kwargs,
+    ):
+        """Initialize the service.
+
+        Args:
+            url: WebSocket URL of the TTS server.
+            auth_token: Bearer token, if the server was started with ``--auth-token``.
+            sample_rate: Output rate; None uses the pipeline's. The server resamples.
+            settings: Runtime-updatable settings (voice, language, mode, preset).
+            **kwargs: Passed to ``WebsocketTTSService`` (e.g. reconnect backoff).
+        """
+        default_settings = self.Settings(model=None, voice=None, language=Language.EN, mode="adaptive", preset=None)
+        if settings is not None:
+            default_settings.apply_update(settings)
+        super().__init__(
+            sample_rate=sample_rate,
+            push_start_frame=True,
+            push_stop_frames=False,
+            settings=default_settings,
+            **kwargs,
+        )
+        self._init_connection(url, auth_token, parse_tts_server_message)
+        self._segments_sent: dict[str, int] = {}
+        """Segments sent per open context (turn), for the adaptive mode."""
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    def language_to_service_language(self, language: Language) -> str:
+        """The server takes ISO 639-1 codes: ``en-US`` is spoken as ``en``."""
+        return str(language.value).split("-")[0].lower()
+
+    async def setup(self, setup: FrameProcessorSetup):
+        await super().setup(setup)
+        await self._connect()
+
+    # ------------------------------------------------------------------ text in
+
+    def _mode_for(self, context_id: str) -> Literal["stream", "batch"]:
+        mode = self._settings.mode
+        if mode == "adaptive":
+            return "stream" if self._segments_sent.get(context_id, 0) == 0 else "batch"
+        return mode
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Send one sentence of the turn; its audio arrives through the receive loop."""
+        if not self._is_open():
+            yield ErrorFrame(error=f"{self}: the TTS server is not connected; not speaking [{text}]")
+            return
+        request = TtsSpeak(
+            context_id=context_id,
+            text=text,
+            voice=self._settings.voice or None,
+            language=self._settings.language or "en",
+            mode=self._mode_for(context_id),
+            preset=self._settings.preset or None,
+            sample_rate=self.sample_rate,
+        )
+        try:
+            await self._websocket.send(request.to_json())
+        except Exception as e:
+            yield ErrorFrame(error=f"{self}: sending text failed: {e}")
+            return
+        self._segments_sent[context_id] = self._segments_sent.get(context_id, 0) + 1
+        await self.start_tts_usage_metrics(text)
+        yield None
+
+    async def flush_audio(self, context_id: str | None = None):
+        """The turn's text is complete: the server sends ``done`` after its last audio."""
+        context_id = context_id or self.get_active_audio_context_id()
+        if context_id in self._segments_sent and self._is_open():
+            await self._websocket.send(TtsFlush(context_id=context_id).to_json())
+
+    async def on_audio_context_interrupted(self, context_id: str):
+        """Barge-in: stop the turn on the server; its late audio finds no context and is dropped."""
+        await self.stop_all_metrics()
+        if self._segments_sent.pop(context_id, None) is not None and self._is_open():
+            try:
+                await self._websocket.send(TtsCancel(context_id=context_id).to_json())
+            except Exception as e:
+                logger.warning(f"{self}: sending cancel failed: {e}")
+        await super().on_audio_context_interrupted(context_id)
+
+    # ------------------------------------------------------------------ server messages
+
+    async def _on_server_message(self, message) -> None:
+        if isinstance(message, TtsAudio):
+            if self.audio_context_available(message.context_id):
+                frame = TTSAudioRawFrame(message.pcm, message.sample_rate, 1, context_id=message.context_id)
+                await self.append_to_audio_context(message.context_id, frame)
+        elif isinstance(message, TtsDone):
+            await self._end_context(message.context_id)
+        elif isinstance(message, TtsSegmentDone):
+            logger.debug(
+                f"{self}: segment {message.segment_id} of {message.context_id}: {message.audio_ms:.0f} ms of "
+                f"audio, first after {message.first_audio_ms:.0f} ms"
+            )
+
+    async def _on_connection_lost(self) -> None:
+        """Turns still waiting for audio end with what they got: the server is gone."""
+        for context_id in list(self._segments_sent):
+            await self._end_context(context_id)
+
+    async def _end_context(self, context_id: str) -> None:
+        self._segments_sent.pop(context_id, None)
+        if self.audio_context_available(context_id):
+            await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
+            await self.remove_audio_context(context_id)

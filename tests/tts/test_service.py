@@ -1,0 +1,148 @@
+"""MagpieTTSService in a real pipeline against a real TTS server (tiny, greedy model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pipecat.frames.frames import (
+    EndFrame,
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    LLMTextFrame,
+    MetricsFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
+from pipecat.pipeline.worker import PipelineParams
+
+from pipecat_nvidia.tts import MagpieTTSService
+from tests.asr.client import server_url
+from tests.pipeline import Clock, FrameLog, run_worker
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = ["Good morning to you. ", "The weather is fine today. ", "See you later. "]
+
+
+def record_speak(server) -> list:
+    """Remember the segments the server's engine is asked to speak (then speak them)."""
+    requests = []
+    speak = server.engine.speak
+
+    def recording(sid, request):
+        requests.append(request)
+        return speak(sid, request)
+
+    server.engine.speak = recording
+    return requests
+
+
+def _turn(sentences):
+    return [LLMFullResponseStartFrame(), *(LLMTextFrame(text=s) for s in sentences), LLMFullResponseEndFrame()]
+
+
+async def run_turns(tts, *steps, sample_rate: int = 24000) -> FrameLog:
+    """Feed each step (a list of frames, or a coroutine function to await) once the
+    previous turn's audio has stopped, then end the pipeline."""
+    clock = Clock()
+    sink = FrameLog(clock)
+
+    async def stopped_count() -> int:
+        return len(sink.of(TTSStoppedFrame))
+
+    async def feed(worker):
+        while tts.ready is None:
+            await asyncio.sleep(0.01)
+        for step in steps:
+            if callable(step):
+                await step(sink)
+                continue
+            before = await stopped_count()
+            for frame in step:
+                await worker.queue_frame(frame)
+            while await stopped_count() == before:
+                await asyncio.sleep(0.02)
+        await worker.queue_frame(EndFrame())
+
+    params = PipelineParams(audio_out_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True)
+    await run_worker([FrameLog(clock), tts, sink], feed, params)
+    return sink
+
+
+async def test_a_turns_first_sentence_is_streamed_and_the_rest_batched(start_tts_server):
+    server = await start_tts_server()
+    requests = record_speak(server)
+    tts = MagpieTTSService(url=server_url(server))
+    sink = await run_turns(tts, _turn(SENTENCES))
+    assert [r.mode for r in requests] == ["stream", "batch", "batch"]
+    assert len({r.context_id for r in requests}) == 1 and all(r.sample_rate == 24000 for r in requests)
+    kinds = [
+        type(e.frame) for e in sink.events if isinstance(e.frame, (TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame))
+    ]
+    assert kinds[0] is TTSStartedFrame and kinds[-1] is TTSStoppedFrame and kinds.count(TTSAudioRawFrame) > 3
+    audio = [e.frame for e in sink.of(TTSAudioRawFrame)]
+    assert all(f.sample_rate == 24000 for f in audio)
+    seconds = sum(len(f.audio) for f in audio) / 2 / 24000
+    assert seconds > 2.0
+
+
+async def test_the_mode_can_be_set_to_batch_or_stream(start_tts_server):
+    server = await start_tts_server()
+    requests = record_speak(server)
+    tts = MagpieTTSService(url=server_url(server), settings=MagpieTTSService.Settings(mode="batch", voice="1"))
+    await run_turns(tts, _turn(SENTENCES[:2]))
+    assert [(r.mode, r.voice) for r in requests] == [("batch", "1"), ("batch", "1")]
+
+
+async def test_ttfb_and_usage_are_reported(start_tts_server):
+    server = await start_tts_server()
+    tts = MagpieTTSService(url=server_url(server))
+    sink = await run_turns(tts, _turn(SENTENCES[:2]))
+    ours = [d for e in sink.of(MetricsFrame)[1:] for d in e.frame.data if d.processor == tts.name]
+    ttfb = [m.value for m in ours if isinstance(m, TTFBMetricsData)]
+    usage = [m.value for m in ours if isinstance(m, TTSUsageMetricsData)]
+    assert len(ttfb) == 1 and 0 < ttfb[0] < 5
+    assert sum(usage) == sum(len(s.strip()) for s in SENTENCES[:2])
+
+
+async def test_barge_in_cancels_the_turn_on_the_server_and_drops_its_audio(start_tts_server):
+    server = await start_tts_server()
+    tts = MagpieTTSService(url=server_url(server), settings=MagpieTTSService.Settings(mode="stream"))
+    long_turn = _turn(["This is a rather long sentence that the bot will not get to finish. "] * 2)
+    interrupted_at = []
+
+    async def speak_then_interrupt(sink):
+        for frame in long_turn:
+            await tts.queue_frame(frame)
+        while not sink.of(TTSAudioRawFrame):
+            await asyncio.sleep(0.01)
+        await tts.queue_frame(InterruptionFrame())
+        interrupted_at.append(len(sink.events))
+        await asyncio.sleep(1.0)
+
+    sink = await run_turns(tts, speak_then_interrupt, _turn(SENTENCES[:1]))
+    first_turn = sink.of(TTSAudioRawFrame)[0].frame.context_id
+    after = sink.events[interrupted_at[0] + 1 :]
+    assert not [e for e in after if isinstance(e.frame, TTSAudioRawFrame) and e.frame.context_id == first_turn]
+    assert [e for e in after if isinstance(e.frame, TTSAudioRawFrame)], "the next turn is spoken"
+    assert not server.engine.has_work()
+
+
+async def test_the_service_reconnects_when_the_server_restarts(start_tts_server):
+    server = await start_tts_server()
+    port = server.port
+    tts = MagpieTTSService(url=server_url(server), reconnect_backoff_min_wait=0.2, reconnect_backoff_max_wait=0.5)
+
+    async def restart(sink):
+        await server.stop()
+        await start_tts_server(port=port)
+        while tts.ready is None:
+            await asyncio.sleep(0.05)
+
+    sink = await run_turns(tts, _turn(SENTENCES[:1]), restart, _turn(SENTENCES[1:2]))
+    contexts = {e.frame.context_id for e in sink.of(TTSAudioRawFrame)}
+    assert len(contexts) == 2, "both turns were spoken, before and after the restart"
