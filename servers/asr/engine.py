@@ -127,6 +127,8 @@ class StreamingASREngine:
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
         self._next_sid = 0
+        self.on_work: Callable[[], None] = lambda: None
+        """Called (under the engine's lock) whenever a session becomes ready: a scheduler's wake-up."""
 
     # ------------------------------------------------------------------ sessions (any thread)
 
@@ -262,9 +264,12 @@ class StreamingASREngine:
         return self.geometry.ms_to_samples(missing_ms)
 
     def _mark_if_ready(self, session: _Session) -> None:
-        if not session.closed and self._wants_step(session):
+        # A session in flight is judged again when its step is done: until then its
+        # chunk size (first or steady) and its pending reset are not yet known.
+        if not session.closed and not session.in_flight and self._wants_step(session):
             self._ready.add(session.sid)
             self._work.notify()
+            self.on_work()
 
     def _chunk_frames(self, session: _Session) -> int:
         return self.geometry.chunk_frames if session.started else self.geometry.first_chunk_frames

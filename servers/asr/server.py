@@ -15,6 +15,7 @@ from servers.asr.config import AsrServerSettings
 from servers.asr.engine import AudioOverflow, StreamingASREngine
 from servers.asr.metrics import AsrMetrics
 from servers.asr.model import load_streaming_model
+from servers.common.loading import Driver
 from servers.common.ws_server import Connection, EngineServer
 
 
@@ -37,8 +38,8 @@ class AsrServer(EngineServer[StreamingASREngine]):
     settings: AsrServerSettings
     metrics: AsrMetrics
 
-    def __init__(self, settings: AsrServerSettings):
-        super().__init__(settings, AsrMetrics())
+    def __init__(self, settings: AsrServerSettings, driver: Driver | None = None):
+        super().__init__(settings, AsrMetrics(), driver)
 
     def load_engine(self) -> StreamingASREngine:
         return load_engine(self.settings)

@@ -4,10 +4,14 @@ A batched step gathers the rows of the sessions it runs with one ``index_select`
 tensor and scatters the new state back with one ``index_copy_``: the cost does not
 depend on how many sessions exist, and the tensors keep fixed addresses between
 growths (what CUDA graphs will need). Memory per session is fixed.
+
+A step gathers and scatters while other threads open sessions, which may grow the pool;
+one lock keeps a scatter from landing in tensors that a growth has already copied away.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ class StatePool:
         self._capacity = 0
         self._tensors: dict[str, torch.Tensor] = {}
         self._free: list[int] = []
+        self._lock = threading.Lock()
         self._grow(min(capacity, max_capacity))
 
     @property
@@ -53,30 +58,40 @@ class StatePool:
 
     def acquire(self) -> int:
         """A slot holding the initial state."""
-        if not self._free:
-            if self._capacity >= self._max_capacity:
-                raise RuntimeError("state pool is full")
-            self._grow(min(2 * self._capacity, self._max_capacity))
-        slot = self._free.pop()
-        self.reset(slot)
-        return slot
+        with self._lock:
+            if not self._free:
+                if self._capacity >= self._max_capacity:
+                    raise RuntimeError("state pool is full")
+                self._grow(min(2 * self._capacity, self._max_capacity))
+            slot = self._free.pop()
+            self._reset(slot)
+            return slot
 
     def release(self, slot: int) -> None:
-        self._free.append(slot)
+        with self._lock:
+            self._free.append(slot)
 
     def reset(self, slot: int) -> None:
+        with self._lock:
+            self._reset(slot)
+
+    def _reset(self, slot: int) -> None:
         for name, spec in self._layout.items():
             self._tensors[name].narrow(spec.batch_dim, slot, 1).copy_(spec.initial)
 
     def gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()}
+        with self._lock:
+            return {
+                name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()
+            }
 
     def scatter(self, slots: torch.Tensor, values: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:
         """Write ``values`` back to ``slots``; with ``rows``, only those rows of ``values``
         (``slots`` then lists the slots of those rows alone)."""
-        for name, value in values.items():
-            dim = self._layout[name].batch_dim
-            if rows is not None:
-                value = value.index_select(dim, rows)
-            target = self._tensors[name]
-            target.index_copy_(dim, slots, value.to(target.dtype))
+        with self._lock:
+            for name, value in values.items():
+                dim = self._layout[name].batch_dim
+                if rows is not None:
+                    value = value.index_select(dim, rows)
+                target = self._tensors[name]
+                target.index_copy_(dim, slots, value.to(target.dtype))

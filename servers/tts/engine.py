@@ -113,6 +113,23 @@ class _Session:
 
 
 @dataclass(frozen=True)
+class TtsQueueState:
+    """What a scheduler needs to know of the engine's pending work."""
+
+    has_work: bool
+    first_audio_pending: bool
+    """Some turn has started and has no audio yet."""
+    min_ahead_s: float | None
+    """The least audio ahead of playout among turns being played."""
+    text_ahead_s: float | None
+    """The least speech still queued as text among turns being spoken (estimated)."""
+
+
+SPEECH_CHARS_PER_SECOND = 14.0
+"""For estimating how much speech queued text will make."""
+
+
+@dataclass(frozen=True)
 class TtsStepStats:
     """What one ``step()`` did, for metrics and for the scheduler's planning."""
 
@@ -146,6 +163,8 @@ class TTSEngine:
         """``clock`` tells the engine the time (listeners' playout is reckoned with it)."""
         self.model = model
         self._clock = clock
+        self.on_work: Callable[[], None] = lambda: None
+        """Called (under the engine's lock) whenever new work arrives: a scheduler's wake-up."""
         self.voices = voices(model, voice_names)
         self.languages = languages(model)
         self.sample_rate = int(model.output_sample_rate)
@@ -237,6 +256,7 @@ class TTSEngine:
             if context not in self._busy:
                 self._busy.append(context)
             self._work.notify()
+            self.on_work()
         return segment_id
 
     def flush(self, sid: int, context_id: str) -> None:
@@ -277,6 +297,20 @@ class TTSEngine:
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._busy)
+
+    def queue_state(self) -> TtsQueueState:
+        now = self._clock()
+        with self._lock:
+            contexts = list(self._busy)
+            first_pending = any(c.playout_start is None for c in contexts)
+            ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
+            text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
+        return TtsQueueState(
+            has_work=bool(contexts),
+            first_audio_pending=first_pending,
+            min_ahead_s=min(ahead) if ahead else None,
+            text_ahead_s=min(text) if text else None,
+        )
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         with self._work:

@@ -42,5 +42,10 @@ def offline_text(engine: StreamingASREngine, pcm16: np.ndarray, padding_ms: floa
     """NeMo's own whole-utterance transcription of the audio plus ``padding_ms`` of silence."""
     padding = engine.geometry.ms_to_samples(padding_ms)
     audio = np.concatenate([pcm16.astype(np.float32) / 32768.0, np.zeros(padding, np.float32)])
+    model = engine._step.model
     with torch.no_grad():
-        return engine._step.model.transcribe([audio], batch_size=1, verbose=False)[0].text
+        text = model.transcribe([audio], batch_size=1, verbose=False)[0].text
+    # NeMo 3.0's transcribe() leaves the model in training mode, where the encoder picks
+    # a random attention context per call: the engine must keep streaming in eval mode.
+    model.eval()
+    return text

@@ -181,3 +181,65 @@ def test_per_chunk_cost_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr
     assert session.audio.buffered_samples <= 2 * chunk + 512
     assert len(session.text) < 5000, "the rolling segments bound the text held"
     assert sum(m.is_final for m in messages) >= 4
+
+
+def test_sessions_opened_while_steps_run_do_not_disturb_their_state(tiny_asr_path, speech_int16):
+    """Opening sessions grows the state pool while a step is using it (2 slots at first,
+    so it grows four times): every session must still get exactly its transcript."""
+    engine = make_engine(tiny_asr_path, initial_slots=2)
+    utterance = speech_int16[16000 : 16000 * 3]
+    expected = offline_text(make_engine(tiny_asr_path), utterance, padding_ms=120)
+    stop = threading.Event()
+
+    def keep_stepping():
+        while not stop.is_set():
+            if engine.wait_for_work(timeout=0.01):
+                engine.step()
+
+    stepper = threading.Thread(target=keep_stepping)
+    stepper.start()
+    finals = []
+    try:
+        sessions = []
+        for _ in range(24):
+            messages = []
+            sid = engine.open_session(messages.append)
+            sessions.append((sid, messages))
+            engine.push_audio(sid, utterance[:1600].tobytes())
+        for offset in range(1600, len(utterance), 1600):
+            for sid, _ in sessions:
+                engine.push_audio(sid, utterance[offset : offset + 1600].tobytes())
+        for sid, _ in sessions:
+            engine.reset(sid, finalize=True, trailing_silence_ms=200)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(m and m[-1].is_final for _, m in sessions):
+            time.sleep(0.05)
+        finals = [messages[-1].text for _, messages in sessions]
+    finally:
+        stop.set()
+        stepper.join()
+    assert finals == [expected] * len(finals)
+
+
+def test_audio_arriving_during_a_first_chunk_waits_for_a_whole_steady_chunk(tiny_asr_path, speech_int16):
+    """Audio pushed while an utterance's first (short) chunk is being transcribed must not
+    make the session ready by the first chunk's size: the next chunk is a steady one."""
+    engine = make_engine(tiny_asr_path)
+    g = engine.geometry
+    utterance = speech_int16[16000 : 16000 * 4]
+    sid = engine.open_session(lambda message: None)
+    first_end = g.samples_for_frames(g.first_chunk_frames)
+    during_end = g.samples_for_frames(g.first_chunk_frames + g.chunk_frames - 1)
+    engine.push_audio(sid, utterance[:first_end].tobytes())
+    run = engine._step.run
+
+    def run_while_more_audio_arrives(rows):
+        engine.push_audio(sid, utterance[first_end:during_end].tobytes())
+        return run(rows)
+
+    engine._step.run = run_while_more_audio_arrives
+    engine.step()
+    engine._step.run = run
+    assert not engine.has_work(), "one frame short of a steady chunk"
+    engine.push_audio(sid, utterance[during_end : during_end + g.hop].tobytes())
+    assert engine.has_work()

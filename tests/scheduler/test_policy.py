@@ -1,0 +1,136 @@
+"""The scheduling policy on synthetic queues."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from scheduler.policy import QueueState, Targets, Unit, choose
+
+
+def test_nothing_to_do_means_no_unit():
+    assert choose(QueueState()) is None
+
+
+def test_asr_runs_whenever_it_has_work_and_nothing_is_urgent():
+    state = QueueState(asr_ready=True, tts_has_work=True, tts_min_ahead_s=0.1, llm_generating=True)
+    assert choose(state) is Unit.ASR
+
+
+def test_one_urgent_unit_may_go_before_asr_but_no_more():
+    urgent = QueueState(asr_ready=True, asr_waited_units=0, llm_first_pending=True)
+    assert choose(urgent) is Unit.LLM_FIRST
+    assert choose(QueueState(asr_ready=True, asr_waited_units=1, llm_first_pending=True)) is Unit.ASR
+
+
+def test_a_turns_first_text_comes_before_its_first_audio():
+    state = QueueState(llm_first_pending=True, tts_first_pending=True, tts_has_work=True)
+    assert choose(state) is Unit.LLM_FIRST
+    assert choose(QueueState(tts_first_pending=True, tts_has_work=True, llm_generating=True)) is Unit.TTS_FIRST
+
+
+@pytest.mark.parametrize(
+    ("ahead", "text", "expected"),
+    [
+        (0.2, 0.5, Unit.TTS),  # audio about to run out beats text running short
+        (3.0, 0.5, Unit.LLM),  # audio is safe, text is short
+        (3.0, 5.0, Unit.TTS),  # both fine: build up audio
+    ],
+)
+def test_tts_stays_ahead_of_playout_and_llm_feeds_it(ahead, text, expected):
+    state = QueueState(llm_generating=True, tts_has_work=True, tts_min_ahead_s=ahead, tts_text_ahead_s=text)
+    assert choose(state, Targets(audio_ahead_s=0.5, text_ahead_s=2.0)) is expected
+
+
+def test_llm_runs_when_tts_has_nothing_to_do():
+    assert choose(QueueState(llm_generating=True)) is Unit.LLM
+
+
+@dataclass
+class _Turn:
+    """A simulated bot turn: the LLM writes speech (in seconds of it), TTS speaks it."""
+
+    start: float
+    speech_s: float
+    llm_first_s: float = 1.5
+    llm_chunk_s: float = 0.5
+    text_s: float = 0.0
+    synthesized_s: float = 0.0
+    first_audio_at: float | None = None
+    underrun_s: float = 0.0
+
+    def ahead(self, now: float) -> float:
+        return self.synthesized_s - (now - self.first_audio_at)
+
+
+@dataclass
+class _Simulation:
+    """ASR chunks every 160 ms (10 ms a step), one LLM unit 30 ms, one TTS step 60 ms
+    making 93 ms of audio per turn: the policy decides, nothing runs concurrently."""
+
+    asr_step: float = 0.010
+    llm_unit: float = 0.030
+    tts_step: float = 0.060
+    tts_audio_per_step: float = 0.093
+    now: float = 0.0
+    asr_next_chunk: float = 0.16
+    asr_ready_since: float | None = None
+    asr_waited: int = 0
+    asr_worst_wait_units: int = 0
+    log: list[Unit] = field(default_factory=list)
+
+    def state(self, turn: _Turn) -> QueueState:
+        started = self.now >= turn.start
+        return QueueState(
+            asr_ready=self.asr_ready_since is not None,
+            asr_waited_units=self.asr_waited,
+            llm_first_pending=started and turn.text_s == 0,
+            llm_generating=started and turn.text_s < turn.speech_s,
+            tts_first_pending=turn.text_s > 0 and turn.first_audio_at is None,
+            tts_has_work=turn.synthesized_s < turn.text_s,
+            tts_min_ahead_s=None if turn.first_audio_at is None else turn.ahead(self.now),
+            tts_text_ahead_s=(turn.text_s - turn.synthesized_s) if turn.text_s else None,
+        )
+
+    def run(self, turn: _Turn, until: float) -> None:
+        while self.now < until:
+            if self.now >= self.asr_next_chunk:
+                self.asr_next_chunk += 0.16
+                if self.asr_ready_since is None:
+                    self.asr_ready_since, self.asr_waited = self.now, 0
+            unit = choose(self.state(turn))
+            if unit is None:
+                self.now = min(self.asr_next_chunk, max(self.now + 0.001, turn.start))
+                continue
+            self.log.append(unit)
+            if self.asr_ready_since is not None and unit is not Unit.ASR:
+                self.asr_waited += 1
+                self.asr_worst_wait_units = max(self.asr_worst_wait_units, self.asr_waited)
+            if unit is Unit.ASR:
+                self.now += self.asr_step
+                self.asr_ready_since = None
+            elif unit in (Unit.LLM_FIRST, Unit.LLM):
+                self.now += self.llm_unit
+                turn.text_s = min(
+                    turn.speech_s, turn.text_s + (turn.llm_first_s if unit is Unit.LLM_FIRST else turn.llm_chunk_s)
+                )
+            else:
+                self.now += self.tts_step
+                if turn.first_audio_at is not None:
+                    turn.underrun_s += max(0.0, -turn.ahead(self.now))
+                turn.synthesized_s = min(turn.text_s, turn.synthesized_s + self.tts_audio_per_step)
+                turn.first_audio_at = turn.first_audio_at or self.now
+
+
+def test_a_simulated_turn_starts_fast_never_runs_dry_and_never_starves_asr():
+    sim = _Simulation()
+    turn = _Turn(start=1.0, speech_s=6.0)
+    sim.run(turn, until=10.0)
+    assert sim.asr_worst_wait_units <= 1
+    # First audio: the LLM's first segment and one TTS step (and at most one ASR step).
+    assert turn.first_audio_at - turn.start <= sim.llm_unit + sim.tts_step + sim.asr_step + 1e-9
+    assert turn.underrun_s == 0.0
+    assert turn.synthesized_s == pytest.approx(6.0)
+    first_audio = next(i for i, u in enumerate(sim.log) if u is Unit.TTS_FIRST)
+    assert Unit.LLM not in sim.log[:first_audio], "no further text before the first audio"
