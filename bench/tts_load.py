@@ -112,7 +112,9 @@ def run_load(url: str, sessions: int, seconds: float, processes: int) -> dict:
     return {
         "sessions": sessions,
         "turns": turns,
-        "first_audio_stream_ms_p50_p90": percentiles_ms([x for p in parts for x in p["first_audio"]["stream"]], (50, 90)),
+        "first_audio_stream_ms_p50_p90": percentiles_ms(
+            [x for p in parts for x in p["first_audio"]["stream"]], (50, 90)
+        ),
         "first_audio_batch_ms_p50_p90": percentiles_ms([x for p in parts for x in p["first_audio"]["batch"]], (50, 90)),
         "underrun_turns": round(sum(p["underruns"] for p in parts) / turns, 3) if turns else None,
         "realtime_factor_p50_p90": [None if v is None else round(v, 3) for v in rtf],

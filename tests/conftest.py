@@ -48,12 +48,19 @@ def tiny_asr_path(tmp_path_factory, speech) -> Path:
     return build_tiny_asr_checkpoint(tmp_path_factory.mktemp("tiny_asr"), torch.from_numpy(speech))
 
 
+@pytest.fixture(scope="session")
+def tiny_llm_path(tmp_path_factory) -> Path:
+    from servers.llm.random_model import write_random_llama_gguf
+
+    return write_random_llama_gguf(tmp_path_factory.mktemp("tiny_llm") / "tiny-llama.gguf")
+
+
 class _ServerStarter:
     """Starts servers on free loopback ports with a tiny model; stops them all after the test."""
 
     def __init__(self, make_server, model_path: Path, **defaults):
         self._make_server = make_server
-        self._defaults = {"model": str(model_path), "port": 0, "device": "cpu", **defaults}
+        self._defaults = {"model": str(model_path), "port": 0, **defaults}
         self.servers = []
 
     async def __call__(self, wait: bool = True, **overrides):
@@ -74,7 +81,7 @@ async def start_asr_server(tiny_asr_path):
     from servers.asr.config import AsrServerSettings
     from servers.asr.server import AsrServer
 
-    starter = _ServerStarter(lambda **s: AsrServer(AsrServerSettings(**s)), tiny_asr_path)
+    starter = _ServerStarter(lambda **s: AsrServer(AsrServerSettings(**s)), tiny_asr_path, device="cpu")
     yield starter
     await starter.stop_all()
 
@@ -85,6 +92,20 @@ async def start_tts_server(tiny_tts_path):
     from servers.tts.config import TtsServerSettings
     from servers.tts.server import TtsServer
 
-    starter = _ServerStarter(lambda **s: TtsServer(TtsServerSettings(**s)), tiny_tts_path, temperature=0.0)
+    starter = _ServerStarter(
+        lambda **s: TtsServer(TtsServerSettings(**s)), tiny_tts_path, device="cpu", temperature=0.0
+    )
+    yield starter
+    await starter.stop_all()
+
+
+@pytest.fixture
+async def start_llm_server(tiny_llm_path):
+    from servers.llm.config import LlmServerSettings
+    from servers.llm.server import LlmServer
+
+    starter = _ServerStarter(
+        lambda **s: LlmServer(LlmServerSettings(**s)), tiny_llm_path, context_size=1024, gpu_layers=0, threads=1
+    )
     yield starter
     await starter.stop_all()

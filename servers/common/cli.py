@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from typing import Protocol
 
 from loguru import logger
 
-from servers.common.ws_server import EngineServer
+
+class Server(Protocol):
+    kind: str
+
+    async def start(self) -> None: ...
+
+    async def wait_loaded(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
-async def _serve(server: EngineServer) -> int:
+async def _serve(server: Server) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -30,7 +39,7 @@ async def _serve(server: EngineServer) -> int:
         await server.stop()
 
 
-def run_server(server: EngineServer, log_level: str) -> None:
+def run_server(server: Server, log_level: str) -> None:
     """Serve until interrupted; exit 1 if the model cannot be loaded."""
     logger.remove()
     logger.add(sys.stderr, level=log_level)

@@ -10,7 +10,6 @@ what ``ready`` says, and what each client message does.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -26,8 +25,8 @@ from websockets.exceptions import ConnectionClosed
 from pipecat_nvidia.protocol import ErrorCode, ErrorMessage
 from servers.common.engine import EngineFull, SteppedEngine
 from servers.common.http import make_process_request
+from servers.common.loading import BackgroundLoad, Driver
 from servers.common.metrics import ServerMetrics
-from servers.common.worker import EngineWorker
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
@@ -93,16 +92,12 @@ class EngineServer(ABC, Generic[E]):
     kind: str
     """"ASR" or "TTS", for logs and the worker thread's name."""
 
-    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics, driver: Driver | None = None):
+        """``driver`` starts the loaded engine (default: its own worker thread)."""
         self.settings = settings
         self.metrics = metrics
-        self._engine: E | None = None
-        self._worker: EngineWorker | None = None
-        self._ready = asyncio.Event()
-        self._load_error: str | None = None
+        self._loading = BackgroundLoad(self.kind, settings.model, self.load_engine, metrics.observe_step, driver)
         self._server: Server | None = None
-        self._loading: asyncio.Task | None = None
-        self._started = time.monotonic()
 
     # ------------------------------------------------------------------ what a server says
 
@@ -129,7 +124,7 @@ class EngineServer(ABC, Generic[E]):
 
     @property
     def engine(self) -> E | None:
-        return self._engine
+        return self._loading.engine
 
     async def start(self) -> None:
         """Listen at once; load the model in the background (``/health`` shows progress)."""
@@ -144,7 +139,7 @@ class EngineServer(ABC, Generic[E]):
             max_size=4 * s.max_message_bytes,
         )
         logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port} (model loading)")
-        self._loading = asyncio.create_task(self._load())
+        self._loading.start()
 
     @property
     def port(self) -> int:
@@ -152,51 +147,19 @@ class EngineServer(ABC, Generic[E]):
 
     async def wait_loaded(self) -> None:
         """Return once the model is ready; raise if loading failed."""
-        await asyncio.shield(self._loading)
-        if self._load_error is not None:
-            raise RuntimeError(self._load_error)
+        await self._loading.wait()
 
     async def stop(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        if self._worker is not None:
-            await asyncio.to_thread(self._worker.stop)
-
-    async def _load(self) -> None:
-        started = time.monotonic()
-        try:
-            engine = await asyncio.to_thread(self.load_engine)
-        except Exception as e:  # noqa: BLE001 - reported on /health and to clients
-            logger.exception(f"Loading the {self.kind} model failed")
-            self._load_error = f"{type(e).__name__}: {e}"
-            self._ready.set()
-            return
-        self._engine = engine
-        self._worker = EngineWorker(engine, f"{self.kind.lower()}-engine", on_step=self.metrics.observe_step)
-        self._worker.start()
-        logger.info(f"{self.kind} ready in {time.monotonic() - started:.1f} s: {self.settings.model}")
-        self._ready.set()
+        await self._loading.stop()
 
     def _health(self) -> tuple[bool, dict]:
-        if self._load_error is not None:
-            status = "error"
-        elif self._engine is None:
-            status = "loading"
-        else:
-            status = "ready"
-        details = {
-            "status": status,
-            "model": self.settings.model,
-            "uptime_s": round(time.monotonic() - self._started, 1),
-            "sessions": self._engine.session_count if self._engine else 0,
-            "max_sessions": self.settings.max_sessions,
-        }
-        if self._load_error is not None:
-            details["error"] = self._load_error
-        return status == "ready", details
+        engine = self.engine
+        return self._loading.health(
+            sessions=engine.session_count if engine else 0, max_sessions=self.settings.max_sessions
+        )
 
     # ------------------------------------------------------------------ connections
 
@@ -206,10 +169,10 @@ class EngineServer(ABC, Generic[E]):
         connection: Connection | None = None
         try:
             await self._refuse_until_ready(ws, outbox)
-            engine = self._engine
+            engine = self.engine
             if engine is None:
                 self._fatal(
-                    outbox, ErrorCode.INTERNAL, f"model failed to load: {self._load_error}", CLOSE_INTERNAL_ERROR
+                    outbox, ErrorCode.INTERNAL, f"model failed to load: {self._loading.error}", CLOSE_INTERNAL_ERROR
                 )
                 await sender
                 return
@@ -236,15 +199,15 @@ class EngineServer(ABC, Generic[E]):
             pass
         finally:
             if connection is not None:
-                self._engine.close_session(connection.sid)
+                engine.close_session(connection.sid)
                 self.metrics.sessions.dec()
             sender.cancel()
 
     async def _refuse_until_ready(self, ws: ServerConnection, outbox: Outbox) -> None:
         """While the model loads, keep the connection and answer every message not_ready."""
-        while not self._ready.is_set():
+        while not self._loading.ready.is_set():
             received = asyncio.ensure_future(ws.recv())
-            ready = asyncio.ensure_future(self._ready.wait())
+            ready = asyncio.ensure_future(self._loading.ready.wait())
             done, _ = await asyncio.wait({received, ready}, return_when=asyncio.FIRST_COMPLETED)
             if received in done:
                 received.result()

@@ -18,6 +18,7 @@ from pipecat_nvidia.protocol import (
     TtsReady,
     parse_tts_client_message,
 )
+from servers.common.loading import Driver
 from servers.common.ws_server import Connection, EngineServer
 from servers.tts.config import TtsServerSettings
 from servers.tts.engine import DEFAULT_PRESET, SegmentRejected, TTSEngine
@@ -46,8 +47,8 @@ class TtsServer(EngineServer[TTSEngine]):
     settings: TtsServerSettings
     metrics: TtsMetrics
 
-    def __init__(self, settings: TtsServerSettings):
-        super().__init__(settings, TtsMetrics())
+    def __init__(self, settings: TtsServerSettings, driver: Driver | None = None):
+        super().__init__(settings, TtsMetrics(), driver)
 
     def load_engine(self) -> TTSEngine:
         return load_engine(self.settings)

@@ -1,0 +1,33 @@
+"""Nemotron through the local GPU host's OpenAI-compatible endpoint.
+
+Pipecat's own ``OpenAILLMService`` does all the work (contexts, tools, interruptions); this
+subclass only points it at the host and names the model. Anything OpenAI-compatible
+(vLLM, NIM) can stand in for the host by changing ``base_url``. The host decodes a short
+first segment before anything else so the TTS can start speaking early, and reasoning
+is off unless ``extra={"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}``.
+"""
+
+from __future__ import annotations
+
+from pipecat.services.openai.llm import OpenAILLMService
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8082/v1"
+DEFAULT_MODEL = "nemotron-3-nano"
+
+
+class NemotronLLMService(OpenAILLMService):
+    def __init__(
+        self,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str = "none",
+        settings: OpenAILLMService.Settings | None = None,
+        **kwargs,
+    ):
+        """``api_key`` is the host's ``--auth-token`` when it has one."""
+        super().__init__(
+            base_url=base_url,
+            api_key=api_key,
+            settings=settings or OpenAILLMService.Settings(model=DEFAULT_MODEL),
+            **kwargs,
+        )

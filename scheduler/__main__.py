@@ -1,0 +1,56 @@
+"""``python -m scheduler``: the local GPU host (ASR, TTS and LLM on one GPU scheduler)."""
+
+from __future__ import annotations
+
+from scheduler.host import HostSettings, LocalGpuHost
+from scheduler.policy import Targets
+from servers.asr.config import AsrServerSettings
+from servers.common.cli import run_server
+from servers.common.settings import EnvDefaultsParser
+from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
+from servers.tts.config import TtsServerSettings
+
+
+def parse_settings(argv: list[str] | None = None) -> HostSettings:
+    asr, tts, llm, targets = AsrServerSettings(), TtsServerSettings(), LlmServerSettings(), Targets()
+    p = EnvDefaultsParser(
+        prog="python -m scheduler",
+        description="ASR, TTS and an OpenAI-compatible LLM in one process, sharing one GPU through a scheduler.",
+        env_prefix="HOST_",
+    )
+    p.add_setting("--host", "127.0.0.1", "address every endpoint binds; 0.0.0.0 exposes them to the network")
+    p.add_setting("--device", "auto", "GPU for ASR and TTS: cuda, cuda:N, cpu or auto")
+    p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
+    p.add_setting("--asr-model", asr.model, "ASR: Hugging Face name or .nemo path")
+    p.add_setting("--asr-port", asr.port, "ASR WebSocket port", type=int)
+    p.add_setting("--right-context", asr.right_context, "ASR encoder right context (0, 1, 6, 13)", type=int)
+    p.add_setting("--tts-model", tts.model, "TTS: Hugging Face name or .nemo path")
+    p.add_setting("--tts-codec", tts.codec, "TTS codec (default: the one the model names)")
+    p.add_setting("--tts-port", tts.port, "TTS WebSocket port", type=int)
+    add_llm_settings(p, llm, prefix="llm-")
+    p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)
+    p.add_setting("--audio-ahead-s", targets.audio_ahead_s, "TTS audio kept ahead of each turn's playout", type=float)
+    p.add_setting(
+        "--text-ahead-s", targets.text_ahead_s, "speech worth of LLM text kept queued for the TTS", type=float
+    )
+    p.add_setting("--log-level", "INFO", "loguru level")
+    a = p.parse_args(argv)
+    common = {"host": a.host, "auth_token": a.auth_token, "log_level": a.log_level}
+    return HostSettings(
+        asr=AsrServerSettings(
+            model=a.asr_model, port=a.asr_port, right_context=a.right_context, device=a.device, **common
+        ),
+        tts=TtsServerSettings(model=a.tts_model, codec=a.tts_codec, port=a.tts_port, device=a.device, **common),
+        llm=LlmServerSettings(port=a.llm_port, **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS}, **common),
+        targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s),
+        log_level=a.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    run_server(LocalGpuHost(settings), settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

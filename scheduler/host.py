@@ -1,0 +1,57 @@
+"""The local GPU host: ASR, TTS and LLM servers in one process, on one GPU scheduler.
+
+Each server keeps its own port, protocol, ``/health`` and ``/metrics`` exactly as when it
+runs alone; only the driver differs: every loaded engine is handed to the shared
+scheduler instead of getting its own thread. The scheduler's metrics are served with
+the LLM's (``/metrics`` on its port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from scheduler.policy import Targets
+from scheduler.worker import GpuScheduler
+from servers.asr.config import AsrServerSettings
+from servers.asr.server import AsrServer
+from servers.llm.config import LlmServerSettings
+from servers.llm.server import LlmServer
+from servers.tts.config import TtsServerSettings
+from servers.tts.server import TtsServer
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    asr: AsrServerSettings = field(default_factory=AsrServerSettings)
+    tts: TtsServerSettings = field(default_factory=TtsServerSettings)
+    llm: LlmServerSettings = field(default_factory=LlmServerSettings)
+    targets: Targets = field(default_factory=Targets)
+    log_level: str = "INFO"
+
+
+class LocalGpuHost:
+    kind = "GPU host"
+
+    def __init__(self, settings: HostSettings):
+        self.settings = settings
+        self.scheduler = GpuScheduler(settings.targets)
+        self.asr = AsrServer(settings.asr, driver=self.scheduler.driver("asr"))
+        self.tts = TtsServer(settings.tts, driver=self.scheduler.driver("tts"))
+        self.llm = LlmServer(settings.llm, driver=self.scheduler.driver("llm"))
+        self.scheduler.metrics.expose_in(self.llm.metrics.registry)
+
+    @property
+    def servers(self):
+        return (self.asr, self.tts, self.llm)
+
+    async def start(self) -> None:
+        for server in self.servers:
+            await server.start()
+
+    async def wait_loaded(self) -> None:
+        await asyncio.gather(*(server.wait_loaded() for server in self.servers))
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()

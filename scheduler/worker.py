@@ -1,0 +1,178 @@
+"""The mechanism: one thread that runs the policy's choice, one unit at a time, and
+measures it.
+
+Engines are attached as their models finish loading; each tells the scheduler when work
+arrives (``on_work``). With nothing to run the thread sleeps until then, or for a short
+tick while TTS audio is being played out (its urgency grows with time, not with events).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from scheduler.policy import QueueState, Targets, Unit, choose
+from servers.common.metrics import LATENCY_BUCKETS
+
+IDLE_TICK_S = 0.02
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    unit: Unit
+    started: float
+    """``time.monotonic()`` when it began."""
+    seconds: float
+
+
+class SchedulerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.unit_seconds = Histogram(
+            "scheduler_unit_seconds", "Duration of one unit of GPU work", ["unit"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.wait_seconds = Histogram(
+            "scheduler_wait_seconds",
+            "From a model having work to its unit starting",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deadline_misses = Counter(
+            "scheduler_deadline_misses",
+            "ASR chunks transcribed later than one chunk period; TTS turns whose playout ran dry",
+            ["model"],
+            registry=r,
+        )
+
+    def expose_in(self, registry: CollectorRegistry) -> None:
+        """Also serve these metrics from another server's ``/metrics``."""
+        for metric in (self.unit_seconds, self.wait_seconds, self.deadline_misses):
+            registry.register(metric)
+
+
+@dataclass
+class _Attached:
+    engine: Any
+    on_step: Callable[[Any], None]
+    waiting_since: float | None = None
+
+
+class GpuScheduler:
+    def __init__(self, targets: Targets | None = None, metrics: SchedulerMetrics | None = None, history: int = 10000):
+        self.targets = targets or Targets()
+        self.metrics = metrics or SchedulerMetrics()
+        self.history: deque[UnitRecord] = deque(maxlen=history)
+        """The latest units run, oldest first (for tests, benchmarks and debugging)."""
+        self._engines: dict[str, _Attached] = {}
+        self._asr_waited = 0
+        self.max_asr_wait_units = 0
+        """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def driver(self, model: str):
+        """A ``servers.common.loading.Driver`` that attaches a loaded engine ("asr", "tts" or "llm")."""
+
+        def attach(engine, on_step: Callable[[Any], None]) -> Callable[[], None]:
+            with self._lock:
+                self._engines[model] = _Attached(engine, on_step)
+                engine.on_work = self._wake.set
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="gpu-scheduler", daemon=True)
+                    self._thread.start()
+            self._wake.set()
+            return self.stop
+
+        return attach
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # ------------------------------------------------------------------ one decision
+
+    def queue_state(self) -> QueueState:
+        e = self._engines
+        asr = e.get("asr")
+        tts = e["tts"].engine.queue_state() if "tts" in e else None
+        llm = e["llm"].engine.queue_state() if "llm" in e else None
+        return QueueState(
+            asr_ready=asr is not None and asr.engine.has_work(),
+            asr_waited_units=self._asr_waited,
+            llm_first_pending=llm is not None and llm.first_pending,
+            llm_generating=llm is not None and llm.generating,
+            tts_first_pending=tts is not None and tts.first_audio_pending,
+            tts_has_work=tts is not None and tts.has_work,
+            tts_min_ahead_s=tts.min_ahead_s if tts else None,
+            tts_text_ahead_s=tts.text_ahead_s if tts else None,
+        )
+
+    def run_once(self) -> Unit | None:
+        """Choose and run one unit; None if nothing had work."""
+        state = self.queue_state()
+        now = time.monotonic()
+        self._note_waiting(state, now)
+        unit = choose(state, self.targets)
+        if unit is None:
+            return None
+        if unit.model == "tts" and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0:
+            self.metrics.deadline_misses.labels(model="tts").inc()
+        attached = self._engines[unit.model]
+        if attached.waiting_since is not None:
+            self.metrics.wait_seconds.labels(model=unit.model).observe(now - attached.waiting_since)
+            attached.waiting_since = None
+        if unit is Unit.ASR:
+            self.max_asr_wait_units = max(self.max_asr_wait_units, self._asr_waited)
+            self._asr_waited = 0
+        else:
+            self._asr_waited += int(state.asr_ready)
+        started = time.monotonic()
+        stats = attached.engine.step()
+        seconds = time.monotonic() - started
+        self.history.append(UnitRecord(unit, started, seconds))
+        self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
+        if unit is Unit.ASR:
+            period = attached.engine.geometry.chunk_ms / 1000.0
+            misses = sum(latency > period for latency in stats.chunk_latencies)
+            if misses:
+                self.metrics.deadline_misses.labels(model="asr").inc(misses)
+        attached.on_step(stats)
+        return unit
+
+    def _note_waiting(self, state: QueueState, now: float) -> None:
+        has_work = {
+            "asr": state.asr_ready,
+            "tts": state.tts_has_work,
+            "llm": state.llm_generating,
+        }
+        for model, attached in self._engines.items():
+            if not has_work[model]:
+                attached.waiting_since = None
+            elif attached.waiting_since is None:
+                attached.waiting_since = now
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                unit = self.run_once()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one unit
+                logger.exception("GPU unit failed")
+                unit = None
+            if unit is None:
+                self._wake.wait(IDLE_TICK_S)

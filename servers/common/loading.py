@@ -1,0 +1,93 @@
+"""Loading a model in the background and handing its engine to whatever drives it.
+
+A server listens at once and reports "loading" on ``/health`` while this runs. Once the
+engine is built, its driver starts it: standalone servers give it its own worker thread,
+the local GPU host hands it to the shared scheduler instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from loguru import logger
+
+from servers.common.worker import EngineWorker
+
+E = TypeVar("E")
+StepObserver = Callable[[Any], None]
+Driver = Callable[[Any, StepObserver], Callable[[], None]]
+"""Starts driving an engine, reporting each step's stats to the observer; returns how to
+stop (called from a thread at shutdown)."""
+
+
+def own_worker(kind: str) -> Driver:
+    """The standalone driver: a thread that steps the engine whenever it has work."""
+
+    def drive(engine, on_step: StepObserver) -> Callable[[], None]:
+        worker = EngineWorker(engine, f"{kind.lower()}-engine", on_step=on_step)
+        worker.start()
+        return worker.stop
+
+    return drive
+
+
+class BackgroundLoad(Generic[E]):
+    def __init__(self, kind: str, model: str, load: Callable[[], E], on_step: StepObserver, driver: Driver | None):
+        self.kind = kind
+        self.model = model
+        self._load = load
+        self._on_step = on_step
+        self._driver = driver or own_worker(kind)
+        self.engine: E | None = None
+        self.error: str | None = None
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stop_driver: Callable[[], None] | None = None
+        self._started = time.monotonic()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def wait(self) -> None:
+        """Return once the engine runs; raise if loading failed."""
+        await asyncio.shield(self._task)
+        if self.error is not None:
+            raise RuntimeError(self.error)
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._stop_driver is not None:
+            await asyncio.to_thread(self._stop_driver)
+
+    @property
+    def status(self) -> str:
+        return "error" if self.error is not None else "loading" if self.engine is None else "ready"
+
+    def health(self, **details: Any) -> tuple[bool, dict]:
+        report = {
+            "status": self.status,
+            "model": self.model,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            **details,
+        }
+        if self.error is not None:
+            report["error"] = self.error
+        return self.status == "ready", report
+
+    async def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            engine = await asyncio.to_thread(self._load)
+        except Exception as e:  # noqa: BLE001 - reported on /health and to clients
+            logger.exception(f"Loading the {self.kind} model failed")
+            self.error = f"{type(e).__name__}: {e}"
+            self.ready.set()
+            return
+        self._stop_driver = self._driver(engine, self._on_step)
+        self.engine = engine
+        logger.info(f"{self.kind} ready in {time.monotonic() - started:.1f} s: {self.model}")
+        self.ready.set()

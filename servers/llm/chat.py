@@ -1,0 +1,163 @@
+"""The conversation side of the LLM: prompts from the GGUF's chat template, and the
+model's output split into spoken text, reasoning and tool calls as it streams."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ChatTemplate:
+    """Renders messages (and tools) with the model's own Jinja chat template."""
+
+    def __init__(self, template: str, *, bos_token: str, eos_token: str):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.eos_token = eos_token
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        enable_thinking: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        # The formatter reads add_generation_prompt from itself, not from its arguments.
+        self._formatter.add_generation_prompt = add_generation_prompt
+        return self._formatter(messages=messages, tools=tools, enable_thinking=enable_thinking).prompt
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def as_openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+_XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def parse_tool_call(body: str) -> ToolCall | None:
+    """One call between ``<tool_call>`` tags: JSON ``{"name", "arguments"}`` or the
+    ``<function=NAME><parameter=P>value</parameter></function>`` form; None if neither."""
+    body = body.strip()
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+        arguments = obj.get("arguments", {})
+        return ToolCall(obj["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
+    match = _XML_FUNCTION.search(body)
+    if match is None:
+        return None
+    parameters = {name: _parameter_value(value) for name, value in _XML_PARAMETER.findall(match.group(2))}
+    return ToolCall(match.group(1), json.dumps(parameters))
+
+
+def _parameter_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@dataclass
+class OutputPiece:
+    content: str = ""
+    reasoning: str = ""
+
+
+class OutputSplitter:
+    """Streams generated text into content and reasoning, and collects tool calls.
+
+    Text inside ``<think>`` goes to reasoning and text inside ``<tool_call>`` is held until
+    the call is complete, so a voice pipeline never speaks either. A tag split across
+    pushes is held back until it is decided.
+    """
+
+    def __init__(self, *, in_reasoning: bool = False):
+        """``in_reasoning``: the prompt itself opened a ``<think>`` block."""
+        self._pending = ""
+        self._mode = "reasoning" if in_reasoning else "content"
+        self._call_body = ""
+        self.tool_calls: list[ToolCall] = []
+        self.malformed_calls: list[str] = []
+
+    def push(self, text: str) -> OutputPiece:
+        self._pending += text
+        out = OutputPiece()
+        while self._pending:
+            close = {"content": None, "reasoning": THINK_CLOSE, "tool": TOOL_CALL_CLOSE}[self._mode]
+            tags = [THINK_OPEN, TOOL_CALL_OPEN] if close is None else [close]
+            found = [(self._pending.find(t), t) for t in tags if t in self._pending]
+            if found:
+                at, tag = min(found)
+                self._emit(out, self._pending[:at])
+                self._pending = self._pending[at + len(tag) :]
+                self._switch(tag)
+                continue
+            keep = _partial_tag_suffix(self._pending, tags)
+            self._emit(out, self._pending[: len(self._pending) - keep])
+            self._pending = self._pending[len(self._pending) - keep :]
+            break
+        return out
+
+    def finish(self) -> OutputPiece:
+        """Whatever is left once generation ends (an unclosed tool call is malformed)."""
+        out = OutputPiece()
+        self._emit(out, self._pending)
+        self._pending = ""
+        if self._mode == "tool" and self._call_body.strip():
+            self._close_call()
+        return out
+
+    def _emit(self, out: OutputPiece, text: str) -> None:
+        if self._mode == "content":
+            out.content += text
+        elif self._mode == "reasoning":
+            out.reasoning += text
+        else:
+            self._call_body += text
+
+    def _switch(self, tag: str) -> None:
+        if tag == THINK_OPEN:
+            self._mode = "reasoning"
+        elif tag == TOOL_CALL_OPEN:
+            self._mode, self._call_body = "tool", ""
+        else:
+            if tag == TOOL_CALL_CLOSE:
+                self._close_call()
+            self._mode = "content"
+
+    def _close_call(self) -> None:
+        call = parse_tool_call(self._call_body)
+        if call is None:
+            self.malformed_calls.append(self._call_body)
+        else:
+            self.tool_calls.append(call)
+        self._call_body = ""
+
+
+def _partial_tag_suffix(text: str, tags: list[str]) -> int:
+    """Length of the longest end of ``text`` that could be the start of one of ``tags``."""
+    longest = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), longest, -1):
+            if text.endswith(tag[:n]):
+                longest = n
+                break
+    return longest

@@ -1,0 +1,83 @@
+"""Settings of the LLM server: CLI flags, each defaulting to an ``LLM_*`` variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from servers.common.settings import EnvDefaultsParser
+from servers.llm.model import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class LlmServerSettings:
+    model: str = DEFAULT_MODEL
+    quant: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8082
+    context_size: int = 8192
+    gpu_layers: int = -1
+    threads: int | None = None
+    first_segment_tokens: int = 8
+    segment_tokens: int = 16
+    max_tokens: int = 1024
+    max_queued: int = 16
+    max_message_bytes: int = 4 << 20
+    auth_token: str | None = None
+    log_level: str = "INFO"
+
+
+LLM_FLAGS = (
+    "model",
+    "quant",
+    "context_size",
+    "gpu_layers",
+    "threads",
+    "first_segment_tokens",
+    "segment_tokens",
+    "max_tokens",
+    "max_queued",
+)
+
+
+def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "") -> None:
+    """The model and decoding flags (``LLM_FLAGS``; the local GPU host adds them with a prefix)."""
+    p.add_setting(
+        f"--{prefix}model",
+        d.model,
+        "GGUF path, Hugging Face repo (quantisation chosen by --quant) or repo:FILE-GLOB",
+    )
+    p.add_setting(
+        f"--{prefix}quant", d.quant, "quantisation file in the repo: auto (Q8_0 with >= 64 GiB free GPU, else Q4_K_M)"
+    )
+    p.add_setting(f"--{prefix}context-size", d.context_size, "tokens of context (prompt plus answer)", type=int)
+    p.add_setting(f"--{prefix}gpu-layers", d.gpu_layers, "layers offloaded to the GPU (-1: all)", type=int)
+    p.add_setting(f"--{prefix}threads", d.threads, "CPU threads for llama.cpp (default: its own choice)", type=int)
+    p.add_setting(
+        f"--{prefix}first-segment-tokens",
+        d.first_segment_tokens,
+        "tokens in a turn's first unit of work: short, so the TTS starts speaking early",
+        type=int,
+    )
+    p.add_setting(f"--{prefix}segment-tokens", d.segment_tokens, "tokens in each later unit of work", type=int)
+    p.add_setting(f"--{prefix}max-tokens", d.max_tokens, "answer length when a request sets none", type=int)
+    p.add_setting(
+        f"--{prefix}max-queued", d.max_queued, "requests waiting behind the running one; more get 429", type=int
+    )
+
+
+def parse_settings(argv: list[str] | None = None) -> LlmServerSettings:
+    d = LlmServerSettings()
+    p = EnvDefaultsParser(
+        prog="python -m servers.llm",
+        description="OpenAI-compatible chat completions from a llama.cpp GGUF (Nemotron 3 Nano by default).",
+        env_prefix="LLM_",
+    )
+    add_llm_settings(p, d)
+    p.add_setting("--host", d.host, "address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_setting(
+        "--port", d.port, "port for /v1/chat/completions, /health and /metrics (0 picks a free one)", type=int
+    )
+    p.add_setting("--max-message-bytes", d.max_message_bytes, "largest request body", type=int)
+    p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
+    p.add_setting("--log-level", d.log_level, "loguru level")
+    return LlmServerSettings(**vars(p.parse_args(argv)))

@@ -1,0 +1,407 @@
+"""A llama.cpp chat model driven in small units of work, for a scheduler to interleave.
+
+One conversation runs at a time (a local voice agent has one user; more requests queue).
+``step()`` is one unit: a slice of the prompt's prefill and, once it is in, a segment of
+tokens — a short first segment, so the TTS can start speaking, then longer ones. The
+KV cache carries over between units and between turns: a turn whose messages extend the
+previous turn's (what a voice pipeline sends) reuses the cached tokens as they were
+generated and evaluates only what is new. Hybrid (Mamba) models cannot roll their state
+back, so keeping the cached history append-only is what makes the reuse work for them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from servers.llm.chat import ChatTemplate, OutputSplitter, ToolCall
+
+
+class ContextOverflow(ValueError):
+    """The prompt does not leave room for an answer in the model's context."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    tools: list[dict] | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    enable_thinking: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens found in the KV cache, not evaluated again."""
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class LlmDelta:
+    content: str = ""
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class LlmFinished:
+    finish_reason: str
+    """stop, length, tool_calls, cancelled or error."""
+    usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
+    error: str | None = None
+
+
+LlmEvent = LlmDelta | LlmFinished
+Sink = Callable[[LlmEvent], None]
+
+
+@dataclass(frozen=True)
+class LlmStepStats:
+    first: bool
+    """The unit produced (or was on its way to) the request's first segment."""
+    prompt_tokens: int
+    """Prompt tokens evaluated in this unit."""
+    tokens: int
+    """Tokens generated in this unit."""
+    seconds: float
+    queue_wait_s: float | None
+    """For a request's first unit: seconds since it was submitted."""
+
+
+@dataclass(frozen=True)
+class LlmQueueState:
+    first_pending: bool
+    """A request waits for its first segment of text."""
+    generating: bool
+
+
+@dataclass
+class _Generation:
+    rid: int
+    request: ChatRequest
+    sink: Sink
+    prompt: list[int]
+    """The whole prompt tokenized; once started, the tokens actually fed to the model."""
+    prompt_text: str
+    submitted: float
+    todo: list[int] = field(default_factory=list)
+    """Prompt tokens still to evaluate."""
+    cached: int = 0
+    started: bool = False
+    tokens: list[int] = field(default_factory=list)
+    sampler: object = None
+    splitter: OutputSplitter | None = None
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    content: str = ""
+    cancelled: bool = False
+
+
+@dataclass
+class _Conversation:
+    """What the KV cache holds: the tokens, and the messages (with the reply) they render."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    enable_thinking: bool
+    tokens: list[int]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        llm,
+        *,
+        first_segment_tokens: int = 8,
+        segment_tokens: int = 16,
+        prefill_tokens_per_unit: int = 512,
+        default_max_tokens: int = 1024,
+        max_queued: int = 16,
+    ):
+        """``llm`` is a loaded ``llama_cpp.Llama``; every call into it happens in ``step()``."""
+        self._llm = llm
+        self.first_segment_tokens = first_segment_tokens
+        self.segment_tokens = segment_tokens
+        self.prefill_tokens_per_unit = prefill_tokens_per_unit
+        self.default_max_tokens = default_max_tokens
+        self.max_queued = max_queued
+        self.template = chat_template(llm)
+        self._end_of_turn = llm.token_eos()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._queue: deque[_Generation] = deque()
+        self._active: _Generation | None = None
+        self._conversation: _Conversation | None = None
+        self._next_rid = 0
+        self.on_work: Callable[[], None] = lambda: None
+        """Called (under the engine's lock) whenever a request arrives: a scheduler's wake-up."""
+
+    @property
+    def context_size(self) -> int:
+        return self._llm.n_ctx()
+
+    # ------------------------------------------------------------------ requests (any thread)
+
+    def submit(self, request: ChatRequest, sink: Sink) -> int:
+        """Queue a chat completion; ``sink`` gets its deltas and then one ``LlmFinished``."""
+        prompt_text = self.template.render(
+            request.messages, tools=request.tools, enable_thinking=request.enable_thinking
+        )
+        with self._work:
+            if len(self._queue) >= self.max_queued:
+                raise OverflowError(f"{self.max_queued} requests are already waiting")
+            prompt = self._tokenize(prompt_text)
+            if len(prompt) >= self.context_size:
+                raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.context_size}")
+            rid = self._next_rid
+            self._next_rid += 1
+            generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic())
+            generation.splitter = OutputSplitter(in_reasoning=prompt_text.rstrip().endswith("<think>"))
+            self._queue.append(generation)
+            self._work.notify_all()
+            self.on_work()
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request now: a queued one never starts, a running one stops at its next token."""
+        with self._lock:
+            for generation in self._queue:
+                if generation.rid == rid:
+                    generation.cancelled = True
+            if self._active is not None and self._active.rid == rid:
+                self._active.cancelled = True
+
+    # ------------------------------------------------------------------ stepping (one thread)
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._queue) + (self._active is not None)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self._active is not None or bool(self._queue)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._work:
+            return self._work.wait_for(lambda: self._active is not None or bool(self._queue), timeout=timeout)
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def queue_state(self) -> LlmQueueState:
+        with self._lock:
+            active = self._active
+            first = (active is not None and not active.tokens) or (active is None and bool(self._queue))
+            return LlmQueueState(first_pending=first, generating=active is not None or bool(self._queue))
+
+    def step(self) -> LlmStepStats | None:
+        """One unit of work for the current request (None if there was nothing to do)."""
+        started = time.perf_counter()
+        with self._lock:
+            if self._active is None:
+                while self._queue and self._queue[0].cancelled:
+                    self._finish_unstarted(self._queue.popleft())
+                if not self._queue:
+                    return None
+                self._active = self._queue.popleft()
+            generation = self._active
+        waited = None
+        if not generation.started:
+            waited = time.monotonic() - generation.submitted
+            self._begin(generation)
+        first = not generation.tokens
+        evaluated = 0
+        produced = 0
+        try:
+            if generation.cancelled:
+                self._finish(generation, "cancelled")
+            elif generation.todo:
+                evaluated = self._prefill(generation)
+            if self._active is generation and not generation.todo:
+                produced = self._generate(generation, self.first_segment_tokens if first else self.segment_tokens)
+        except Exception as e:  # noqa: BLE001 - one failed request must not stop the engine
+            logger.exception("LLM step failed")
+            self._finish(generation, "error", error=f"{type(e).__name__}: {e}")
+        return LlmStepStats(
+            first=first,
+            prompt_tokens=evaluated,
+            tokens=produced,
+            seconds=time.perf_counter() - started,
+            queue_wait_s=waited,
+        )
+
+    # ------------------------------------------------------------------ the work (stepping thread)
+
+    def _prompt_tokens(self, request: ChatRequest, prompt_text: str) -> list[int]:
+        """The prompt as tokens: the cached conversation's own tokens plus the new turn
+        when the messages extend it, else the whole rendered prompt."""
+        conversation = self._conversation
+        if (
+            conversation is not None
+            and conversation.tools == request.tools
+            and conversation.enable_thinking == request.enable_thinking
+            and _same_messages(request.messages[: len(conversation.messages)], conversation.messages)
+        ):
+            before = self.template.render(
+                request.messages[: len(conversation.messages)],
+                tools=request.tools,
+                enable_thinking=request.enable_thinking,
+                add_generation_prompt=False,
+            )
+            end = before.rfind(self.template.eos_token)
+            if end >= 0 and prompt_text.startswith(before[: end + len(self.template.eos_token)]):
+                return conversation.tokens + self._tokenize(prompt_text[end + len(self.template.eos_token) :])
+        return self._tokenize(prompt_text)
+
+    def _tokenize(self, text: str) -> list[int]:
+        # The template writes the special tokens itself.
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _begin(self, generation: _Generation) -> None:
+        from llama_cpp import Llama
+        from llama_cpp._internals import LlamaSampler
+
+        llm = self._llm
+        generation.prompt = self._prompt_tokens(generation.request, generation.prompt_text)
+        cached = llm._input_ids[: llm.n_tokens].tolist()
+        # The last prompt token is always evaluated: sampling needs its logits.
+        keep = min(Llama.longest_token_prefix(cached, generation.prompt), len(generation.prompt) - 1)
+        if keep < llm.n_tokens:
+            if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+                llm.n_tokens = keep
+            else:
+                # Recurrent state cannot be partly removed: start over.
+                llm.reset()
+                keep = 0
+        generation.cached = keep
+        generation.todo = generation.prompt[keep:]
+        request = generation.request
+        sampler = LlamaSampler()
+        if request.temperature <= 0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_p(request.top_p, 1)
+            sampler.add_temp(request.temperature)
+            sampler.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
+        generation.sampler = sampler
+        generation.started = True
+
+    def _prefill(self, generation: _Generation) -> int:
+        piece = generation.todo[: self.prefill_tokens_per_unit]
+        self._llm.eval(piece)
+        generation.todo = generation.todo[len(piece) :]
+        return len(piece)
+
+    def _generate(self, generation: _Generation, count: int) -> int:
+        from llama_cpp import llama_vocab_is_eog
+
+        llm = self._llm
+        budget = generation.request.max_tokens or self.default_max_tokens
+        budget = min(budget, self.context_size - len(generation.prompt))
+        produced = 0
+        for _ in range(count):
+            if generation.cancelled:
+                self._finish(generation, "cancelled")
+                return produced
+            token = generation.sampler.sample(llm._ctx, -1)
+            produced += 1
+            generation.tokens.append(token)
+            if llama_vocab_is_eog(llm._model.vocab, token):
+                self._finish(generation, "stop")
+                return produced
+            llm.eval([token])
+            piece = generation.splitter.push(generation.decoder.decode(llm.detokenize([token])))
+            self._send(generation, piece.content, piece.reasoning)
+            if len(generation.tokens) >= budget:
+                self._finish(generation, "length")
+                return produced
+        return produced
+
+    def _send(self, generation: _Generation, content: str, reasoning: str) -> None:
+        generation.content += content
+        if content or reasoning:
+            generation.sink(LlmDelta(content=content, reasoning=reasoning))
+
+    def _finish(self, generation: _Generation, reason: str, error: str | None = None) -> None:
+        rest = generation.splitter.finish()
+        self._send(generation, rest.content + generation.decoder.decode(b"", final=True), rest.reasoning)
+        calls = tuple(generation.splitter.tool_calls)
+        if reason == "stop" and calls:
+            reason = "tool_calls"
+        usage = Usage(len(generation.prompt), generation.cached, len(generation.tokens))
+        self._remember(generation, calls, reason)
+        with self._lock:
+            self._active = None
+        generation.sink(LlmFinished(reason, usage, calls, error))
+
+    def _finish_unstarted(self, generation: _Generation) -> None:
+        generation.sink(LlmFinished("cancelled", Usage(len(generation.prompt), 0, 0)))
+
+    def _remember(self, generation: _Generation, calls: tuple[ToolCall, ...], reason: str) -> None:
+        """Record what the cache now holds, closing the reply the way the template does."""
+        if reason == "error":
+            self._conversation = None
+            self._llm.reset()
+            return
+        tokens = generation.prompt + generation.tokens
+        if not generation.tokens or generation.tokens[-1] != self._end_of_turn:
+            tokens.append(self._end_of_turn)
+        reply: dict = {"role": "assistant", "content": generation.content}
+        if calls:
+            reply["tool_calls"] = [c.as_openai() for c in calls]
+        request = generation.request
+        self._conversation = _Conversation([*request.messages, reply], request.tools, request.enable_thinking, tokens)
+
+
+def chat_template(llm) -> ChatTemplate:
+    """The GGUF's own chat template."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("the GGUF has no tokenizer.chat_template")
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return ChatTemplate(
+        template,
+        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+    )
+
+
+def _normal_message(message: dict) -> tuple:
+    """What decides a message's rendering, with whitespace and id differences ignored."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    calls = tuple(
+        (c.get("function", {}).get("name"), _normal_arguments(c.get("function", {}).get("arguments")))
+        for c in message.get("tool_calls") or ()
+    )
+    return message.get("role"), " ".join(content.split()), calls
+
+
+def _normal_arguments(arguments) -> str:
+    import json
+
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return json.dumps(arguments, sort_keys=True)
+
+
+def _same_messages(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(_normal_message(x) == _normal_message(y) for x, y in zip(a, b))

@@ -1,0 +1,166 @@
+"""Random-weight GGUF models of the llama architecture, for tests and benchmarks.
+
+The file is what a real checkpoint looks like to llama.cpp: SentencePiece vocabulary with
+ChatML control tokens, a chat template (tools, reasoning switch) in the metadata, and the
+weights. Only the values are random, so the production loader and engine run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+CHAT_TEMPLATE = r"""{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You may call functions. Their signatures are inside <tools></tools>:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Return each call as <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% elif message.role == 'assistant' %}
+{%- set content = message.content or '' %}
+{%- if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}
+<|im_start|>assistant
+{{ content }}
+{%- if message.tool_calls %}{% for tc in message.tool_calls %}
+<tool_call>{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments if tc.function.arguments is string else tc.function.arguments | tojson }}}</tool_call>
+{%- endfor %}{% endif %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
+
+_WORDS = ["user", "assistant", "system", "tool", "hello", "world", "the", "name", "arguments", "weather", "city"]
+END_OF_TURN = 4
+
+
+def _vocabulary():
+    """(pieces, scores, types) of a small SentencePiece vocabulary with byte fallback."""
+    from gguf import TokenType as T
+
+    special = [
+        ("<unk>", T.UNKNOWN),
+        ("<s>", T.CONTROL),
+        ("</s>", T.CONTROL),
+        ("<|im_start|>", T.CONTROL),
+        ("<|im_end|>", T.CONTROL),
+        ("<think>", T.USER_DEFINED),
+        ("</think>", T.USER_DEFINED),
+        ("<tool_call>", T.USER_DEFINED),
+        ("</tool_call>", T.USER_DEFINED),
+    ]
+    pieces = [p for p, _ in special]
+    types = [t for _, t in special]
+    pieces += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+    normal = ["\u2581", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", *'{}:",.!?_-']
+    for word in _WORDS + ["\u2581" + w for w in _WORDS]:
+        # SentencePiece merges only into pieces that exist: add every prefix.
+        normal += [word[:j] for j in range(2, len(word) + 1) if word[:j] not in normal]
+    pieces += normal
+    types += [T.NORMAL] * len(normal)
+    scores = [0.0] * (len(pieces) - len(normal)) + [-1000.0 + 10 * len(p) - 1e-3 * i for i, p in enumerate(normal)]
+    return pieces, scores, types
+
+
+def write_random_llama_gguf(
+    path: str | Path,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    context_length: int = 4096,
+    seed: int = 0,
+) -> Path:
+    """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by default)."""
+    import gguf
+
+    path = Path(path)
+    pieces, scores, types = _vocabulary()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("random-llama")
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(pieces))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(END_OF_TURN)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    head_dim = n_embd // n_head
+    w.add_tensor("token_embd.weight", weight(len(pieces), n_embd))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor("output.weight", weight(len(pieces), n_embd))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", weight(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
+        w.add_tensor(f"blk.{i}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", weight(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Write a random-weight llama-architecture GGUF (tests, benchmarks).")
+    p.add_argument("path")
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-head-kv", type=int, default=2)
+    p.add_argument("--n-ff", type=int, default=128)
+    a = p.parse_args()
+    write_random_llama_gguf(
+        a.path, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, n_head_kv=a.n_head_kv, n_ff=a.n_ff
+    )
+
+
+if __name__ == "__main__":
+    main()

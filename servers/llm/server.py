@@ -1,0 +1,271 @@
+"""An OpenAI-compatible ``/v1/chat/completions`` over the LLM engine (aiohttp).
+
+Streaming answers arrive as server-sent events chunk by chunk as the engine's units
+produce them; a client that disconnects cancels its request at once. Pipecat's
+``OpenAILLMService`` (or ``pipecat_nvidia.llm.NemotronLLMService``) talks to it, and so
+does anything that speaks OpenAI, so a cloud deployment can swap in vLLM or NIM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from http import HTTPStatus
+
+from aiohttp import web
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from servers.common.loading import BackgroundLoad, Driver
+from servers.llm.config import LlmServerSettings
+from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
+from servers.llm.metrics import LlmMetrics
+from servers.llm.model import load_llama, resolve_source
+from servers.llm.schema import ChatCompletionRequest
+
+
+def load_engine(settings: LlmServerSettings) -> LLMEngine:
+    source = resolve_source(settings.model, settings.quant)
+    logger.info(f"Loading LLM {source.describe()}")
+    llm = load_llama(
+        source, context_size=settings.context_size, gpu_layers=settings.gpu_layers, threads=settings.threads
+    )
+    return LLMEngine(
+        llm,
+        first_segment_tokens=settings.first_segment_tokens,
+        segment_tokens=settings.segment_tokens,
+        default_max_tokens=settings.max_tokens,
+        max_queued=settings.max_queued,
+    )
+
+
+def error_response(status: HTTPStatus, code: str, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": code, "code": code}}
+    return web.json_response(body, status=status.value)
+
+
+class LlmServer:
+    kind = "LLM"
+
+    def __init__(self, settings: LlmServerSettings, driver: Driver | None = None):
+        self.settings = settings
+        self.metrics = LlmMetrics()
+        self._loading = BackgroundLoad(
+            self.kind, settings.model, lambda: load_engine(settings), self.metrics.observe_step, driver
+        )
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    @property
+    def engine(self) -> LLMEngine | None:
+        return self._loading.engine
+
+    @property
+    def port(self) -> int:
+        return self._site._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._auth])
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await self._site.start()
+        logger.info(f"LLM server listening on http://{self.settings.host}:{self.port}/v1 (model loading)")
+        self._loading.start()
+
+    async def wait_loaded(self) -> None:
+        await self._loading.wait()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self._loading.stop()
+
+    # ------------------------------------------------------------------ HTTP
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        token = self.settings.auth_token
+        if token and request.path.startswith("/v1/"):
+            supplied = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+                return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        engine = self.engine
+        ready, details = self._loading.health(requests=engine.session_count if engine else 0)
+        return web.json_response(details, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.settings.model, "object": "model", "owned_by": "local"}]}
+        )
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        engine = self.engine
+        if engine is None:
+            return self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "the model is still loading")
+        try:
+            body = ChatCompletionRequest.model_validate(json.loads(await request.read()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._refuse(HTTPStatus.BAD_REQUEST, "bad_json", "the body is not JSON")
+        except ValidationError as e:
+            return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", _validation_message(e))
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        try:
+            rid = engine.submit(
+                _chat_request(body), lambda event: loop.call_soon_threadsafe(self._deliver, events, event)
+            )
+        except ContextOverflow as e:
+            return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
+        except OverflowError as e:
+            return self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "busy", str(e))
+        self.metrics.active.inc()
+        completion = _Completion(body.model or self.settings.model, time.monotonic())
+        try:
+            if body.stream:
+                return await self._stream(request, events, completion, body)
+            return await self._collect(events, completion)
+        finally:
+            # A client that went away (or any failure here) must not keep the GPU busy.
+            engine.cancel(rid)
+            self.metrics.active.dec()
+
+    def _refuse(self, status: HTTPStatus, code: str, message: str) -> web.Response:
+        self.metrics.errors.labels(code=code).inc()
+        return error_response(status, code, message)
+
+    async def _stream(self, request, events: asyncio.Queue, completion: _Completion, body) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            await self._send_stream(response, events, completion, body)
+        except ConnectionResetError:
+            logger.debug("LLM client went away; its request is cancelled")
+        return response
+
+    async def _send_stream(self, response, events: asyncio.Queue, completion: _Completion, body) -> None:
+        await _send_event(response, completion.chunk({"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, LlmDelta):
+                self._observe_first_text(completion)
+                delta = {"content": event.content} if event.content else {}
+                if event.reasoning:
+                    delta["reasoning_content"] = event.reasoning
+                await _send_event(response, completion.chunk(delta))
+                continue
+            if event.tool_calls:
+                calls = [{"index": i, **call.as_openai()} for i, call in enumerate(event.tool_calls)]
+                await _send_event(response, completion.chunk({"tool_calls": calls}))
+            await _send_event(response, completion.chunk({}, finish_reason=_openai_reason(event)))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                await _send_event(response, {**completion.chunk_header(), "choices": [], "usage": _usage(event)})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return
+
+    async def _collect(self, events: asyncio.Queue, completion: _Completion) -> web.Response:
+        content, reasoning = [], []
+        while True:
+            event = await events.get()
+            if isinstance(event, LlmDelta):
+                self._observe_first_text(completion)
+                content.append(event.content)
+                reasoning.append(event.reasoning)
+                continue
+            if event.finish_reason == "error":
+                return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal", event.error or "generation failed")
+            message = {"role": "assistant", "content": "".join(content)}
+            if any(reasoning):
+                message["reasoning_content"] = "".join(reasoning)
+            if event.tool_calls:
+                message["tool_calls"] = [call.as_openai() for call in event.tool_calls]
+            choice = {"index": 0, "message": message, "finish_reason": _openai_reason(event)}
+            return web.json_response(
+                {**completion.header("chat.completion"), "choices": [choice], "usage": _usage(event)}
+            )
+
+    def _observe_first_text(self, completion: _Completion) -> None:
+        if not completion.first_text_seen:
+            completion.first_text_seen = True
+            self.metrics.first_token.observe(time.monotonic() - completion.started)
+
+    def _deliver(self, events: asyncio.Queue, event: LlmDelta | LlmFinished) -> None:
+        """On the event loop: count a finished request (whether or not its client is still there)."""
+        if isinstance(event, LlmFinished):
+            self.metrics.requests.labels(finish_reason=event.finish_reason).inc()
+            self.metrics.cached_tokens.inc(event.usage.cached_tokens)
+        events.put_nowait(event)
+
+
+class _Completion:
+    """The identity every chunk of one completion repeats."""
+
+    def __init__(self, model: str, started: float):
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+        self.started = started
+        self.first_text_seen = False
+
+    def header(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk_header(self) -> dict:
+        return self.header("chat.completion.chunk")
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {**self.chunk_header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
+    tools = None if body.tool_choice == "none" else body.tools
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in body.messages]
+    return ChatRequest(
+        messages=messages,
+        tools=tools or None,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=0.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
+    )
+
+
+def _openai_reason(event: LlmFinished) -> str:
+    return {"cancelled": "stop", "error": "stop"}.get(event.finish_reason, event.finish_reason)
+
+
+def _usage(event: LlmFinished) -> dict:
+    u = event.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+async def _send_event(response: web.StreamResponse, payload: dict) -> None:
+    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]

@@ -1,0 +1,131 @@
+"""The LLM engine on a tiny random llama GGUF: chunked decoding, prefix reuse, cancel."""
+
+import pytest
+
+from servers.llm.chat import OutputSplitter
+from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LlmFinished
+from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, run
+
+QUESTION = [SYSTEM, {"role": "user", "content": "hello world, what is the weather?"}]
+
+
+def reference_content(path, engine, messages, max_tokens: int) -> str:
+    """llama-cpp-python's own one-shot greedy generation of the same prompt, split the same way."""
+    llm = make_llm(path)
+    prompt = engine.template.render(messages)
+    tokens = []
+    for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0):
+        if llm.token_eos() == token or len(tokens) == max_tokens:
+            break
+        tokens.append(token)
+    splitter = OutputSplitter()
+    text = llm.detokenize(tokens).decode("utf-8", errors="replace")
+    return splitter.push(text).content + splitter.finish().content
+
+
+@pytest.mark.parametrize(("first", "segment"), [(1, 1), (3, 5), (8, 16)])
+def test_decoding_in_segments_equals_one_shot_generation(tiny_llm_path, first, segment):
+    engine = make_engine(tiny_llm_path, first_segment_tokens=first, segment_tokens=segment)
+    content, finished = run(engine, ChatRequest(QUESTION, max_tokens=40))
+    assert finished.finish_reason == "length" and finished.usage.completion_tokens == 40
+    assert content == reference_content(tiny_llm_path, engine, QUESTION, 40)
+
+
+def test_first_unit_is_the_short_first_segment(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, first_segment_tokens=4, segment_tokens=16)
+    engine.submit(ChatRequest(QUESTION, max_tokens=40), lambda event: None)
+    assert engine.queue_state().first_pending
+    first = engine.step()
+    assert first.first and first.tokens == 4 and first.prompt_tokens > 0 and first.queue_wait_s is not None
+    assert not engine.queue_state().first_pending and engine.queue_state().generating
+    assert engine.step().tokens == 16
+
+
+def test_next_turn_evaluates_only_its_new_tokens(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    llm = engine._llm
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+    before = evaluated_tokens(llm)
+    content, second = run(engine, ChatRequest(turn, max_tokens=12))
+    new_prompt_tokens = second.usage.prompt_tokens - second.usage.cached_tokens
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    # llama.cpp's own counters: the new turn's prompt tokens and the 12 generated ones.
+    assert evaluated_tokens(llm) - before == new_prompt_tokens + 12
+
+
+def test_a_reused_prefix_continues_exactly_as_a_full_evaluation(tiny_llm_path):
+    def second_turn(forget_cache: bool):
+        engine = make_engine(tiny_llm_path)
+        reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=30))
+        if forget_cache:
+            engine._llm.reset()
+        turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+        return run(engine, ChatRequest(turn, max_tokens=20))
+
+    reused, reused_end = second_turn(forget_cache=False)
+    evaluated, evaluated_end = second_turn(forget_cache=True)
+    assert reused_end.usage.cached_tokens > 0 and evaluated_end.usage.cached_tokens == 0
+    assert reused == evaluated
+
+
+def test_a_conversation_that_diverges_from_the_cache_is_evaluated_from_the_divergence(tiny_llm_path):
+    """After a barge-in the client's context holds less than was generated: the engine
+    rolls back to the common prefix and answers as a fresh engine would."""
+    engine = make_engine(tiny_llm_path)
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    turn = [*QUESTION, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and the city?"}]
+    content, second = run(engine, ChatRequest(turn, max_tokens=12))
+    assert 0 < second.usage.cached_tokens <= first.usage.prompt_tokens
+    assert content == run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))[0]
+
+
+def test_cancel_stops_a_running_request_before_its_next_token(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, first_segment_tokens=4)
+    events = []
+    rid = engine.submit(ChatRequest(QUESTION, max_tokens=100), events.append)
+    engine.step()
+    engine.cancel(rid)
+    stats = engine.step()
+    assert stats.tokens == 0 and not engine.has_work()
+    finished = events[-1]
+    assert isinstance(finished, LlmFinished) and finished.finish_reason == "cancelled"
+    assert finished.usage.completion_tokens == 4
+
+
+def test_a_cancelled_queued_request_never_runs(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    first, second = [], []
+    engine.submit(ChatRequest(QUESTION, max_tokens=5), first.append)
+    rid = engine.submit(ChatRequest(QUESTION, max_tokens=5), second.append)
+    engine.cancel(rid)
+    while engine.has_work():
+        engine.step()
+    assert first[-1].finish_reason == "length"
+    assert [type(e) for e in second] == [LlmFinished] and second[0].finish_reason == "cancelled"
+
+
+def test_reasoning_is_off_unless_asked_for(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    assert engine.template.render(QUESTION).endswith("<think>\n\n</think>\n\n")
+    assert not engine.template.render(QUESTION, enable_thinking=True).endswith("</think>\n\n")
+
+
+def test_tools_are_rendered_into_the_prompt(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    assert '"name": "get_weather"' in engine.template.render(QUESTION, tools=[tool])
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, context_size=256)
+    with pytest.raises(ContextOverflow):
+        engine.submit(ChatRequest([{"role": "user", "content": "hello world " * 200}]), lambda event: None)
+
+
+def test_deltas_stream_before_the_request_finishes(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, first_segment_tokens=8)
+    events = []
+    engine.submit(ChatRequest(QUESTION, max_tokens=40), events.append)
+    engine.step()
+    assert events and all(isinstance(e, LlmDelta) for e in events)

@@ -1,0 +1,113 @@
+"""The OpenAI-compatible endpoint on loopback, driven by the ``openai`` client."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from tests.llm.helpers import SYSTEM
+
+QUESTION = [SYSTEM, {"role": "user", "content": "hello world"}]
+
+
+def client(server, **kwargs) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=kwargs.pop("api_key", "none"), **kwargs)
+
+
+async def test_streamed_completion_equals_the_whole_one(start_llm_server):
+    server = await start_llm_server()
+    llm = client(server)
+    whole = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=24, temperature=0)
+    chunks = [
+        c
+        async for c in await llm.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=24, temperature=0, stream=True
+        )
+    ]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "text arrives in pieces"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 24
+
+
+async def test_usage_reports_the_prompt_tokens_reused_from_the_cache(start_llm_server):
+    server = await start_llm_server()
+    llm = client(server)
+    first = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=10, temperature=0)
+    turn = [*QUESTION, {"role": "assistant", "content": first.choices[0].message.content}]
+    turn.append({"role": "user", "content": "and the city?"})
+    second = await llm.chat.completions.create(
+        model="m", messages=turn, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [c async for c in second][-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"not json", "bad_json"),
+        (json.dumps({"messages": []}).encode(), "invalid_request"),
+        (json.dumps({"messages": [{"content": "hi"}]}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "stop": ["x"]}).encode(), "invalid_request"),
+        (json.dumps({"messages": [{"role": "user", "content": "hello " * 2000}]}).encode(), "context_length_exceeded"),
+    ],
+)
+async def test_bad_requests_get_a_typed_error_and_the_server_goes_on(start_llm_server, body, code):
+    server = await start_llm_server()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", data=body) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == code
+    ok = await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=3)
+    assert ok.usage.completion_tokens == 3
+
+
+async def test_a_client_that_disconnects_cancels_its_request(start_llm_server):
+    server = await start_llm_server()
+    async with aiohttp.ClientSession() as http:
+        body = {"messages": QUESTION, "max_tokens": 900, "stream": True}
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response:
+            await response.content.readline()
+    for _ in range(100):
+        if not server.engine.has_work():
+            break
+        await asyncio.sleep(0.02)
+    assert not server.engine.has_work()
+    metrics = await _get(server, "/metrics")
+    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+
+
+async def test_tool_choice_none_drops_the_tools(start_llm_server):
+    server = await start_llm_server()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    llm = client(server)
+    with_tools = await llm.chat.completions.create(model="m", messages=QUESTION, tools=[tool], max_tokens=1)
+    without = await llm.chat.completions.create(
+        model="m", messages=QUESTION, tools=[tool], tool_choice="none", max_tokens=1
+    )
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens
+
+
+async def test_a_bearer_token_is_required_when_set(start_llm_server):
+    server = await start_llm_server(auth_token="s3cret")
+    with pytest.raises(Exception, match="401"):
+        await client(server, api_key="wrong").chat.completions.create(model="m", messages=QUESTION, max_tokens=1)
+    ok = await client(server, api_key="s3cret").chat.completions.create(model="m", messages=QUESTION, max_tokens=1)
+    assert ok.choices[0].finish_reason == "length"
+
+
+async def test_health_says_loading_then_ready(start_llm_server):
+    server = await start_llm_server(wait=False)
+    assert json.loads(await _get(server, "/health"))["status"] in ("loading", "ready")
+    await server.wait_loaded()
+    assert json.loads(await _get(server, "/health"))["status"] == "ready"
+
+
+async def _get(server, path: str) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{server.port}{path}") as response:
+            return await response.text()
