@@ -91,6 +91,7 @@ def write_random_llama_gguf(
     n_head_kv: int = 2,
     n_ff: int = 128,
     context_length: int = 4096,
+    init_std: float = 0.5,
     seed: int = 0,
 ) -> Path:
     """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by default)."""
@@ -125,7 +126,7 @@ def write_random_llama_gguf(
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+        return (rng.standard_normal(shape, dtype=np.float32) * init_std).astype(np.float32)
 
     head_dim = n_embd // n_head
     w.add_tensor("token_embd.weight", weight(len(pieces), n_embd))
@@ -156,9 +157,16 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--n-ff", type=int, default=128)
+    p.add_argument("--init-std", type=float, default=0.5)
     a = p.parse_args()
     write_random_llama_gguf(
-        a.path, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, n_head_kv=a.n_head_kv, n_ff=a.n_ff
+        a.path,
+        n_embd=a.n_embd,
+        n_layer=a.n_layer,
+        n_head=a.n_head,
+        n_head_kv=a.n_head_kv,
+        n_ff=a.n_ff,
+        init_std=a.init_std,
     )
 
 

@@ -1,0 +1,226 @@
+"""ASR, TTS and LLM on one GPU: interleaved by the scheduler vs free-running.
+
+Both modes load the same three engines once and run the same workload in-process:
+``--asr-streams`` real-time ASR sessions streaming speech the whole time, and bot turns
+one after another (an LLM request, its text feeding the TTS the way a voice pipeline's
+sentence aggregator would, the turn's audio played out in real time). "free" gives each
+engine its own thread, as three separate servers on one GPU would; "scheduled" runs all
+of them through one ``GpuScheduler``. Reported per mode: time to first audio of a bot
+turn (LLM request to first TTS audio) p50/p90, and ASR chunk latency p99 with the ASR
+alone and under the turns' load.
+
+    python -m bench.interleave --asr ASR --tts TTS --llm LLM.gguf --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+
+from bench.common import SPEECH
+from pipecat_nvidia.protocol import TtsAudio, TtsDone, TtsSpeak
+from scheduler.worker import GpuScheduler
+from servers.asr.config import AsrServerSettings
+from servers.asr.server import load_engine as load_asr
+from servers.common.loading import own_worker
+from servers.llm.config import LlmServerSettings
+from servers.llm.engine import ChatRequest, LlmDelta, LlmFinished
+from servers.llm.server import load_engine as load_llm
+from servers.tts.config import TtsServerSettings
+from servers.tts.server import load_engine as load_tts
+
+SENTENCES = [
+    "Sure, I can help with that.",
+    "The forecast for tomorrow is mostly sunny with a light breeze.",
+    "Temperatures will reach the low twenties in the afternoon.",
+    "Is there anything else you would like to know?",
+]
+PROMPT = [
+    {"role": "system", "content": "You are a helpful voice assistant. Answer in two or three short sentences."},
+    {"role": "user", "content": "What will the weather be like tomorrow, and should I bring an umbrella? " * 8},
+]
+CHARS_PER_SENTENCE = 60
+"""LLM output that stands for one sentence handed to the TTS."""
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+@dataclass
+class Observed:
+    chunk_latencies: list[float] = field(default_factory=list)
+
+    def on_asr_step(self, stats) -> None:
+        self.chunk_latencies.extend(stats.chunk_latencies)
+
+
+class AsrStreams:
+    """``count`` sessions each pushing 20 ms of speech every 20 ms, finalising every 5 s."""
+
+    def __init__(self, engine, count: int, speech: np.ndarray):
+        self._engine = engine
+        self._speech = speech
+        self._sids = [engine.open_session(lambda message: None) for _ in range(count)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sid in self._sids:
+            self._engine.close_session(sid)
+
+    def _run(self) -> None:
+        frame, offset, next_at, since_reset = 320, 0, time.monotonic(), 0
+        while not self._stop.is_set():
+            piece = self._speech[offset : offset + frame]
+            offset = (offset + frame) % (len(self._speech) - frame)
+            for sid in self._sids:
+                self._engine.push_audio(sid, piece.tobytes())
+            since_reset += frame
+            if since_reset >= 5 * 16000:
+                since_reset = 0
+                for sid in self._sids:
+                    self._engine.reset(sid, finalize=True, trailing_silence_ms=0)
+            next_at += frame / 16000
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+class TtsRouter:
+    """The bench's one TTS session: its messages go to the turn being measured."""
+
+    def __init__(self) -> None:
+        self.handler: Callable = lambda message: None
+
+    def __call__(self, message) -> None:
+        self.handler(message)
+
+
+def bot_turn(llm, tts, tts_sid: int, router: TtsRouter, turn: int, max_tokens: int) -> float:
+    """One turn; returns seconds from the LLM request to the first TTS audio."""
+    context_id = f"turn-{turn}"
+    first_audio = threading.Event()
+    done = threading.Event()
+    audio_at: list[float] = []
+    state = {"chars": 0, "spoken": 0}
+
+    def on_tts(message) -> None:
+        if isinstance(message, TtsAudio) and message.context_id == context_id and not audio_at:
+            audio_at.append(time.monotonic())
+            first_audio.set()
+        elif isinstance(message, TtsDone) and message.context_id == context_id:
+            done.set()
+
+    router.handler = on_tts
+
+    def speak_next() -> None:
+        text = SENTENCES[state["spoken"] % len(SENTENCES)]
+        state["spoken"] += 1
+        tts.speak(tts_sid, TtsSpeak(context_id=context_id, text=text))
+
+    def on_llm(event) -> None:
+        if isinstance(event, LlmDelta):
+            state["chars"] += len(event.content)
+            if state["spoken"] == 0 or state["chars"] >= CHARS_PER_SENTENCE * state["spoken"]:
+                speak_next()
+        elif isinstance(event, LlmFinished):
+            if state["spoken"] == 0:
+                speak_next()
+            tts.flush(tts_sid, context_id)
+
+    started = time.monotonic()
+    llm.submit(ChatRequest(PROMPT, max_tokens=max_tokens), on_llm)
+    first_audio.wait(60)
+    done.wait(120)
+    return audio_at[0] - started if audio_at else float("nan")
+
+
+def run_mode(mode: str, engines: dict, args) -> dict:
+    asr, tts, llm = engines["asr"], engines["tts"], engines["llm"]
+    observed = Observed()
+    scheduler = GpuScheduler() if mode == "scheduled" else None
+    observers = {"asr": observed.on_asr_step, "tts": lambda s: None, "llm": lambda s: None}
+    stops = []
+    for name, engine in engines.items():
+        drive = scheduler.driver(name) if scheduler else own_worker(name)
+        stops.append(drive(engine, observers[name]))
+    speech, _ = sf.read(SPEECH, dtype="int16")
+    streams = AsrStreams(asr, args.asr_streams, speech)
+    router = TtsRouter()
+    tts_sid = tts.open_session(router)
+    streams.start()
+    time.sleep(args.idle_s)
+    idle = list(observed.chunk_latencies)
+    observed.chunk_latencies.clear()
+    ttfa = [bot_turn(llm, tts, tts_sid, router, turn, args.max_tokens) for turn in range(args.turns)]
+    loaded = list(observed.chunk_latencies)
+    streams.stop()
+    tts.close_session(tts_sid)
+    for stop in stops:
+        stop()
+    result = {
+        "time_to_first_audio_ms_p50": percentile(ttfa, 50),
+        "time_to_first_audio_ms_p90": percentile(ttfa, 90),
+        "asr_chunk_latency_ms_p99_idle": percentile(idle, 99),
+        "asr_chunk_latency_ms_p99_loaded": percentile(loaded, 99),
+        "turns": len(ttfa),
+        "asr_chunks_idle": len(idle),
+        "asr_chunks_loaded": len(loaded),
+    }
+    if scheduler is not None:
+        result["units"] = {
+            u.value: sum(1 for r in scheduler.history if r.unit is u) for u in {r.unit for r in scheduler.history}
+        }
+        result["max_asr_wait_units"] = scheduler.max_asr_wait_units
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--asr", required=True)
+    p.add_argument("--tts", required=True)
+    p.add_argument("--codec", default=None)
+    p.add_argument("--llm", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--llm-gpu-layers", type=int, default=-1)
+    p.add_argument("--asr-streams", type=int, default=4)
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--max-tokens", type=int, default=120)
+    p.add_argument("--idle-s", type=float, default=5.0)
+    p.add_argument("--tts-max-frames-per-token", type=float, default=1.5)
+    p.add_argument("--modes", nargs="+", default=["free", "scheduled"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    engines = {
+        "asr": load_asr(AsrServerSettings(model=args.asr, device=args.device)),
+        "tts": load_tts(
+            TtsServerSettings(
+                model=args.tts,
+                codec=args.codec,
+                device=args.device,
+                max_frames_per_token=args.tts_max_frames_per_token,
+            )
+        ),
+        "llm": load_llm(LlmServerSettings(model=args.llm, gpu_layers=args.llm_gpu_layers)),
+    }
+    results = {mode: run_mode(mode, engines, args) for mode in args.modes}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
