@@ -9,7 +9,6 @@ loop, and sessions may be opened, fed and closed from any thread while a step ru
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from pipecat_nvidia.protocol import AsrServerMessage, AsrTranscript, ErrorCode, 
 from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
-from servers.common.engine import EngineFull
+from servers.common.engine import EngineFull, WorkSignal
 from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
@@ -91,7 +90,7 @@ class StepStats:
     """Per streamed chunk: seconds from its last audio arriving to its result."""
 
 
-class StreamingASREngine:
+class StreamingASREngine(WorkSignal):
     """Batched cache-aware streaming transcription for many sessions of one model."""
 
     def __init__(
@@ -120,8 +119,7 @@ class StreamingASREngine:
             autocast_dtype=autocast_dtype(precision, next(model.parameters()).device),
         )
         self._pool = self._step.pool
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
+        super().__init__()
         self._sessions: dict[int, _Session] = {}
         self._ready: set[int] = set()
         """Sessions whose next step can run now; kept up to date so that waiting for
@@ -200,18 +198,8 @@ class StreamingASREngine:
 
     # ------------------------------------------------------------------ stepping (one thread)
 
-    def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._ready)
-
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        with self._work:
-            return self._work.wait_for(lambda: bool(self._ready), timeout=timeout)
-
-    def wake(self) -> None:
-        """Make a pending ``wait_for_work`` return (e.g. to shut down)."""
-        with self._work:
-            self._work.notify_all()
+    def _has_work_locked(self) -> bool:
+        return bool(self._ready)
 
     def step(self) -> StepStats:
         """Run one batched step over every session with ready work."""

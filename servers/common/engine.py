@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,3 +28,29 @@ class SteppedEngine(Protocol):
     def step(self) -> Any: ...
 
     def wake(self) -> None: ...
+
+
+class WorkSignal:
+    """The stepping side every engine shares: one lock for its state, and waiting on it
+    until there is work. Subclasses say what work is (``_has_work_locked``) and call
+    ``self._work.notify_all()`` under the lock when some arrives."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+
+    def _has_work_locked(self) -> bool:
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self._has_work_locked()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._work:
+            return self._work.wait_for(self._has_work_locked, timeout=timeout)
+
+    def wake(self) -> None:
+        """Make a pending ``wait_for_work`` return (e.g. to shut down)."""
+        with self._work:
+            self._work.notify_all()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
+from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, ToolCall
 
 
@@ -119,7 +119,7 @@ class _Conversation:
     tokens: list[int]
 
 
-class LLMEngine:
+class LLMEngine(WorkSignal):
     def __init__(
         self,
         llm,
@@ -139,8 +139,7 @@ class LLMEngine:
         self.max_queued = max_queued
         self.template = chat_template(llm)
         self._end_of_turn = llm.token_eos()
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
+        super().__init__()
         self._queue: deque[_Generation] = deque()
         self._active: _Generation | None = None
         self._conversation: _Conversation | None = None
@@ -185,22 +184,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping (one thread)
 
+    def _has_work_locked(self) -> bool:
+        return self._active is not None or bool(self._queue)
+
     @property
     def session_count(self) -> int:
         with self._lock:
             return len(self._queue) + (self._active is not None)
-
-    def has_work(self) -> bool:
-        with self._lock:
-            return self._active is not None or bool(self._queue)
-
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        with self._work:
-            return self._work.wait_for(lambda: self._active is not None or bool(self._queue), timeout=timeout)
-
-    def wake(self) -> None:
-        with self._work:
-            self._work.notify_all()
 
     def queue_state(self) -> LlmQueueState:
         with self._lock:

@@ -10,7 +10,6 @@ never takes part in another step and nothing more is sent for it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from pipecat_nvidia.protocol import (
     TtsServerMessage,
     TtsSpeak,
 )
-from servers.common.engine import EngineFull
+from servers.common.engine import EngineFull, WorkSignal
 from servers.common.precision import autocast_dtype
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -143,7 +142,7 @@ class TtsStepStats:
     first_audio_latencies: tuple[float, ...]
 
 
-class TTSEngine:
+class TTSEngine(WorkSignal):
     """Batched Magpie synthesis for many sessions of one model."""
 
     def __init__(
@@ -181,8 +180,7 @@ class TTSEngine:
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
         self._step_seconds = _Average()
         self._decode_seconds = _Average()
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
+        super().__init__()
         self._sessions: dict[int, _Session] = {}
         self._busy: deque[_Context] = deque()
         """Contexts with segments to speak, oldest first (the order segments get a row)."""
@@ -294,9 +292,8 @@ class TTSEngine:
 
     # ------------------------------------------------------------------ stepping (one thread)
 
-    def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._busy)
+    def _has_work_locked(self) -> bool:
+        return bool(self._busy)
 
     def queue_state(self) -> TtsQueueState:
         now = self._clock()
@@ -311,14 +308,6 @@ class TTSEngine:
             min_ahead_s=min(ahead) if ahead else None,
             text_ahead_s=min(text) if text else None,
         )
-
-    def wait_for_work(self, timeout: float | None = None) -> bool:
-        with self._work:
-            return self._work.wait_for(lambda: bool(self._busy), timeout=timeout)
-
-    def wake(self) -> None:
-        with self._work:
-            self._work.notify_all()
 
     def step(self) -> TtsStepStats:
         started = time.perf_counter()
