@@ -3,11 +3,16 @@
 A server listens at once and reports "loading" on ``/health`` while this runs. Once the
 engine is built, its driver starts it: standalone servers give it its own worker thread,
 the local GPU host hands it to the shared scheduler instead.
+
+Loads in one process run one at a time: NeMo's ``restore_from`` changes the process's
+working directory to a temporary one it deletes afterwards, so two at once break each
+other (and, on a GPU, the LLM's quantisation is chosen by the memory the others leave).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -17,6 +22,7 @@ from loguru import logger
 from servers.common.worker import EngineWorker
 
 E = TypeVar("E")
+_ONE_LOAD_AT_A_TIME = threading.Lock()
 StepObserver = Callable[[Any], None]
 Driver = Callable[[Any, StepObserver], Callable[[], None]]
 """Starts driving an engine, reporting each step's stats to the observer; returns how to
@@ -78,10 +84,14 @@ class BackgroundLoad(Generic[E]):
             report["error"] = self.error
         return self.status == "ready", report
 
+    def _load_alone(self) -> E:
+        with _ONE_LOAD_AT_A_TIME:
+            return self._load()
+
     async def _run(self) -> None:
         started = time.monotonic()
         try:
-            engine = await asyncio.to_thread(self._load)
+            engine = await asyncio.to_thread(self._load_alone)
         except Exception as e:  # noqa: BLE001 - reported on /health and to clients
             logger.exception(f"Loading the {self.kind} model failed")
             self.error = f"{type(e).__name__}: {e}"
