@@ -109,3 +109,26 @@ async def start_llm_server(tiny_llm_path):
     )
     yield starter
     await starter.stop_all()
+
+
+@pytest.fixture(scope="module")
+async def gpu_host(tiny_asr_path, tiny_tts_path, tiny_llm_path):
+    """The local GPU host (ASR, TTS, LLM on one scheduler) with tiny models on free ports,
+    shared by a module's tests."""
+    from scheduler.host import HostSettings, LocalGpuHost
+    from servers.asr.config import AsrServerSettings
+    from servers.llm.config import LlmServerSettings
+    from servers.tts.config import TtsServerSettings
+
+    settings = HostSettings(
+        asr=AsrServerSettings(model=str(tiny_asr_path), port=0, device="cpu"),
+        tts=TtsServerSettings(model=str(tiny_tts_path), port=0, device="cpu", temperature=0.0),
+        llm=LlmServerSettings(model=str(tiny_llm_path), port=0, context_size=4096, gpu_layers=0, threads=1),
+    )
+    host = LocalGpuHost(settings)
+    await host.start()
+    try:
+        await host.wait_loaded()
+        yield host
+    finally:
+        await host.stop()

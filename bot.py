@@ -1,0 +1,66 @@
+"""The local voice agent: ``python bot.py``, then open http://localhost:7860/client.
+
+With no ``NVIDIA_ASR_URL`` / ``NVIDIA_TTS_URL`` / ``NVIDIA_LLM_URL`` set, it first starts
+the local GPU host (ASR, TTS and LLM on one GPU; models download on first run) and stops
+it on exit; otherwise it uses those servers. ``-t daily`` and ``-t twilio`` work as in
+Pipecat's examples (credentials from the environment or ``.env``). Settings:
+``.env.example``.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from dotenv import load_dotenv
+from pipecat.runner.types import RunnerArguments
+from pipecat.runner.utils import create_transport
+from pipecat.transports.base_transport import TransportParams
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_nvidia.agent import AgentSettings, build_agent
+
+load_dotenv(override=True)
+
+
+def _transport_params() -> dict:
+    def daily():
+        from pipecat.transports.daily.transport import DailyParams
+
+        return DailyParams(audio_in_enabled=True, audio_out_enabled=True)
+
+    def websocket():
+        from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
+
+        return FastAPIWebsocketParams(audio_in_enabled=True, audio_out_enabled=True)
+
+    return {
+        "webrtc": lambda: TransportParams(audio_in_enabled=True, audio_out_enabled=True),
+        "daily": daily,
+        "twilio": websocket,
+    }
+
+
+async def bot(runner_args: RunnerArguments):
+    """The Pipecat runner's entry point: one call per session."""
+    transport = await create_transport(runner_args, _transport_params())
+    agent = build_agent(transport, AgentSettings.from_env())
+    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
+    await runner.run(agent.worker)
+
+
+def main() -> None:
+    from pipecat.runner.run import main as run_runner
+
+    settings = AgentSettings.from_env()
+    if settings.uses_local_host:
+        from pipecat_nvidia.local_host import LocalHost
+
+        host = LocalHost(settings)
+        atexit.register(host.stop)
+        host.start()
+        host.wait_ready()
+    run_runner()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The voice agent's pipeline: what ``bot.py`` runs on whatever transport it is given.
+
+transport in → NemotronSTTService (Silero VAD 200 ms + Smart Turn v3 on the CPU in the
+user aggregator) → LLM (the local host's OpenAI-compatible endpoint) → MagpieTTSService →
+transport out → optional stereo recorder → assistant aggregator. Interruptions are on:
+a barge-in cancels the LLM request and the TTS turn and drops queued audio. Each turn's
+voice-to-voice latency is logged and sent to the client (``pipecat_nvidia.latency``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import wave
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from loguru import logger
+from pipecat.frames.frames import LLMRunFrame
+from pipecat.observers.user_bot_latency_observer import UserBotLatencyObserver
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
+from pipecat.transports.base_transport import BaseTransport
+
+from pipecat_nvidia.latency import TurnLatencyLog
+from pipecat_nvidia.llm import NemotronLLMService
+from pipecat_nvidia.stt import NemotronSTTService
+from pipecat_nvidia.tts import MagpieTTSService
+from pipecat_nvidia.turns import user_turn_params
+
+DEFAULT_PROMPT = (
+    "You are a friendly voice assistant running locally on an NVIDIA GPU. Your answers are "
+    "spoken aloud, so keep them short and conversational: one to three sentences, no lists, "
+    "no markdown, no emoji."
+)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Every setting has an environment variable (named in ``ENV``) and a default."""
+
+    asr_url: str = "ws://127.0.0.1:8080"
+    tts_url: str = "ws://127.0.0.1:8001"
+    llm_url: str = "http://127.0.0.1:8082/v1"
+    auth_token: str | None = None
+    llm_model: str = "nemotron-3-nano"
+    system_prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 300
+    voice: str | None = None
+    greeting: bool = True
+    """Say hello when the client connects."""
+    record_dir: str | None = None
+    """Write each session as a stereo WAV here (user left, bot right)."""
+    remote: tuple[str, ...] = field(default=())
+    """The URLs that came from the environment (none: run the local GPU host)."""
+
+    ENV = {
+        "asr_url": "NVIDIA_ASR_URL",
+        "tts_url": "NVIDIA_TTS_URL",
+        "llm_url": "NVIDIA_LLM_URL",
+        "auth_token": "NVIDIA_AUTH_TOKEN",
+        "llm_model": "BOT_LLM_MODEL",
+        "system_prompt": "BOT_SYSTEM_PROMPT",
+        "max_tokens": "BOT_MAX_TOKENS",
+        "voice": "BOT_VOICE",
+        "greeting": "BOT_GREETING",
+        "record_dir": "BOT_RECORD_DIR",
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> AgentSettings:
+        values: dict = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in cls.ENV.items():
+            raw = env.get(var)
+            if raw in (None, ""):
+                continue
+            if types[name] == "int":
+                values[name] = int(raw)
+            elif types[name] == "bool":
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = raw
+        remote = tuple(n for n in ("asr_url", "tts_url", "llm_url") if n in values)
+        return cls(**values, remote=remote)
+
+    @property
+    def uses_local_host(self) -> bool:
+        return not self.remote
+
+
+@dataclass
+class Agent:
+    worker: PipelineWorker
+    context: LLMContext
+    latency: TurnLatencyLog
+    services: tuple
+
+
+def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
+    token = settings.auth_token
+    stt = NemotronSTTService(url=settings.asr_url, auth_token=token)
+    llm = NemotronLLMService(
+        base_url=settings.llm_url,
+        api_key=token or "none",
+        settings=NemotronLLMService.Settings(
+            model=settings.llm_model, system_instruction=settings.system_prompt, max_tokens=settings.max_tokens
+        ),
+    )
+    tts_settings = MagpieTTSService.Settings(voice=settings.voice) if settings.voice else None
+    tts = MagpieTTSService(url=settings.tts_url, auth_token=token, settings=tts_settings)
+    context = LLMContext()
+    user, assistant = LLMContextAggregatorPair(context, user_params=user_turn_params())
+    recorder = AudioBufferProcessor(num_channels=2) if settings.record_dir else None
+    processors = [transport.input(), stt, user, llm, tts, transport.output()]
+    processors += [recorder] if recorder else []
+    processors.append(assistant)
+    observer = UserBotLatencyObserver()
+    worker = PipelineWorker(
+        Pipeline(processors),
+        params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),
+        observers=[observer],
+    )
+    agent = Agent(worker, context, TurnLatencyLog(observer, worker.queue_frame), (stt, llm, tts))
+
+    @transport.event_handler("on_client_connected")
+    async def on_connected(_transport, _client):
+        logger.info("Client connected")
+        if recorder is not None:
+            await recorder.start_recording()
+        if settings.greeting:
+            context.add_message({"role": "user", "content": "Greet me in one short sentence."})
+            await worker.queue_frames([LLMRunFrame()])
+
+    @transport.event_handler("on_client_disconnected")
+    async def on_disconnected(_transport, _client):
+        logger.info("Client disconnected")
+        await worker.cancel()
+
+    if recorder is not None:
+
+        @recorder.event_handler("on_audio_data")
+        async def on_audio(_recorder, audio: bytes, sample_rate: int, num_channels: int):
+            write_wav(Path(settings.record_dir), audio, sample_rate, num_channels)
+
+    return agent
+
+
+def write_wav(directory: Path, pcm: bytes, sample_rate: int, channels: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"session-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm)
+    logger.info(f"Recorded the session to {path}")
+    return path

@@ -1,0 +1,95 @@
+"""Running the local GPU host (``python -m scheduler``) as a child of the bot.
+
+``bot.py`` starts it when no server URLs are configured, shows its progress while the
+models download and load, and stops it when the bot exits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from loguru import logger
+
+from pipecat_nvidia.agent import AgentSettings
+
+
+def health_urls(settings: AgentSettings) -> dict[str, str]:
+    def health(url: str) -> str:
+        parts = urlsplit(url)
+        return f"http://{parts.hostname}:{parts.port}/health"
+
+    return {"ASR": health(settings.asr_url), "TTS": health(settings.tts_url), "LLM": health(settings.llm_url)}
+
+
+def read_health(url: str) -> dict | None:
+    """The endpoint's health report (also for 503 while loading); None if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        try:
+            return json.load(e)
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+class LocalHost:
+    def __init__(self, settings: AgentSettings, extra_args: tuple[str, ...] = ()):
+        self._settings = settings
+        self._args = [sys.executable, "-m", "scheduler", *_port_args(settings), *extra_args]
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")
+        self._process = subprocess.Popen(self._args)
+
+    def wait_ready(self, timeout_s: float = 3600.0, report_every_s: float = 10.0) -> None:
+        """Block until every endpoint is ready (model downloads can take many minutes)."""
+        urls = health_urls(self._settings)
+        started = time.monotonic()
+        reported = started
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"the local GPU host exited with code {self._process.returncode}")
+            reports = {name: read_health(url) for name, url in urls.items()}
+            statuses = {name: (r or {}).get("status", "starting") for name, r in reports.items()}
+            if all(s == "ready" for s in statuses.values()):
+                logger.info(f"Local GPU host ready in {time.monotonic() - started:.0f} s")
+                return
+            failed = {n: r.get("error") for n, r in reports.items() if r and r.get("status") == "error"}
+            if failed:
+                raise RuntimeError(f"the local GPU host could not load: {failed}")
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise TimeoutError(f"the local GPU host was not ready after {timeout_s:.0f} s: {statuses}")
+            if now - reported >= report_every_s:
+                reported = now
+                summary = ", ".join(f"{n} {s}" for n, s in statuses.items())
+                logger.info(f"Waiting for the local GPU host ({now - started:.0f} s): {summary}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _port_args(settings: AgentSettings) -> list[str]:
+    return [
+        *("--asr-port", str(urlsplit(settings.asr_url).port)),
+        *("--tts-port", str(urlsplit(settings.tts_url).port)),
+        *("--llm-port", str(urlsplit(settings.llm_url).port)),
+    ]

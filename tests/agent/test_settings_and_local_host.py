@@ -1,0 +1,61 @@
+"""The bot's settings, and the local GPU host it starts when no servers are configured."""
+
+import socket
+
+import pytest
+
+from pipecat_nvidia.agent import AgentSettings
+from pipecat_nvidia.local_host import LocalHost, health_urls, read_health
+
+
+def test_no_server_urls_means_the_local_host():
+    settings = AgentSettings.from_env({"BOT_MAX_TOKENS": "50", "BOT_GREETING": "off"})
+    assert settings.uses_local_host and settings.max_tokens == 50 and not settings.greeting
+
+
+def test_any_server_url_means_remote_servers():
+    settings = AgentSettings.from_env({"NVIDIA_LLM_URL": "http://gpu-box:8000/v1"})
+    assert not settings.uses_local_host and settings.llm_url == "http://gpu-box:8000/v1"
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_the_local_host_starts_reports_ready_and_stops(tiny_asr_path, tiny_tts_path, tiny_llm_path):
+    asr, tts, llm = free_ports(3)
+    settings = AgentSettings(
+        asr_url=f"ws://127.0.0.1:{asr}", tts_url=f"ws://127.0.0.1:{tts}", llm_url=f"http://127.0.0.1:{llm}/v1"
+    )
+    tiny = ("--asr-model", str(tiny_asr_path), "--tts-model", str(tiny_tts_path), "--llm-model", str(tiny_llm_path))
+    host = LocalHost(settings, (*tiny, "--device", "cpu", "--llm-gpu-layers", "0", "--llm-context-size", "1024"))
+    host.start()
+    try:
+        host.wait_ready(timeout_s=300, report_every_s=5)
+        assert all(read_health(url)["status"] == "ready" for url in health_urls(settings).values())
+    finally:
+        host.stop()
+    assert all(read_health(url) is None for url in health_urls(settings).values())
+
+
+@pytest.mark.slow
+def test_a_host_that_cannot_load_is_reported(tmp_path):
+    asr, tts, llm = free_ports(3)
+    settings = AgentSettings(
+        asr_url=f"ws://127.0.0.1:{asr}", tts_url=f"ws://127.0.0.1:{tts}", llm_url=f"http://127.0.0.1:{llm}/v1"
+    )
+    missing = str(tmp_path / "missing.gguf")
+    host = LocalHost(settings, ("--asr-model", missing, "--tts-model", missing, "--llm-model", missing))
+    host.start()
+    try:
+        with pytest.raises(RuntimeError):
+            host.wait_ready(timeout_s=120)
+    finally:
+        host.stop()
