@@ -10,6 +10,7 @@ Pipecat's examples (credentials from the environment or ``.env``). Settings:
 from __future__ import annotations
 
 import atexit
+import sys
 
 from dotenv import load_dotenv
 from pipecat.runner.types import RunnerArguments
@@ -52,7 +53,8 @@ def main() -> None:
     from pipecat.runner.run import main as run_runner
 
     settings = AgentSettings.from_env()
-    if settings.uses_local_host:
+    asking_for_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
+    if settings.uses_local_host and not asking_for_help:
         from pipecat_nvidia.local_host import LocalHost
 
         host = LocalHost(settings)
