@@ -46,7 +46,8 @@ async def bot(runner_args: RunnerArguments):
     transport = await create_transport(runner_args, _transport_params())
     agent = build_agent(transport, AgentSettings.from_env())
     runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
-    await runner.run(agent.worker)
+    await runner.add_workers(agent.worker)
+    await runner.run()
 
 
 def main() -> None:

@@ -172,7 +172,9 @@ async def serve_agent(port: int) -> None:
 
     while True:
         agent = build_agent(agent_transport(port), AgentSettings.from_env())
-        await WorkerRunner(handle_sigint=False).run(agent.worker)
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(agent.worker)
+        await runner.run()
 
 
 def percentiles(values: list[float]) -> dict:

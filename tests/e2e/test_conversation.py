@@ -51,7 +51,9 @@ async def conversation(gpu_host, speech_int16):
     )
     port = free_port()
     agent = build_agent(agent_transport(port), settings)
-    running = asyncio.create_task(WorkerRunner(handle_sigint=False).run(agent.worker))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(agent.worker)
+    running = asyncio.create_task(runner.run())
     await wait_listening(port)
     utterances = sentences(speech_int16)[:4]
     pauses = [ANSWER_PAUSE_S, ANSWER_PAUSE_S, BARGE_IN_PAUSE_S, ANSWER_PAUSE_S]
