@@ -22,6 +22,7 @@ from loguru import logger
 
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, ToolCall
+from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 
 
 class ContextOverflow(ValueError):
@@ -98,6 +99,8 @@ class _Generation:
     todo: list[int] = field(default_factory=list)
     """Prompt tokens still to evaluate."""
     cached: int = 0
+    snapshot_at: int | None = None
+    """Prompt length at which to snapshot the state (models that cannot roll back)."""
     started: bool = False
     tokens: list[int] = field(default_factory=list)
     sampler: object = None
@@ -129,9 +132,17 @@ class LLMEngine(WorkSignal):
         prefill_tokens_per_unit: int = 512,
         default_max_tokens: int = 1024,
         max_queued: int = 16,
+        roll_back: bool | None = None,
     ):
-        """``llm`` is a loaded ``llama_cpp.Llama``; every call into it happens in ``step()``."""
+        """``llm`` is a loaded ``llama_cpp.Llama``; every call into it happens in ``step()``.
+
+        ``roll_back``: whether the model's cached state can be cut back to a common prefix
+        (None: ask llama.cpp; transformers can, hybrid and recurrent models cannot and get
+        a state snapshot at each user turn instead).
+        """
         self._llm = llm
+        self._roll_back = can_roll_back(llm) if roll_back is None else roll_back
+        self._snapshot: StateSnapshot | None = None
         self.first_segment_tokens = first_segment_tokens
         self.segment_tokens = segment_tokens
         self.prefill_tokens_per_unit = prefill_tokens_per_unit
@@ -271,14 +282,11 @@ class LLMEngine(WorkSignal):
         # The last prompt token is always evaluated: sampling needs its logits.
         keep = min(Llama.longest_token_prefix(cached, generation.prompt), len(generation.prompt) - 1)
         if keep < llm.n_tokens:
-            if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-                llm.n_tokens = keep
-            else:
-                # Recurrent state cannot be partly removed: start over.
-                llm.reset()
-                keep = 0
+            keep = self._cut_back_to(keep, generation.prompt)
         generation.cached = keep
         generation.todo = generation.prompt[keep:]
+        if not self._roll_back:
+            generation.snapshot_at = self._user_turn_end(generation)
         request = generation.request
         sampler = LlamaSampler()
         if request.temperature <= 0:
@@ -290,11 +298,57 @@ class LLMEngine(WorkSignal):
         generation.sampler = sampler
         generation.started = True
 
+    def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
+        """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;
+        returns ``n``."""
+        llm = self._llm
+        if self._roll_back and keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+            return keep
+        snapshot = self._snapshot
+        if (
+            snapshot is not None
+            and len(snapshot.tokens) <= keep
+            and tuple(prompt[: len(snapshot.tokens)]) == snapshot.tokens
+            and restore_snapshot(llm, snapshot)
+        ):
+            return len(snapshot.tokens)
+        llm.reset()
+        return 0
+
+    def _user_turn_end(self, generation: _Generation) -> int | None:
+        """Where the prompt's last message ends and the generation prompt begins: a
+        snapshot there is a prefix of every later request of this conversation."""
+        request = generation.request
+        before = self.template.render(
+            request.messages,
+            tools=request.tools,
+            enable_thinking=request.enable_thinking,
+            add_generation_prompt=False,
+        )
+        if not generation.prompt_text.startswith(before):
+            return None
+        suffix = self._tokenize(generation.prompt_text[len(before) :])
+        at = len(generation.prompt) - len(suffix)
+        if generation.prompt[at:] != suffix or at <= generation.cached:
+            return None
+        return at
+
     def _prefill(self, generation: _Generation) -> int:
-        piece = generation.todo[: self.prefill_tokens_per_unit]
-        self._llm.eval(piece)
-        generation.todo = generation.todo[len(piece) :]
-        return len(piece)
+        llm = self._llm
+        budget = self.prefill_tokens_per_unit
+        evaluated = 0
+        while generation.todo and evaluated < budget:
+            count = budget - evaluated
+            if generation.snapshot_at is not None and llm.n_tokens < generation.snapshot_at:
+                count = min(count, generation.snapshot_at - llm.n_tokens)
+            piece = generation.todo[:count]
+            llm.eval(piece)
+            generation.todo = generation.todo[len(piece) :]
+            evaluated += len(piece)
+            if llm.n_tokens == generation.snapshot_at:
+                self._snapshot = take_snapshot(llm)
+        return evaluated
 
     def _generate(self, generation: _Generation, count: int) -> int:
         from llama_cpp import llama_vocab_is_eog

@@ -80,6 +80,35 @@ def test_a_conversation_that_diverges_from_the_cache_is_evaluated_from_the_diver
     assert content == run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))[0]
 
 
+def test_a_model_that_cannot_roll_back_resumes_a_diverged_conversation_from_the_last_user_turn(tiny_llm_path):
+    """What a hybrid Mamba model does after a barge-in: restore the state snapshot taken at
+    the end of the previous user turn, evaluate only the reply as the client has it and
+    the new turn, and answer exactly as a fresh engine would."""
+    engine = make_engine(tiny_llm_path, roll_back=False)
+    llm = engine._llm
+    _, first = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    user_turn_end = len(
+        llm.tokenize(
+            engine.template.render(QUESTION, add_generation_prompt=False).encode(), add_bos=False, special=True
+        )
+    )
+    turn = [*QUESTION, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and the city?"}]
+    before = evaluated_tokens(llm)
+    content, second = run(engine, ChatRequest(turn, max_tokens=12))
+    assert second.usage.cached_tokens == user_turn_end
+    assert evaluated_tokens(llm) - before == second.usage.prompt_tokens - user_turn_end + 12
+    assert content == run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))[0]
+
+
+def test_a_model_that_cannot_roll_back_starts_a_different_conversation_over(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, roll_back=False)
+    run(engine, ChatRequest(QUESTION, max_tokens=30))
+    other = [SYSTEM, {"role": "user", "content": "the weather"}]
+    content, finished = run(engine, ChatRequest(other, max_tokens=12))
+    assert finished.usage.cached_tokens == 0
+    assert content == run(make_engine(tiny_llm_path), ChatRequest(other, max_tokens=12))[0]
+
+
 def test_cancel_stops_a_running_request_before_its_next_token(tiny_llm_path):
     engine = make_engine(tiny_llm_path, first_segment_tokens=4)
     events = []
