@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 from pipecat_nvidia.protocol import AsrTranscript
 from servers.asr.engine import StreamingASREngine
 from servers.asr.model import load_streaming_model
+from servers.common.worker import EngineWorker
 
 
 def make_engine(path, right_context: int = 1, **kwargs) -> StreamingASREngine:
@@ -18,6 +21,17 @@ def make_engine(path, right_context: int = 1, **kwargs) -> StreamingASREngine:
 def drain(engine: StreamingASREngine) -> None:
     while engine.has_work():
         engine.step()
+
+
+@contextmanager
+def stepping_in_background(engine: StreamingASREngine):
+    """The server's own worker thread steps the engine whenever it has work."""
+    worker = EngineWorker(engine, "test-asr-engine")
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.stop()
 
 
 def stream(engine, sid, pcm16: np.ndarray, piece: int = 1600) -> None:

@@ -1,14 +1,13 @@
 """The streaming engine's sessions: finalisation, padding, resets, limits, cost."""
 
 import statistics
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from servers.asr.engine import AudioOverflow, EngineFull
-from tests.asr.helpers import drain, make_engine, offline_text, stream, transcribe
+from tests.asr.helpers import drain, make_engine, offline_text, stepping_in_background, stream, transcribe
 
 
 def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_path, speech_int16):
@@ -129,17 +128,8 @@ def test_sessions_beyond_the_limit_are_refused(tiny_asr_path):
 def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_int16):
     """Sessions opened, fed and closed from another thread while steps run leak nothing."""
     engine = make_engine(tiny_asr_path, initial_slots=2)
-    stop = threading.Event()
-
-    def keep_stepping():
-        while not stop.is_set():
-            if engine.wait_for_work(timeout=0.01):
-                engine.step()
-
-    stepper = threading.Thread(target=keep_stepping)
-    stepper.start()
     rng = np.random.default_rng(1)
-    try:
+    with stepping_in_background(engine):
         open_sessions = []
         for _ in range(60):
             open_sessions.append(engine.open_session(lambda m: None))
@@ -152,9 +142,6 @@ def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_in
             time.sleep(float(rng.random()) * 0.01)
         for sid in open_sessions:
             engine.close_session(sid)
-    finally:
-        stop.set()
-        stepper.join()
     assert engine.session_count == 0
     assert engine._pool.in_use == 0
 
@@ -189,17 +176,7 @@ def test_sessions_opened_while_steps_run_do_not_disturb_their_state(tiny_asr_pat
     engine = make_engine(tiny_asr_path, initial_slots=2)
     utterance = speech_int16[16000 : 16000 * 3]
     expected = offline_text(make_engine(tiny_asr_path), utterance, padding_ms=120)
-    stop = threading.Event()
-
-    def keep_stepping():
-        while not stop.is_set():
-            if engine.wait_for_work(timeout=0.01):
-                engine.step()
-
-    stepper = threading.Thread(target=keep_stepping)
-    stepper.start()
-    finals = []
-    try:
+    with stepping_in_background(engine):
         sessions = []
         for _ in range(24):
             messages = []
@@ -215,9 +192,6 @@ def test_sessions_opened_while_steps_run_do_not_disturb_their_state(tiny_asr_pat
         while time.monotonic() < deadline and not all(m and m[-1].is_final for _, m in sessions):
             time.sleep(0.05)
         finals = [messages[-1].text for _, messages in sessions]
-    finally:
-        stop.set()
-        stepper.join()
     assert finals == [expected] * len(finals)
 
 
