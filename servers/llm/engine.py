@@ -247,9 +247,9 @@ class LLMEngine(WorkSignal):
 
     # ------------------------------------------------------------------ the work (stepping thread)
 
-    def _prompt_tokens(self, request: ChatRequest, prompt_text: str) -> list[int]:
+    def _prompt_tokens(self, request: ChatRequest, prompt_text: str, whole: list[int]) -> list[int]:
         """The prompt as tokens: the cached conversation's own tokens plus the new turn
-        when the messages extend it, else the whole rendered prompt."""
+        when the messages extend it, else ``whole`` (the rendered prompt tokenized)."""
         conversation = self._conversation
         if (
             conversation is not None
@@ -266,7 +266,7 @@ class LLMEngine(WorkSignal):
             end = before.rfind(self.template.eos_token)
             if end >= 0 and prompt_text.startswith(before[: end + len(self.template.eos_token)]):
                 return conversation.tokens + self._tokenize(prompt_text[end + len(self.template.eos_token) :])
-        return self._tokenize(prompt_text)
+        return whole
 
     def _tokenize(self, text: str) -> list[int]:
         # The template writes the special tokens itself.
@@ -277,7 +277,7 @@ class LLMEngine(WorkSignal):
         from llama_cpp._internals import LlamaSampler
 
         llm = self._llm
-        generation.prompt = self._prompt_tokens(generation.request, generation.prompt_text)
+        generation.prompt = self._prompt_tokens(generation.request, generation.prompt_text, generation.prompt)
         cached = llm._input_ids[: llm.n_tokens].tolist()
         # The last prompt token is always evaluated: sampling needs its logits.
         keep = min(Llama.longest_token_prefix(cached, generation.prompt), len(generation.prompt) - 1)
