@@ -142,16 +142,6 @@ def _within_budget(result: dict, budget_ms: float) -> bool:
     )
 
 
-def _within_budget(result: dict, budget_ms: float) -> bool:
-    p99 = result["chunk_ms_p50_p90_p99"][2]
-    return (
-        p99 is not None
-        and p99 <= budget_ms
-        and result["sessions_ready"] == result["sessions"]
-        and not result["error_count"]
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="ws://127.0.0.1:8080")

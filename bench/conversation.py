@@ -24,7 +24,7 @@ from pipecat.frames.frames import OutputAudioRawFrame
 from pipecat.serializers.protobuf import ProtobufFrameSerializer
 from websockets.asyncio.client import connect
 
-from bench.common import SPEECH
+from bench.common import SPEECH, percentiles_ms
 
 RATE = 16000
 FRAME = 320
@@ -178,14 +178,8 @@ async def serve_agent(port: int) -> None:
 
 
 def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    ms = np.array(values) * 1000
-    return {
-        "n": len(values),
-        "p50_ms": round(float(np.percentile(ms, 50))),
-        "p90_ms": round(float(np.percentile(ms, 90))),
-    }
+    p50, p90 = percentiles_ms(values, (50, 90)) or (None, None)
+    return {"n": len(values), "p50_ms": p50, "p90_ms": p90}
 
 
 def main() -> None:

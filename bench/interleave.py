@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import soundfile as sf
 
-from bench.common import SPEECH
+from bench.common import SPEECH, percentiles_ms
 from pipecat_nvidia.protocol import TtsAudio, TtsDone, TtsSpeak
 from scheduler.worker import GpuScheduler
 from servers.asr.config import AsrServerSettings
@@ -50,8 +50,8 @@ CHARS_PER_SENTENCE = 60
 """LLM output that stands for one sentence handed to the TTS."""
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return (percentiles_ms(values, (q,)) or [None])[0]
 
 
 @dataclass
@@ -170,10 +170,10 @@ def run_mode(mode: str, engines: dict, args) -> dict:
     for stop in stops:
         stop()
     result = {
-        "time_to_first_audio_ms_p50": percentile(ttfa, 50),
-        "time_to_first_audio_ms_p90": percentile(ttfa, 90),
-        "asr_chunk_latency_ms_p99_idle": percentile(idle, 99),
-        "asr_chunk_latency_ms_p99_loaded": percentile(loaded, 99),
+        "time_to_first_audio_ms_p50": percentile_ms(ttfa, 50),
+        "time_to_first_audio_ms_p90": percentile_ms(ttfa, 90),
+        "asr_chunk_latency_ms_p99_idle": percentile_ms(idle, 99),
+        "asr_chunk_latency_ms_p99_loaded": percentile_ms(loaded, 99),
         "turns": len(ttfa),
         "asr_chunks_idle": len(idle),
         "asr_chunks_loaded": len(loaded),

@@ -191,8 +191,7 @@ class StreamingASREngine(WorkSignal):
         try:
             self.push_audio(sid, bytes(2 * self.geometry.sample_rate))
             self.reset(sid, finalize=True)
-            while self.has_work():
-                self.step()
+            self.run_until_idle()
         finally:
             self.close_session(sid)
 

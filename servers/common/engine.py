@@ -54,3 +54,13 @@ class WorkSignal:
         """Make a pending ``wait_for_work`` return (e.g. to shut down)."""
         with self._work:
             self._work.notify_all()
+
+    def step(self) -> Any:
+        raise NotImplementedError
+
+    def run_until_idle(self) -> list:
+        """Step on this thread until no work is left (warm-up, tests); each step's stats."""
+        stats = []
+        while self.has_work():
+            stats.append(self.step())
+        return stats

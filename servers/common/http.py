@@ -26,9 +26,9 @@ def json_response(status: HTTPStatus, payload: dict) -> Response:
     return http_response(status, json.dumps(payload).encode() + b"\n", "application/json")
 
 
-def bearer_token_matches(request: Request, token: str) -> bool:
-    supplied = request.headers.get("Authorization", "")
-    return hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode())
+def bearer_token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (compared in constant time)."""
+    return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
 
 
 def make_process_request(
@@ -53,7 +53,7 @@ def make_process_request(
             return http_response(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
         if path != WEBSOCKET_PATH:
             return json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
-        if auth_token and not bearer_token_matches(request, auth_token):
+        if auth_token and not bearer_token_matches(request.headers.get("Authorization"), auth_token):
             return json_response(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
         return None
 

@@ -9,7 +9,6 @@ does anything that speaks OpenAI, so a cloud deployment can swap in vLLM or NIM.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -20,6 +19,7 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from servers.common.http import bearer_token_matches
 from servers.common.loading import BackgroundLoad, Driver
 from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
@@ -95,8 +95,7 @@ class LlmServer:
     async def _auth(self, request: web.Request, handler):
         token = self.settings.auth_token
         if token and request.path.startswith("/v1/"):
-            supplied = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+            if not bearer_token_matches(request.headers.get("Authorization"), token):
                 return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
         return await handler(request)
 

@@ -285,8 +285,7 @@ class TTSEngine(WorkSignal):
         try:
             for mode in ("stream", "batch"):
                 self.speak(sid, TtsSpeak(context_id=mode, text="Warm up.", mode=mode))
-            while self.has_work():
-                self.step()
+            self.run_until_idle()
         finally:
             self.close_session(sid)
 

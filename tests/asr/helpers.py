@@ -18,11 +18,6 @@ def make_engine(path, right_context: int = 1, **kwargs) -> StreamingASREngine:
     return StreamingASREngine(model, right_context=right_context, **kwargs)
 
 
-def drain(engine: StreamingASREngine) -> None:
-    while engine.has_work():
-        engine.step()
-
-
 @contextmanager
 def stepping_in_background(engine: StreamingASREngine):
     """The server's own worker thread steps the engine whenever it has work."""
@@ -38,7 +33,7 @@ def stream(engine, sid, pcm16: np.ndarray, piece: int = 1600) -> None:
     """Push audio in ``piece``-sample frames, stepping after each as a real-time server would."""
     for i in range(0, len(pcm16), piece):
         engine.push_audio(sid, pcm16[i : i + piece].tobytes())
-        drain(engine)
+        engine.run_until_idle()
 
 
 def transcribe(engine, pcm16: np.ndarray, trailing_silence_ms: float = 200.0, piece: int = 1600) -> list[AsrTranscript]:
@@ -47,7 +42,7 @@ def transcribe(engine, pcm16: np.ndarray, trailing_silence_ms: float = 200.0, pi
     sid = engine.open_session(messages.append)
     stream(engine, sid, pcm16, piece)
     engine.reset(sid, finalize=True, trailing_silence_ms=trailing_silence_ms)
-    drain(engine)
+    engine.run_until_idle()
     engine.close_session(sid)
     return messages
 

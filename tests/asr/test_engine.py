@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from servers.asr.engine import AudioOverflow, EngineFull
-from tests.asr.helpers import drain, make_engine, offline_text, stepping_in_background, stream, transcribe
+from tests.asr.helpers import make_engine, offline_text, stepping_in_background, stream, transcribe
 
 
 def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_path, speech_int16):
@@ -63,7 +63,7 @@ def test_soft_reset_returns_the_current_text_and_starts_afresh(tiny_asr_path, sp
     stream(engine, sid, speech_int16[: 16000 * 4])
     last_interim = messages[-1]
     engine.reset(sid, finalize=False)
-    drain(engine)
+    engine.run_until_idle()
     soft = messages[-1]
     assert soft.is_final and soft.padding_ms == 0 and soft.text == last_interim.text
     assert soft.utterance_id == 0
@@ -71,7 +71,7 @@ def test_soft_reset_returns_the_current_text_and_starts_afresh(tiny_asr_path, sp
     second = speech_int16[16000 * 6 : 16000 * 10]
     stream(engine, sid, second)
     engine.reset(sid, finalize=True, trailing_silence_ms=200)
-    drain(engine)
+    engine.run_until_idle()
     assert messages[-1].utterance_id == 1
     assert messages[-1].text == transcribe(engine, second)[-1].text
 
@@ -85,7 +85,7 @@ def test_audio_sent_after_a_reset_belongs_to_the_next_utterance(tiny_asr_path, s
     engine.reset(sid, finalize=True, trailing_silence_ms=200)
     engine.push_audio(sid, second.tobytes())
     engine.reset(sid, finalize=True, trailing_silence_ms=200)
-    drain(engine)
+    engine.run_until_idle()
     finals = [m for m in messages if m.is_final]
     assert [m.utterance_id for m in finals] == [0, 1]
     assert finals[0].text == offline_text(engine, first, 120)
@@ -110,7 +110,7 @@ def test_audio_beyond_the_buffer_limit_is_refused_and_the_session_goes_on(tiny_a
         engine.push_audio(sid, speech_int16[: 16000 * 2].tobytes())
     stream(engine, sid, speech_int16[16000 : 16000 * 3])
     engine.reset(sid, finalize=True, trailing_silence_ms=200)
-    drain(engine)
+    engine.run_until_idle()
     assert messages[-1].is_final
     assert messages[-1].text == offline_text(engine, speech_int16[16000 : 16000 * 3], 120)
 
@@ -158,9 +158,7 @@ def test_per_chunk_cost_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr
     times = []
     for i in range(0, len(ten_minutes), chunk):
         engine.push_audio(sid, ten_minutes[i : i + chunk].tobytes())
-        while engine.has_work():
-            stats = engine.step()
-            times.append(stats.seconds)
+        times += [stats.seconds for stats in engine.run_until_idle()]
     session = engine._sessions[sid]
     first_minute, last_minute = times[10:375], times[-365:]
     ratio = statistics.median(last_minute) / statistics.median(first_minute)

@@ -20,8 +20,7 @@ def run(engine: LLMEngine, request: ChatRequest) -> tuple[str, LlmFinished]:
     """The content and the end of one request, stepping until it is done."""
     events: list = []
     engine.submit(request, events.append)
-    while engine.has_work():
-        engine.step()
+    engine.run_until_idle()
     content = "".join(e.content for e in events if isinstance(e, LlmDelta))
     return content, events[-1]
 

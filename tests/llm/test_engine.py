@@ -128,8 +128,7 @@ def test_a_cancelled_queued_request_never_runs(tiny_llm_path):
     engine.submit(ChatRequest(QUESTION, max_tokens=5), first.append)
     rid = engine.submit(ChatRequest(QUESTION, max_tokens=5), second.append)
     engine.cancel(rid)
-    while engine.has_work():
-        engine.step()
+    engine.run_until_idle()
     assert first[-1].finish_reason == "length"
     assert [type(e) for e in second] == [LlmFinished] and second[0].finish_reason == "cancelled"
 

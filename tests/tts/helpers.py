@@ -14,13 +14,6 @@ def make_tts_engine(path, **kwargs) -> TTSEngine:
     return TTSEngine(load_magpie(str(path), device="cpu", sampling=SamplingSettings(temperature=0.0)), **kwargs)
 
 
-def drain(engine: TTSEngine) -> list:
-    stats = []
-    while engine.has_work():
-        stats.append(engine.step())
-    return stats
-
-
 def pcm(messages, context_id: str | None = None, segment_id: str | None = None) -> np.ndarray:
     """The int16 audio of the ``audio`` messages (of one context / segment)."""
     pieces = [
@@ -37,6 +30,6 @@ def synthesize(engine: TTSEngine, text: str, **speak) -> list:
     sid = engine.open_session(messages.append)
     engine.speak(sid, TtsSpeak(context_id="c", text=text, **speak))
     engine.flush(sid, "c")
-    drain(engine)
+    engine.run_until_idle()
     engine.close_session(sid)
     return messages

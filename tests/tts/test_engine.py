@@ -10,7 +10,7 @@ import torch
 
 from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
 from servers.tts.engine import PRESETS, SegmentRejected
-from tests.tts.helpers import drain, make_tts_engine, pcm, synthesize
+from tests.tts.helpers import make_tts_engine, pcm, synthesize
 
 TEXT = "Good morning to you."
 
@@ -50,7 +50,7 @@ def test_streamed_audio_starts_after_the_presets_first_frames(engine, preset):
     assert steps == -(-first // engine.model.frame_stacking_factor)
     assert len(messages[0].pcm) == 2 * first * 1024
     engine.close_session(sid)
-    drain(engine)
+    engine.run_until_idle()
 
 
 def test_batch_mode_sends_audio_only_when_the_segment_is_complete(engine):
@@ -75,7 +75,7 @@ def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine
     for sid, request in zip(sids, requests):
         engine.speak(sid, TtsSpeak(context_id="same-name-everywhere", **request))
         engine.flush(sid, "same-name-everywhere")
-    stats = drain(engine)
+    stats = engine.run_until_idle()
     assert max(s.batch_size for s in stats) == 3
     for mine, expected in zip(received, alone):
         assert np.abs(pcm(mine).astype(int) - expected).max() <= 1
@@ -88,7 +88,7 @@ def test_segments_of_a_context_play_in_order_and_end_with_done(engine):
     for text in ("First part.", "Second part.", "Third part."):
         engine.speak(sid, TtsSpeak(context_id="turn", text=text))
     engine.flush(sid, "turn")
-    drain(engine)
+    engine.run_until_idle()
     kinds = [(m.type, getattr(m, "segment_id", None)) for m in messages if m.type != "audio"]
     assert kinds == [("segment_done", "0"), ("segment_done", "1"), ("segment_done", "2"), ("done", None)]
     order = [m.segment_id for m in messages if m.type == "audio"]
@@ -105,7 +105,7 @@ def test_cancel_stops_the_segment_within_a_step_and_drops_queued_ones(engine):
         assert engine.step().batch_size == 2
     engine.cancel(sid, "turn")
     assert engine.step().batch_size == 1, "the cancelled context takes no further step"
-    drain(engine)
+    engine.run_until_idle()
     cancelled_at = next(i for i, m in enumerate(messages) if m.type == "cancelled")
     after = messages[cancelled_at + 1 :]
     assert not [m for m in after if getattr(m, "context_id", None) == "turn"]
@@ -155,7 +155,7 @@ def test_unspeakable_text_is_refused_and_the_context_goes_on(engine, text, code)
     engine.speak(sid, TtsSpeak(context_id="turn", text=text))
     engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT))
     engine.flush(sid, "turn")
-    drain(engine)
+    engine.run_until_idle()
     error = next(m for m in messages if m.type == "error")
     assert (error.code, error.context_id, error.segment_id) == (code, "turn", "0")
     assert [m.type for m in messages if m.type != "audio"] == ["error", "segment_done", "done"]
@@ -205,7 +205,7 @@ def test_a_closed_session_stops_its_work(engine):
     engine.step()
     engine.close_session(sid)
     count = len(messages)
-    drain(engine)
+    engine.run_until_idle()
     assert len(messages) == count and not engine.has_work()
 
 
@@ -245,7 +245,7 @@ def test_a_turn_that_would_run_dry_gets_its_audio_early(tiny_tts_path):
     slow.speak(sid, TtsSpeak(context_id="turn", text="Hi.", mode="stream", preset="smooth"))
     slow.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="batch"))
     slow.flush(sid, "turn")
-    drain(slow)
+    slow.run_until_idle()
     second = [m for m in messages if m.type == "audio" and m.segment_id == "1"]
     assert len(second) > 3, "the batch segment was sent in pieces"
     reference = pcm(synthesize(make_tts_engine(tiny_tts_path), TEXT, mode="batch"))
