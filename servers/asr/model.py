@@ -114,7 +114,7 @@ def _check_streamable(model) -> None:
         raise ValueError("preprocessor exact_pad=True is not supported (centred STFT frames are assumed)")
 
 
-def _use_label_looping_greedy(model, device: torch.device) -> None:
+def use_label_looping_greedy(model, device: torch.device) -> None:
     """Batched greedy decoding whose state can be carried between steps as tensors."""
     decoding_cfg = model.cfg.decoding
     with open_dict(decoding_cfg):
@@ -123,6 +123,12 @@ def _use_label_looping_greedy(model, device: torch.device) -> None:
         decoding_cfg.greedy.use_cuda_graph_decoder = device.type == "cuda"
         decoding_cfg.greedy.max_symbols = decoding_cfg.greedy.get("max_symbols") or 10
     model.change_decoding_strategy(decoding_cfg, verbose=False)
+    if device.type == "cuda":
+        # NeMo 3.0's full-graph mode compiles its loop conditions with NVRTC through
+        # run_nvrtc, which writes into CPython's shared b" " object and breaks every later
+        # b" " in the process, e.g. websockets' HTTP parsing (NVIDIA-NeMo/Speech#15790).
+        # Partial graphs need no NVRTC.
+        model.decoding.decoding.decoding_computer.force_cuda_graphs_mode("no_while_loops")
 
 
 def load_streaming_model(name_or_path: str, *, right_context: int, device: str | torch.device):
@@ -147,7 +153,7 @@ def load_streaming_model(name_or_path: str, *, right_context: int, device: str |
     # A restored model comes back at its first listed context, whatever it was saved with.
     model.encoder.set_default_att_context_size(resolve_context(model, right_context))
     model.preprocessor.featurizer.pad_to = 0
-    _use_label_looping_greedy(model, device)
+    use_label_looping_greedy(model, device)
     model.to(device)
     model.eval()
     return model
