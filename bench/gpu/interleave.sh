@@ -6,18 +6,13 @@
 # Random-weight models of the released shapes; the LLM is a dense llama-architecture proxy
 # with ~3 B parameters in f32 (the bytes read per token of Nemotron-3-Nano's ~3 B active
 # parameters at Q8), since a random nemotron_h_moe GGUF cannot be written with our tools.
+# Models already under /tmp (e.g. written while llama.cpp built) are reused.
 source bench/gpu/setup.sh
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/llama-py/*.whl
-CUDACXX=$(command -v nvcc) CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90-real -DLLAVA_BUILD=OFF \
-  -DGGML_NATIVE=OFF -DGGML_CUDA_NCCL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip wheel -q --no-deps \
-  --no-build-isolation --no-index -w /tmp/whl .whl/llama/llama_cpp_python-*-slim.tar.gz
-python3 -m pip install -q --no-deps --target /tmp/site /tmp/whl/llama_cpp_python-*.whl
-# torch and llama.cpp in one process need libstdc++ loaded globally first (device README).
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
-python3 -m bench.build_random_asr --out /tmp/asr_random.nemo 2>&1 | tail -n 2
-python3 -m bench.build_random_tts --out /tmp/magpie_random 2>&1 | tail -n 2
-python3 -m servers.llm.random_model /tmp/llm_proxy.gguf --n-embd 3072 --n-layer 28 --n-head 24 --n-head-kv 8 \
-  --n-ff 8192 --init-std 0.02
+source bench/gpu/llama.sh
+[ -f /tmp/asr_random.nemo ] || python3 -m bench.build_random_asr --out /tmp/asr_random.nemo 2>&1 | tail -n 2
+[ -f /tmp/magpie_random/magpie.nemo ] || python3 -m bench.build_random_tts --out /tmp/magpie_random 2>&1 | tail -n 2
+[ -f /tmp/llm_proxy.gguf ] || python3 -m servers.llm.random_model /tmp/llm_proxy.gguf --n-embd 3072 --n-layer 28 \
+  --n-head 24 --n-head-kv 8 --n-ff 8192 --init-std 0.02
 python3 -m bench.interleave --asr /tmp/asr_random.nemo --tts /tmp/magpie_random/magpie.nemo \
-  --llm /tmp/llm_proxy.gguf --device cuda --asr-streams "${ASR_STREAMS:-8}" --turns "${TURNS:-20}" \
-  --json "$OUT/interleave.json" 2>&1 | tail -n 40
+  --llm /tmp/llm_proxy.gguf --device cuda --asr-streams "${ASR_STREAMS:-8}" --turns "${TURNS:-8}" --max-tokens "${MAX_TOKENS:-40}" \
+  --json "$OUT/interleave.json" 2>&1 | tee "$OUT/interleave.log" | tail -n 40

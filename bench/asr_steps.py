@@ -1,0 +1,85 @@
+"""ASR engine step time against batch size, in process (no WebSocket, no clients).
+
+For each batch size B, B sessions each get a few seconds of real speech at once and the
+engine steps (on a worker thread, as in the server) until all of it is transcribed. Every
+step then carries all B sessions, so the median step time at B is the cost of one
+streaming step for B streams: a real-time server sustains B streams while it stays under
+the chunk period. A step that does not finish within ``--timeout-s`` dumps every thread's
+stack and exits, so a hang on a new machine shows where it is.
+
+    python -m bench.asr_steps --model model.nemo --device cuda --batches 1 64 256 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import statistics
+import sys
+import threading
+import time
+
+import soundfile as sf
+
+from bench.common import SPEECH
+from servers.asr.config import AsrServerSettings
+from servers.asr.server import load_engine
+
+
+def step_times(engine, batch: int, seconds: float, timeout_s: float) -> list[float]:
+    """Seconds of each step that carried all ``batch`` sessions."""
+    speech, _ = sf.read(SPEECH, dtype="int16")
+    audio = speech[: int(seconds * engine.geometry.sample_rate)].tobytes()
+    sids = [engine.open_session(lambda message: None) for _ in range(batch)]
+    for sid in sids:
+        engine.push_audio(sid, audio)
+        engine.reset(sid, finalize=True)
+    stats: list = []
+    worker = threading.Thread(target=lambda: stats.extend(engine.run_until_idle()), daemon=True)
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    worker.start()
+    worker.join()
+    faulthandler.cancel_dump_traceback_later()
+    for sid in sids:
+        engine.close_session(sid)
+    return [s.seconds for s in stats if s.batch_size == batch and not s.first_rows and not s.final_rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--right-context", type=int, default=1)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--seconds", type=float, default=4.0, help="speech per session")
+    p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    faulthandler.dump_traceback_later(a.timeout_s * 3, exit=True)
+    started = time.monotonic()
+    settings = AsrServerSettings(
+        model=a.model, device=a.device, right_context=a.right_context, max_sessions=max(a.batches)
+    )
+    engine = load_engine(settings)
+    faulthandler.cancel_dump_traceback_later()
+    print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    results = []
+    for batch in a.batches:
+        times = step_times(engine, batch, a.seconds, a.timeout_s)
+        result = {
+            "batch": batch,
+            "steps": len(times),
+            "step_ms_p50": round(1000 * statistics.median(times), 2) if times else None,
+            "step_ms_max": round(1000 * max(times), 2) if times else None,
+            "chunk_ms": engine.geometry.chunk_ms,
+        }
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
