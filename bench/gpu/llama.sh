@@ -9,5 +9,3 @@ if ! ls /tmp/whl/llama_cpp_python-*.whl >/dev/null 2>&1; then
     --no-build-isolation --no-index -w /tmp/whl .whl/llama/llama_cpp_python-*-slim.tar.gz
 fi
 python3 -m pip install -q --no-deps --upgrade --target /tmp/site /tmp/whl/llama_cpp_python-*.whl
-# torch and llama.cpp in one process need libstdc++ loaded globally first (device README).
-export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6
