@@ -27,6 +27,12 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting("--tts-model", tts.model, "TTS: Hugging Face name or .nemo path")
     p.add_setting("--tts-codec", tts.codec, "TTS codec (default: the one the model names)")
     p.add_setting("--tts-port", tts.port, "TTS WebSocket port", type=int)
+    p.add_setting(
+        "--tts-max-frames-per-token",
+        tts.max_frames_per_token,
+        "TTS: speech is cut after this many codec frames per text token if the model has not ended it",
+        type=float,
+    )
     add_llm_settings(p, llm, prefix="llm-")
     p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)
     p.add_setting("--audio-ahead-s", targets.audio_ahead_s, "TTS audio kept ahead of each turn's playout", type=float)
@@ -40,7 +46,14 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         asr=AsrServerSettings(
             model=a.asr_model, port=a.asr_port, right_context=a.right_context, device=a.device, **common
         ),
-        tts=TtsServerSettings(model=a.tts_model, codec=a.tts_codec, port=a.tts_port, device=a.device, **common),
+        tts=TtsServerSettings(
+            model=a.tts_model,
+            codec=a.tts_codec,
+            port=a.tts_port,
+            max_frames_per_token=a.tts_max_frames_per_token,
+            device=a.device,
+            **common,
+        ),
         llm=LlmServerSettings(port=a.llm_port, **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS}, **common),
         targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s),
         log_level=a.log_level,
