@@ -8,6 +8,7 @@ the chunk period. A step that does not finish within ``--timeout-s`` dumps every
 stack and exits, so a hang on a new machine shows where it is.
 
     python -m bench.asr_steps --model model.nemo --device cuda --batches 1 64 256 --json out.json
+    python -m bench.asr_steps --model model.nemo --device cuda --cuda-graph-max-batch 0   # eager
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--right-context", type=int, default=1)
+    p.add_argument(
+        "--cuda-graph-max-batch", type=int, default=AsrServerSettings.cuda_graph_max_batch, help="0: eager NeMo"
+    )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--seconds", type=float, default=4.0, help="speech per session")
     p.add_argument("--timeout-s", type=float, default=120.0)
@@ -59,7 +63,11 @@ def main() -> None:
     faulthandler.dump_traceback_later(a.timeout_s * 3, exit=True)
     started = time.monotonic()
     settings = AsrServerSettings(
-        model=a.model, device=a.device, right_context=a.right_context, max_sessions=max(a.batches)
+        model=a.model,
+        device=a.device,
+        right_context=a.right_context,
+        max_sessions=max(a.batches),
+        cuda_graph_max_batch=a.cuda_graph_max_batch,
     )
     engine = load_engine(settings)
     faulthandler.cancel_dump_traceback_later()
@@ -73,6 +81,7 @@ def main() -> None:
             "step_ms_p50": round(1000 * statistics.median(times), 2) if times else None,
             "step_ms_max": round(1000 * max(times), 2) if times else None,
             "chunk_ms": engine.geometry.chunk_ms,
+            "graph": batch in engine.graph_batches,
         }
         results.append(result)
         print(json.dumps(result), flush=True)

@@ -3,9 +3,10 @@
 Each row is one session's next piece of audio features. The step computes the features
 of all rows in one preprocessor call, subsamples first chunks (no pre-encode cache, as in
 NeMo's exact streaming schedule) and later chunks (with cache) separately, then runs all
-rows through one call of the conformer layers and one batched greedy RNNT decode. Each
-session's encoder caches, decoder state and pre-encode feature cache live in a slot of a
-``StatePool`` and are gathered and scattered by index.
+rows through one call of the conformer layers (replayed from a CUDA graph on a GPU) and
+one batched greedy RNNT decode. Each session's encoder caches, decoder state and
+pre-encode feature cache live in a slot of a ``StatePool`` and are gathered and
+scattered by index.
 
 Rows of different kinds can share the conformer call because a first chunk and a later
 chunk both subsample to the same number of encoder frames. A final row may be shorter
@@ -15,10 +16,12 @@ padding a continuing row would corrupt its cache, and a final row's state is dis
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from servers.asr.encoder_graphs import GraphedEncoderStep, eager_encoder_step
 from servers.asr.features import FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
@@ -54,7 +57,10 @@ class BatchedStreamingStep:
         max_sessions: int,
         initial_slots: int = 16,
         autocast_dtype: torch.dtype | None = None,
+        graph_max_batch: int = 0,
     ):
+        """``graph_max_batch`` > 0 runs steady steps of up to that many rows from CUDA
+        graphs (``encoder_graphs``); 0 runs every step eagerly."""
         from nemo.collections.asr.parts.submodules.transducer_decoding.label_looping_base import (
             BatchedLabelLoopingState,
         )
@@ -65,6 +71,14 @@ class BatchedStreamingStep:
         self.device = next(model.parameters()).device
         self._autocast_dtype = autocast_dtype
         self._decoder = model.decoding.decoding.decoding_computer
+        self.encoder_graphs = (
+            GraphedEncoderStep(
+                model.encoder, out_frames=geometry.out_frames, autocast_dtype=autocast_dtype, max_batch=graph_max_batch
+            )
+            if graph_max_batch > 0
+            else None
+        )
+        self._encoder_step = self.encoder_graphs or functools.partial(eager_encoder_step, model.encoder, autocast_dtype)
         self.pool = StatePool(self._state_layout(), initial_slots, max_sessions)
 
     def _state_layout(self) -> dict[str, PooledTensor]:
@@ -94,15 +108,9 @@ class BatchedStreamingStep:
         features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
         with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
             x, lengths = self._pre_encode_all(rows, features, state["feature_cache"])
-            encoded, encoded_len, channel, time_, channel_len = self.model.encoder.cache_aware_stream_step(
-                processed_signal=x,
-                processed_signal_length=lengths,
-                cache_last_channel=state["cache_last_channel"],
-                cache_last_time=state["cache_last_time"],
-                cache_last_channel_len=state["cache_last_channel_len"],
-                keep_all_outputs=True,
-                bypass_pre_encode=True,
-            )
+        encoded, encoded_len, channel, time_, channel_len = self._encoder_step(
+            x, lengths, state["cache_last_channel"], state["cache_last_time"], state["cache_last_channel_len"]
+        )
         previous = self._state_type(
             predictor_states=tuple(state[f"predictor_state_{i}"] for i in range(self._n_predictor_states)),
             predictor_outputs=state["predictor_outputs"],

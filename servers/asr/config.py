@@ -22,6 +22,7 @@ class AsrServerSettings(DeviceSetting):
     max_message_bytes: int = 1 << 20
     max_buffered_s: float = 30.0
     max_utterance_s: float = 120.0
+    cuda_graph_max_batch: int = 512
     auth_token: str | None = None
     log_level: str = "INFO"
 
@@ -52,5 +53,12 @@ def parse_settings(argv: list[str] | None = None) -> AsrServerSettings:
         d.max_utterance_s,
         "an utterance this long without a reset is finalised as it stands and streaming goes on",
         type=float,
+    )
+    p.add_setting(
+        "--cuda-graph-max-batch",
+        d.cuda_graph_max_batch,
+        "on CUDA, steps of up to this many sessions replay CUDA graphs (one per power-of-two batch, "
+        "captured on first use; 0: eager NeMo)",
+        type=int,
     )
     return AsrServerSettings(**vars(p.parse_args(argv)))

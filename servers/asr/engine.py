@@ -103,7 +103,10 @@ class StreamingASREngine(WorkSignal):
         max_utterance_s: float = 120.0,
         precision: str = "auto",
         initial_slots: int = 16,
+        graph_max_batch: int = 0,
     ):
+        """``graph_max_batch``: steady steps of up to this many sessions replay CUDA graphs
+        (``servers.asr.encoder_graphs``); 0 runs every step eagerly."""
         self.geometry: StreamingGeometry = read_geometry(model, right_context)
         self.max_sessions = max_sessions
         self._max_buffered = int(max_buffered_s * self.geometry.sample_rate)
@@ -117,6 +120,7 @@ class StreamingASREngine(WorkSignal):
             max_sessions=max_sessions,
             initial_slots=initial_slots,
             autocast_dtype=autocast_dtype(precision, next(model.parameters()).device),
+            graph_max_batch=graph_max_batch,
         )
         self._pool = self._step.pool
         super().__init__()
@@ -127,6 +131,12 @@ class StreamingASREngine(WorkSignal):
         self._next_sid = 0
         self.on_work: Callable[[], None] = lambda: None
         """Called (under the engine's lock) whenever a session becomes ready: a scheduler's wake-up."""
+
+    @property
+    def graph_batches(self) -> list[int]:
+        """Batch sizes whose encoder step replays a captured CUDA graph."""
+        graphs = self._step.encoder_graphs
+        return graphs.captured if graphs is not None else []
 
     # ------------------------------------------------------------------ sessions (any thread)
 

@@ -28,6 +28,7 @@ def load_engine(settings: AsrServerSettings) -> StreamingASREngine:
         max_buffered_s=settings.max_buffered_s,
         max_utterance_s=settings.max_utterance_s,
         precision=settings.precision,
+        graph_max_batch=settings.cuda_graph_max_batch if next(model.parameters()).device.type == "cuda" else 0,
     )
     engine.warm_up()
     return engine

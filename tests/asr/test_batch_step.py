@@ -95,3 +95,23 @@ def test_batch_rows_equal_each_stream_alone(tiny_asr_path, speech):
         assert tokens == tokens_alone
     assert any(tokens for _, tokens in together), "the tiny model should emit text for speech"
     assert together[2][1] == [], "silence should give no text"
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_steps_run_in_fixed_size_buckets_equal_eager_steps(tiny_asr_path, speech, device):
+    """The CUDA-graph path (on a CPU its buffers run eagerly): a batch of B rows in a bucket
+    of 2^k rows, the other rows holding stale state, gives what an eager step gives."""
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device=device)
+    geometry = read_geometry(model, 1)
+    utterances = [speech[16000 * 1 : 16000 * 4], speech[16000 * 6 : 16000 * 8 + 500], speech[16000 * 9 : 16000 * 13]]
+    starts = [0, 2, 4]
+    eager, _ = _stream_all(BatchedStreamingStep(model, geometry, max_sessions=4), utterances, starts)
+    bucketed_step = BatchedStreamingStep(model, geometry, max_sessions=4, graph_max_batch=2)
+    bucketed, _ = _stream_all(bucketed_step, utterances, starts)
+    assert bucketed_step.encoder_graphs.captured == [1, 2], "batches of 1 and 2 rows ran in buckets"
+    for (encoded, tokens), (encoded_eager, tokens_eager) in zip(bucketed, eager):
+        # On a GPU, cuDNN may pick other (TF32) kernels for other batch sizes.
+        torch.testing.assert_close(encoded, encoded_eager, rtol=0, atol=1e-5 if device == "cpu" else 1e-3)
+        assert tokens == tokens_eager
