@@ -43,9 +43,12 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
     )
 
 
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"message": message, "type": code, "code": code}}
+
+
 def error_response(status: HTTPStatus, code: str, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": code, "code": code}}
-    return web.json_response(body, status=status.value)
+    return web.json_response(error_body(code, message), status=status.value)
 
 
 class LlmServer:
@@ -168,6 +171,11 @@ class LlmServer:
                     delta["reasoning_content"] = event.reasoning
                 await _send_event(response, completion.chunk(delta))
                 continue
+            if event.finish_reason == "error":
+                # OpenAI's way to fail a stream that has begun: its clients raise APIError.
+                await _send_event(response, error_body("internal", event.error or "generation failed"))
+                await response.write_eof()
+                return
             if event.tool_calls:
                 calls = [{"index": i, **call.as_openai()} for i, call in enumerate(event.tool_calls)]
                 await _send_event(response, completion.chunk({"tool_calls": calls}))
@@ -247,7 +255,7 @@ def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
 
 
 def _openai_reason(event: LlmFinished) -> str:
-    return {"cancelled": "stop", "error": "stop"}.get(event.finish_reason, event.finish_reason)
+    return "stop" if event.finish_reason == "cancelled" else event.finish_reason
 
 
 def _usage(event: LlmFinished) -> dict:

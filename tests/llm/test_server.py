@@ -5,7 +5,7 @@ import json
 
 import aiohttp
 import pytest
-from openai import AsyncOpenAI
+from openai import APIError, AsyncOpenAI
 
 from tests.llm.helpers import SYSTEM
 
@@ -64,6 +64,32 @@ async def test_bad_requests_get_a_typed_error_and_the_server_goes_on(start_llm_s
             assert (await response.json())["error"]["code"] == code
     ok = await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=3)
     assert ok.usage.completion_tokens == 3
+
+
+async def test_a_stream_that_fails_midway_raises_in_the_client_and_the_server_goes_on(start_llm_server, monkeypatch):
+    """A failure after text has streamed reaches the client as OpenAI's error event, not
+    as an ordinary end of the answer."""
+    server = await start_llm_server()
+    engine = type(server.engine)
+    generate, calls = engine._generate, []
+
+    def fail_on_the_second_segment(self, generation, count):
+        calls.append(count)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return generate(self, generation, count)
+
+    monkeypatch.setattr(engine, "_generate", fail_on_the_second_segment)
+    llm = client(server)
+    stream = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=40, stream=True)
+    text = []
+    with pytest.raises(APIError, match="injected fault"):
+        async for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "")
+    assert "".join(text), "the first segment streamed before the failure"
+    monkeypatch.undo()
+    again = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=4)
+    assert again.choices[0].finish_reason == "length"
 
 
 async def test_a_client_that_disconnects_cancels_its_request(start_llm_server):
