@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from servers.asr.encoder_graphs import GraphedEncoderStep, eager_encoder_step
-from servers.asr.features import FeatureRequest, compute_features
+from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
 
@@ -35,6 +35,20 @@ class StepRow:
     """The utterance's first chunk: subsampled without pre-encode cache."""
     final: bool
     """The utterance's last chunk: its state is not kept."""
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows of one kind (first chunk or not) that want equally many new feature frames:
+    a step handles each group with a few tensor ops, not a few per row."""
+
+    index: torch.Tensor
+    """The group's rows in the step."""
+    first: bool
+    frames: torch.Tensor
+    """New feature frames ``[rows, n_mels, count]``."""
+    cache: torch.Tensor
+    """The rows' pre-encode feature caches before this step ``[rows, n_mels, cache frames]``."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +120,9 @@ class BatchedStreamingStep:
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         state = self.pool.gather(slots)
         features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
+        groups = self._group(rows, features, state["feature_cache"])
         with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
-            x, lengths = self._pre_encode_all(rows, features, state["feature_cache"])
+            x, lengths = self._pre_encode_all(groups, len(rows))
         encoded, encoded_len, channel, time_, channel_len = self._encoder_step(
             x, lengths, state["cache_last_channel"], state["cache_last_time"], state["cache_last_channel_len"]
         )
@@ -126,7 +141,7 @@ class BatchedStreamingStep:
                 "cache_last_channel": channel,
                 "cache_last_time": time_,
                 "cache_last_channel_len": channel_len,
-                "feature_cache": self._next_feature_cache(features, state["feature_cache"]),
+                "feature_cache": self._next_feature_cache(groups, state["feature_cache"]),
                 "predictor_outputs": decoded.predictor_outputs,
                 "labels": decoded.labels,
                 "decoded_lengths": decoded.decoded_lengths,
@@ -138,38 +153,42 @@ class BatchedStreamingStep:
         tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
         return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
 
-    def _pre_encode_all(self, rows: list[StepRow], features: list[torch.Tensor], feature_cache: torch.Tensor):
-        """Subsample first chunks and later chunks separately; one padded batch of both."""
+    def _group(self, rows: list[StepRow], features: FeatureBatch, feature_cache: torch.Tensor) -> list[_Group]:
+        kinds: dict[tuple[bool, int], list[int]] = {}
+        for i, r in enumerate(rows):
+            kinds.setdefault((r.first, r.request.count), []).append(i)
         groups = []
-        for first in (True, False):
-            index = [i for i, r in enumerate(rows) if r.first == first]
-            if index:
-                cache = None if first else feature_cache[index]
-                groups.append((index, *self._pre_encode([features[i] for i in index], cache)))
-        width = max(x.shape[1] for _, x, _ in groups)
-        d_model = groups[0][1].shape[2]
-        x_all = groups[0][1].new_zeros(len(rows), width, d_model)
-        n_all = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
-        for index, x, n in groups:
-            where = torch.tensor(index, device=self.device)
-            x_all[where, : x.shape[1]] = x
-            n_all[where] = n
+        for (first, _count), members in kinds.items():
+            index = torch.tensor(members, device=self.device)
+            groups.append(_Group(index, first, features.frames(members), feature_cache.index_select(0, index)))
+        return groups
+
+    def _pre_encode_all(self, groups: list[_Group], batch: int):
+        """Subsample each group (first chunks without cache, later chunks with it); one
+        padded batch of all."""
+        parts = [(g.index, *self._pre_encode(g)) for g in groups]
+        width = max(x.shape[1] for _, x, _ in parts)
+        x_all = parts[0][1].new_zeros(batch, width, parts[0][1].shape[2])
+        n_all = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        for index, x, n in parts:
+            x_all[index, : x.shape[1]] = x
+            n_all[index] = n
         return x_all, n_all
 
-    def _pre_encode(self, features: list[torch.Tensor], cache: torch.Tensor | None):
-        if cache is not None:
-            features = [torch.cat([c, f], dim=1) for c, f in zip(cache, features)]
-        width = max(f.shape[1] for f in features)
-        batch = torch.stack([torch.nn.functional.pad(f, (0, width - f.shape[1])) for f in features])
-        n = torch.tensor([f.shape[1] for f in features], device=self.device)
-        x, n = self.model.encoder.pre_encode(x=batch.transpose(1, 2), lengths=n)
+    def _pre_encode(self, group: _Group):
+        features = group.frames if group.first else torch.cat([group.cache, group.frames], dim=2)
+        n = torch.full((features.shape[0],), features.shape[2], device=self.device)
+        x, n = self.model.encoder.pre_encode(x=features.transpose(1, 2), lengths=n)
         n = n.to(torch.int64)
-        if cache is not None:
+        if not group.first:
             drop = self.geometry.drop_extra_pre_encoded
             x, n = x[:, drop:], (n - drop).clamp(min=0)
         return x, n
 
-    def _next_feature_cache(self, features: list[torch.Tensor], cache: torch.Tensor) -> torch.Tensor:
+    def _next_feature_cache(self, groups: list[_Group], feature_cache: torch.Tensor) -> torch.Tensor:
         """Each row's last ``pre_encode_cache_frames`` feature frames, old cache included."""
         keep = self.geometry.pre_encode_cache_frames
-        return torch.stack([torch.cat([c, f], dim=1)[:, -keep:] for c, f in zip(cache, features)])
+        result = torch.empty_like(feature_cache)
+        for g in groups:
+            result[g.index] = torch.cat([g.cache, g.frames], dim=2)[:, :, -keep:]
+        return result

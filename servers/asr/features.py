@@ -80,9 +80,40 @@ class UtteranceAudio:
         return 1000.0 * self.total_samples / self._g.sample_rate
 
 
+@dataclass(frozen=True)
+class FeatureBatch:
+    """The preprocessor's output for a batch of snippets, ``[rows, n_mels, frames]``, and
+    per row where its wanted frames start and how many there are."""
+
+    features: torch.Tensor
+    starts: list[int]
+    counts: list[int]
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i``'s wanted frames, ``[n_mels, count]``."""
+        return self.features[i, :, self.starts[i] : self.starts[i] + self.counts[i]]
+
+    def frames(self, rows: list[int]) -> torch.Tensor:
+        """The wanted frames of ``rows``, which all want equally many, ``[len(rows), n_mels, count]``.
+
+        A few tensor ops whatever the number of rows: on a GPU each op is a kernel launch.
+        """
+        device = self.features.device
+        count = self.counts[rows[0]]
+        picked = self.features.index_select(0, torch.tensor(rows, device=device))
+        starts = {self.starts[i] for i in rows}
+        if len(starts) == 1:
+            start = starts.pop()
+            return picked[:, :, start : start + count]
+        positions = torch.tensor([self.starts[i] for i in rows], device=device)[:, None] + torch.arange(
+            count, device=device
+        )
+        return picked.gather(2, positions[:, None, :].expand(-1, picked.shape[1], -1))
+
+
 @torch.no_grad()
-def compute_features(preprocessor, requests: list[FeatureRequest], device: torch.device) -> list[torch.Tensor]:
-    """Run the model's preprocessor once over all snippets; returns ``[n_mels, count]`` each.
+def compute_features(preprocessor, requests: list[FeatureRequest], device: torch.device) -> FeatureBatch:
+    """Run the model's preprocessor once over all snippets.
 
     Snippets are right-padded with zeros, which for a shorter snippet acts exactly like
     the STFT's own end padding, so every row equals its snippet computed alone.
@@ -93,4 +124,4 @@ def compute_features(preprocessor, requests: list[FeatureRequest], device: torch
         row[: len(request.audio)] = request.audio
     signal = torch.from_numpy(batch).to(device, non_blocking=True)
     features, _ = preprocessor(input_signal=signal, length=torch.tensor(lengths, device=device))
-    return [features[i, :, r.start : r.start + r.count] for i, r in enumerate(requests)]
+    return FeatureBatch(features, [r.start for r in requests], [r.count for r in requests])

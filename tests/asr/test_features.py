@@ -1,9 +1,10 @@
 """Incremental features equal the preprocessor's pass over the whole utterance."""
 
 import numpy as np
+import pytest
 import torch
 
-from servers.asr.features import UtteranceAudio, compute_features
+from servers.asr.features import FeatureBatch, UtteranceAudio, compute_features
 from servers.asr.model import load_streaming_model, read_geometry
 
 
@@ -27,12 +28,12 @@ def test_chunked_features_equal_whole_utterance_pass(tiny_asr_path, speech):
         position += size
         need = g.first_chunk_frames if not pieces else g.chunk_frames
         while audio.ready_frames() >= need:
-            pieces.append(compute_features(model.preprocessor, [audio.take(need)], torch.device("cpu"))[0])
+            pieces.append(compute_features(model.preprocessor, [audio.take(need)], torch.device("cpu")).row(0))
             need = g.chunk_frames
         largest_buffer = max(largest_buffer, audio.buffered_samples)
     padding = g.ms_to_samples(g.finalize_audio_ms - 200)
     last = audio.take(audio.frames_with_padding(padding), padding)
-    pieces.append(compute_features(model.preprocessor, [last], torch.device("cpu"))[0])
+    pieces.append(compute_features(model.preprocessor, [last], torch.device("cpu")).row(0))
 
     streamed = torch.cat(pieces, dim=1)
     whole = _whole_utterance_features(model, np.concatenate([utterance, np.zeros(padding, np.float32)]))
@@ -52,6 +53,13 @@ def test_batched_feature_requests_equal_each_alone(tiny_asr_path, speech):
         count = audio.frames_with_padding(padding) if padding else audio.ready_frames()
         requests.append(audio.take(count, padding))
     together = compute_features(model.preprocessor, requests, torch.device("cpu"))
-    for request, batched in zip(requests, together):
-        alone = compute_features(model.preprocessor, [request], torch.device("cpu"))[0]
+    for i, request in enumerate(requests):
+        batched = together.row(i)
+        alone = compute_features(model.preprocessor, [request], torch.device("cpu")).row(0)
         torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("starts", [[2, 2, 2], [0, 3, 1]])
+def test_a_group_of_rows_takes_the_same_frames_as_each_row(starts):
+    batch = FeatureBatch(torch.randn(3, 5, 9), starts, [4, 4, 4])
+    torch.testing.assert_close(batch.frames([2, 0]), torch.stack([batch.row(2), batch.row(0)]), rtol=0, atol=0)
