@@ -70,3 +70,17 @@ def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_
         assert load_magpie(str(moved / "magpie.nemo"), device="cpu", codec=str(hidden)).num_baked_speakers == 2
     finally:
         hidden.rename(original_codec)
+
+
+@pytest.mark.parametrize(
+    ("eos_forbidden", "eos_forced"), [({}, {}), ({0: True, 2: True}, {}), ({1: True}, {1: True, 3: True})]
+)
+def test_the_eos_heads_argmax_equals_nemos_top1_sampling(model, eos_forbidden, eos_forced):
+    heads = model.num_audio_codebooks * model.frame_stacking_factor
+    logits = torch.randn(4, heads * model.num_all_tokens_per_codebook)
+    logits[:, model.audio_eos_id] += 5.0  # EOS wins some heads unless forbidden
+    ours = MagpieDecoder(model).argmax_codes(logits.clone(), eos_forbidden, eos_forced)
+    nemo = model.sample_codes_from_logits(
+        logits.clone(), temperature=0.01, topk=1, unfinished_items=eos_forbidden, finished_items=eos_forced
+    )
+    assert torch.equal(ours, nemo)
