@@ -139,9 +139,12 @@ class MagpieDecoder:
         )
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
         if ip.apply_attention_prior:
-            self._update_attention(sequences, attention, rows, last, text_lens)
+            self._update_attention(sequences, attention, rows, last)
+        # NeMo's per-row EOS search reads single values: on host copies it launches no
+        # GPU work and waits for the GPU once, not twice per row.
+        sampled_host, argmax_host = next_codes.cpu(), argmax_codes.cpu()
         for i, s in enumerate(sequences):
-            eos_frame = m.detect_eos(next_codes[i], argmax_codes[i], self._eos_method)
+            eos_frame = m.detect_eos(sampled_host[i], argmax_host[i], self._eos_method)
             if eos_frame != float("inf"):
                 s.end_frame = s.steps * fs + int(eos_frame)
             s.codes = torch.cat([s.codes, next_codes[i]], dim=-1)
@@ -180,9 +183,13 @@ class MagpieDecoder:
         threshold = config.finished_limit_first_chunk
         return {i: True for i, s in enumerate(sequences) if (s.finished_count or 0) >= threshold}
 
-    def _update_attention(self, sequences, attention, rows, last, text_lens) -> None:
+    def _update_attention(self, sequences, attention, rows, last) -> None:
         """Where each row attends in its text, and the prior that keeps it moving forward
-        (NeMo's own bookkeeping, fed one row at a time from each sequence's state)."""
+        (NeMo's own bookkeeping, fed one row at a time from each sequence's state).
+
+        The bookkeeping indexes single values row by row, so it runs on a host copy of the
+        scores (one wait for the GPU, no kernel launches) and the prior goes back in one copy.
+        """
         m, ip, batch = self.model, self.model.inference_parameters, len(sequences)
         layers = [
             layer
@@ -190,7 +197,8 @@ class MagpieDecoder:
             if layer in m.transcript_decoder_layers
         ]
         scores = torch.stack([attention[layer]["cross_attn_probabilities"][0].mean(dim=1) for layer in layers], dim=1)
-        scores = scores.mean(dim=1)[rows, last]
+        scores = scores.mean(dim=1)[rows, last].float().cpu()
+        text_lens = torch.tensor([len(s.tokens) for s in sequences])
         attended, counters = m.get_most_attended_text_timestep(
             alignment_attention_scores=scores,
             last_attended_timesteps=[[s.last_attended for s in sequences]],
@@ -213,6 +221,7 @@ class MagpieDecoder:
             lookahead_window_size=ip.attention_prior_lookahead_window,
             batch_size=batch,
         )
+        prior = prior.to(self.device)
         for i, s in enumerate(sequences):
             s.last_attended = attended[i]
             s.attention_counter = counters[i]
