@@ -129,8 +129,6 @@ class StreamingASREngine(WorkSignal):
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
         self._next_sid = 0
-        self.on_work: Callable[[], None] = lambda: None
-        """Called (under the engine's lock) whenever a session becomes ready: a scheduler's wake-up."""
 
     @property
     def graph_batches(self) -> list[int]:
@@ -265,8 +263,7 @@ class StreamingASREngine(WorkSignal):
         # chunk size (first or steady) and its pending reset are not yet known.
         if not session.closed and not session.in_flight and self._wants_step(session):
             self._ready.add(session.sid)
-            self._work.notify()
-            self.on_work()
+            self._signal_work()
 
     def _chunk_frames(self, session: _Session) -> int:
         return self.geometry.chunk_frames if session.started else self.geometry.first_chunk_frames

@@ -33,11 +33,18 @@ class SteppedEngine(Protocol):
 class WorkSignal:
     """The stepping side every engine shares: one lock for its state, and waiting on it
     until there is work. Subclasses say what work is (``_has_work_locked``) and call
-    ``self._work.notify_all()`` under the lock when some arrives."""
+    ``_signal_work()`` under the lock when some arrives."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
+        self.on_work: Callable[[], None] = lambda: None
+        """Called (under the engine's lock) whenever work arrives: a scheduler's wake-up."""
+
+    def _signal_work(self) -> None:
+        """Wake whatever waits for work: a worker in ``wait_for_work``, a scheduler via ``on_work``."""
+        self._work.notify_all()
+        self.on_work()
 
     def _has_work_locked(self) -> bool:
         raise NotImplementedError

@@ -155,8 +155,6 @@ class LLMEngine(WorkSignal):
         self._active: _Generation | None = None
         self._conversation: _Conversation | None = None
         self._next_rid = 0
-        self.on_work: Callable[[], None] = lambda: None
-        """Called (under the engine's lock) whenever a request arrives: a scheduler's wake-up."""
 
     @property
     def context_size(self) -> int:
@@ -180,8 +178,7 @@ class LLMEngine(WorkSignal):
             generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic())
             generation.splitter = OutputSplitter(in_reasoning=prompt_text.rstrip().endswith("<think>"))
             self._queue.append(generation)
-            self._work.notify_all()
-            self.on_work()
+            self._signal_work()
         return rid
 
     def cancel(self, rid: int) -> None:

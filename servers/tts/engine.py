@@ -162,8 +162,6 @@ class TTSEngine(WorkSignal):
         """``clock`` tells the engine the time (listeners' playout is reckoned with it)."""
         self.model = model
         self._clock = clock
-        self.on_work: Callable[[], None] = lambda: None
-        """Called (under the engine's lock) whenever new work arrives: a scheduler's wake-up."""
         self.voices = voices(model, voice_names)
         self.languages = languages(model)
         self.sample_rate = int(model.output_sample_rate)
@@ -253,8 +251,7 @@ class TTSEngine(WorkSignal):
             )
             if context not in self._busy:
                 self._busy.append(context)
-            self._work.notify()
-            self.on_work()
+            self._signal_work()
         return segment_id
 
     def flush(self, sid: int, context_id: str) -> None:
