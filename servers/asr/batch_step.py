@@ -160,7 +160,7 @@ class BatchedStreamingStep:
         groups = []
         for (first, _count), members in kinds.items():
             index = torch.tensor(members, device=self.device)
-            groups.append(_Group(index, first, features.frames(members), feature_cache.index_select(0, index)))
+            groups.append(_Group(index, first, features.frames(members, index), feature_cache.index_select(0, index)))
         return groups
 
     def _pre_encode_all(self, groups: list[_Group], batch: int):

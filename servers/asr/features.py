@@ -93,14 +93,15 @@ class FeatureBatch:
         """Row ``i``'s wanted frames, ``[n_mels, count]``."""
         return self.features[i, :, self.starts[i] : self.starts[i] + self.counts[i]]
 
-    def frames(self, rows: list[int]) -> torch.Tensor:
-        """The wanted frames of ``rows``, which all want equally many, ``[len(rows), n_mels, count]``.
+    def frames(self, rows: list[int], index: torch.Tensor) -> torch.Tensor:
+        """The wanted frames of ``rows`` (``index``: the same rows on the features' device),
+        which all want equally many, ``[len(rows), n_mels, count]``.
 
         A few tensor ops whatever the number of rows: on a GPU each op is a kernel launch.
         """
         device = self.features.device
         count = self.counts[rows[0]]
-        picked = self.features.index_select(0, torch.tensor(rows, device=device))
+        picked = self.features.index_select(0, index)
         starts = {self.starts[i] for i in rows}
         if len(starts) == 1:
             start = starts.pop()

@@ -62,4 +62,6 @@ def test_batched_feature_requests_equal_each_alone(tiny_asr_path, speech):
 @pytest.mark.parametrize("starts", [[2, 2, 2], [0, 3, 1]])
 def test_a_group_of_rows_takes_the_same_frames_as_each_row(starts):
     batch = FeatureBatch(torch.randn(3, 5, 9), starts, [4, 4, 4])
-    torch.testing.assert_close(batch.frames([2, 0]), torch.stack([batch.row(2), batch.row(0)]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        batch.frames([2, 0], torch.tensor([2, 0])), torch.stack([batch.row(2), batch.row(0)]), rtol=0, atol=0
+    )
