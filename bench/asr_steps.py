@@ -73,7 +73,9 @@ def main() -> None:
     faulthandler.cancel_dump_traceback_later()
     print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     results = []
+    graphs = engine.encoder_graphs
     for batch in a.batches:
+        eager_before = graphs.eager_steps if graphs else 0
         times = step_times(engine, batch, a.seconds, a.timeout_s)
         result = {
             "batch": batch,
@@ -81,7 +83,7 @@ def main() -> None:
             "step_ms_p50": round(1000 * statistics.median(times), 2) if times else None,
             "step_ms_max": round(1000 * max(times), 2) if times else None,
             "chunk_ms": engine.geometry.chunk_ms,
-            "graph": batch in engine.graph_batches,
+            "graph": graphs is not None and graphs.eager_steps == eager_before,
         }
         results.append(result)
         print(json.dumps(result), flush=True)

@@ -19,15 +19,15 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import soundfile as sf
 
 from bench.common import SPEECH, percentiles_ms
 from pipecat_nvidia.protocol import TtsAudio, TtsDone, TtsSpeak
+from scheduler.host import HostSettings
 from scheduler.worker import GpuScheduler
-from servers.asr.config import AsrServerSettings
 from servers.asr.server import load_engine as load_asr
 from servers.common.loading import own_worker
 from servers.llm.config import LlmServerSettings
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     engines = {
-        "asr": load_asr(AsrServerSettings(model=args.asr, device=args.device)),
+        # The local host's ASR settings (graph buckets for a few streams), not a server's.
+        "asr": load_asr(replace(HostSettings().asr, model=args.asr, device=args.device)),
         "tts": load_tts(
             TtsServerSettings(
                 model=args.tts,

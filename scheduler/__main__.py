@@ -12,7 +12,8 @@ from servers.tts.config import TtsServerSettings
 
 
 def parse_settings(argv: list[str] | None = None) -> HostSettings:
-    asr, tts, llm, targets = AsrServerSettings(), TtsServerSettings(), LlmServerSettings(), Targets()
+    defaults = HostSettings()
+    asr, tts, llm, targets = defaults.asr, defaults.tts, defaults.llm, defaults.targets
     p = EnvDefaultsParser(
         prog="python -m scheduler",
         description="ASR, TTS and an OpenAI-compatible LLM in one process, sharing one GPU through a scheduler.",
@@ -24,6 +25,12 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting("--asr-model", asr.model, "ASR: Hugging Face name or .nemo path")
     p.add_setting("--asr-port", asr.port, "ASR WebSocket port", type=int)
     p.add_setting("--right-context", asr.right_context, "ASR encoder right context (0, 1, 6, 13)", type=int)
+    p.add_setting(
+        "--asr-cuda-graph-max-batch",
+        asr.cuda_graph_max_batch,
+        "ASR steps of up to this many streams replay CUDA graphs, captured at start-up (0: eager)",
+        type=int,
+    )
     p.add_setting("--tts-model", tts.model, "TTS: Hugging Face name or .nemo path")
     p.add_setting("--tts-codec", tts.codec, "TTS codec (default: the one the model names)")
     p.add_setting("--tts-port", tts.port, "TTS WebSocket port", type=int)
@@ -44,7 +51,12 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     common = {"host": a.host, "auth_token": a.auth_token, "log_level": a.log_level}
     return HostSettings(
         asr=AsrServerSettings(
-            model=a.asr_model, port=a.asr_port, right_context=a.right_context, device=a.device, **common
+            model=a.asr_model,
+            port=a.asr_port,
+            right_context=a.right_context,
+            cuda_graph_max_batch=a.asr_cuda_graph_max_batch,
+            device=a.device,
+            **common,
         ),
         tts=TtsServerSettings(
             model=a.tts_model,

@@ -21,9 +21,15 @@ from servers.tts.config import TtsServerSettings
 from servers.tts.server import TtsServer
 
 
+def _local_asr() -> AsrServerSettings:
+    """A local agent serves a few streams: CUDA graphs for up to 16 keep the memory the
+    ASR's graphs hold (all captured at start-up) small beside the LLM."""
+    return AsrServerSettings(cuda_graph_max_batch=16)
+
+
 @dataclass(frozen=True)
 class HostSettings:
-    asr: AsrServerSettings = field(default_factory=AsrServerSettings)
+    asr: AsrServerSettings = field(default_factory=_local_asr)
     tts: TtsServerSettings = field(default_factory=TtsServerSettings)
     llm: LlmServerSettings = field(default_factory=LlmServerSettings)
     targets: Targets = field(default_factory=Targets)

@@ -73,8 +73,8 @@ class BatchedStreamingStep:
         autocast_dtype: torch.dtype | None = None,
         graph_max_batch: int = 0,
     ):
-        """``graph_max_batch`` > 0 runs steady steps of up to that many rows from CUDA
-        graphs (``encoder_graphs``); 0 runs every step eagerly."""
+        """``graph_max_batch`` > 0 runs steps of up to that many rows from CUDA graphs
+        (``encoder_graphs``); 0 runs every step eagerly."""
         from nemo.collections.asr.parts.submodules.transducer_decoding.label_looping_base import (
             BatchedLabelLoopingState,
         )
@@ -87,13 +87,26 @@ class BatchedStreamingStep:
         self._decoder = model.decoding.decoding.decoding_computer
         self.encoder_graphs = (
             GraphedEncoderStep(
-                model.encoder, out_frames=geometry.out_frames, autocast_dtype=autocast_dtype, max_batch=graph_max_batch
+                model.encoder,
+                out_frames=geometry.out_frames,
+                final_out_frames=self._longest_final_out_frames(),
+                autocast_dtype=autocast_dtype,
+                max_batch=graph_max_batch,
             )
             if graph_max_batch > 0
             else None
         )
         self._encoder_step = self.encoder_graphs or functools.partial(eager_encoder_step, model.encoder, autocast_dtype)
         self.pool = StatePool(self._state_layout(), initial_slots, max_sessions)
+
+    @torch.inference_mode()
+    def _longest_final_out_frames(self) -> int:
+        """Encoder frames of the widest final row, first chunk or not."""
+        g = self.geometry
+        index = torch.zeros(1, dtype=torch.int64, device=self.device)
+        cache = torch.zeros(1, g.n_mels, g.pre_encode_cache_frames, device=self.device)
+        frames = torch.zeros(1, g.n_mels, g.max_final_frames, device=self.device)
+        return max(self._pre_encode(_Group(index, first, frames, cache))[0].shape[1] for first in (True, False))
 
     def _state_layout(self) -> dict[str, PooledTensor]:
         g = self.geometry

@@ -58,7 +58,7 @@ def parse_settings(argv: list[str] | None = None) -> AsrServerSettings:
         "--cuda-graph-max-batch",
         d.cuda_graph_max_batch,
         "on CUDA, steps of up to this many sessions replay CUDA graphs (one per power-of-two batch, "
-        "captured on first use; 0: eager NeMo)",
+        "all captured at start-up; 0: eager NeMo)",
         type=int,
     )
     return AsrServerSettings(**vars(p.parse_args(argv)))

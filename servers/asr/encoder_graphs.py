@@ -2,16 +2,26 @@
 
 Eager NeMo spends ~50 ms of CPU time launching ~5 ms of GPU work per step on an H100,
 so one stream costs almost as much as hundreds. A CUDA graph launches the whole call at
-once. Graphs have fixed shapes, so there is one per batch-size bucket (powers of two),
-captured the first time a batch needs it: a step of B rows runs in the smallest bucket
-that holds B. Rows beyond B keep whatever finite values they last held; conformer rows
-never mix (per-row attention, convolution, normalisation in eval mode), so they cannot
-change the real rows. Steps whose rows are not the steady width (only final chunks)
-or that exceed the largest bucket run eagerly.
+once. Graphs have fixed shapes, so there is one per bucket: a number of rows (a power of
+two) and a width (encoder frames). A step of B rows runs in the smallest bucket that
+holds B. Rows beyond B keep whatever finite values they last held; conformer rows never
+mix (per-row attention, convolution, normalisation in eval mode), so they cannot change
+the real rows. Rows narrower than their bucket (final chunks) are zero-padded on the
+right and masked by their lengths, as in any mixed step.
+
+Steps are a steady chunk wide, or, when made only of final chunks, up to the longest
+final wide (padding a continuing row would corrupt its cache, so the engine runs long
+finals whole only in such steps). Those steps are small (any continuing row splits them),
+so their buckets stop at ``max_final_batch`` rows; larger steps run eagerly.
+
+All buckets are captured while the engine warms up: a capture on first use would stall
+every stream for up to a second when load grows, and while one is under way no other
+thread in the process may draw random numbers on the GPU (the TTS sampler would fail).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -52,34 +62,74 @@ class GraphedEncoderStep:
     is how tests check the padding and slicing that the GPU path shares.
     """
 
-    def __init__(self, encoder, *, out_frames: int, autocast_dtype: torch.dtype | None, max_batch: int):
+    def __init__(
+        self,
+        encoder,
+        *,
+        out_frames: int,
+        final_out_frames: int,
+        autocast_dtype: torch.dtype | None,
+        max_batch: int,
+        max_final_batch: int = 8,
+    ):
         self._encoder = encoder
-        self._out_frames = out_frames
+        self._limits = {final_out_frames: min(max_batch, max_final_batch)}
+        self._limits[out_frames] = max_batch
+        """Most rows per step run in a bucket, by width (steady chunks win if finals are no wider)."""
         self._autocast_dtype = autocast_dtype
-        self.max_batch = max_batch
         self._device = next(encoder.parameters()).device
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self.eager_steps = 0
+        """Steps that fell back to eager NeMo (more rows than any bucket holds)."""
         self._pool = torch.cuda.graph_pool_handle() if self._device.type == "cuda" else None
 
     @property
-    def captured(self) -> list[int]:
-        """Bucket sizes that have a graph (or, on a CPU, fixed buffers)."""
+    def captured(self) -> list[tuple[int, int]]:
+        """``(rows, width)`` of the buckets that have a graph (or, on a CPU, fixed buffers)."""
         return sorted(self._buckets)
 
-    def bucket_for(self, batch: int) -> int | None:
-        """The bucket a batch of ``batch`` steady rows runs in; None: eagerly."""
-        if batch > self.max_batch:
+    def bucket_for(self, rows: int, frames: int) -> tuple[int, int] | None:
+        """The bucket a step of ``rows`` rows ``frames`` wide runs in; None: eagerly."""
+        width = min((w for w in self._limits if w >= frames), default=None)
+        if width is None or rows > self._limits[width]:
             return None
-        return 1 << (batch - 1).bit_length()
+        return 1 << (rows - 1).bit_length(), width
+
+    def prepare_all(self) -> None:
+        """Capture every bucket now. A step must have run: its inputs set the dtypes and
+        per-row shapes."""
+        if not self._buckets:
+            raise RuntimeError("run one encoder step before preparing the other buckets")
+        example = next(iter(self._buckets.values())).inputs
+        started = time.perf_counter()
+        for width, limit in self._limits.items():
+            rows = 1
+            while True:
+                key = self.bucket_for(min(rows, limit), width)
+                if key not in self._buckets:
+                    self._prepare(key, example)
+                if rows >= limit:
+                    break
+                rows *= 2
+        memory = (
+            f", {torch.cuda.memory_reserved(self._device) / 2**30:.1f} GiB reserved" if self._pool is not None else ""
+        )
+        logger.info(
+            f"ASR encoder step: {len(self._buckets)} buckets ready in {time.perf_counter() - started:.1f} s{memory}"
+        )
 
     def __call__(self, *inputs: torch.Tensor) -> EncoderOutputs:
         x = inputs[0]
-        size = self.bucket_for(x.shape[0]) if x.shape[1] == self._out_frames else None
-        if size is None:
+        rows, frames = x.shape[:2]
+        key = self.bucket_for(rows, frames)
+        if key is None:
+            self.eager_steps += 1
             return eager_encoder_step(self._encoder, self._autocast_dtype, *inputs)
-        bucket = self._buckets.get(size) or self._prepare(size, inputs)
-        rows = x.shape[0]
-        for static, value in zip(bucket.inputs, inputs):
+        bucket = self._buckets.get(key) or self._prepare(key, inputs)
+        static_x = bucket.inputs[0].narrow(0, 0, rows)
+        static_x[:, :frames].copy_(x)
+        static_x[:, frames:].zero_()
+        for static, value in zip(bucket.inputs[1:], inputs[1:]):
             batch_dim = 1 if static.dim() == 4 else 0
             static.narrow(batch_dim, 0, rows).copy_(value)
         if bucket.graph is not None:
@@ -96,14 +146,15 @@ class GraphedEncoderStep:
             channel_len[:rows].clone(),
         )
 
-    def _prepare(self, size: int, example: tuple[torch.Tensor, ...]) -> _Bucket:
-        """Fixed buffers holding a fresh session's state and a full steady chunk (valid
-        values in every row); on a GPU, the graph captured over them."""
+    def _prepare(self, key: tuple[int, int], example: tuple[torch.Tensor, ...]) -> _Bucket:
+        """Fixed buffers holding a fresh session's state and a full chunk (valid values in
+        every row); on a GPU, the graph captured over them."""
+        rows, width = key
         x, lengths, channel, time_, channel_len = example
-        channel0, time0, channel_len0 = self._encoder.get_initial_cache_state(batch_size=size, device=self._device)
+        channel0, time0, channel_len0 = self._encoder.get_initial_cache_state(batch_size=rows, device=self._device)
         inputs = (
-            x.new_zeros(size, *x.shape[1:]),
-            lengths.new_full((size,), self._out_frames),
+            x.new_zeros(rows, width, x.shape[2]),
+            lengths.new_full((rows,), width),
             channel0.to(channel.dtype),
             time0.to(time_.dtype),
             channel_len0.to(channel_len.dtype),
@@ -111,8 +162,8 @@ class GraphedEncoderStep:
         bucket = _Bucket(inputs)
         if self._pool is not None:
             bucket.graph, bucket.outputs = self._capture(inputs)
-            logger.info(f"ASR encoder step captured as a CUDA graph for {size} rows")
-        self._buckets[size] = bucket
+            logger.debug(f"ASR encoder step captured as a CUDA graph for {rows} rows of {width} frames")
+        self._buckets[key] = bucket
         return bucket
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, EncoderOutputs]:

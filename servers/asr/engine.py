@@ -19,6 +19,7 @@ from loguru import logger
 
 from pipecat_nvidia.protocol import AsrServerMessage, AsrTranscript, ErrorCode, ErrorMessage
 from servers.asr.batch_step import BatchedStreamingStep, StepRow
+from servers.asr.encoder_graphs import GraphedEncoderStep
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
 from servers.common.engine import EngineFull, WorkSignal
@@ -105,15 +106,13 @@ class StreamingASREngine(WorkSignal):
         initial_slots: int = 16,
         graph_max_batch: int = 0,
     ):
-        """``graph_max_batch``: steady steps of up to this many sessions replay CUDA graphs
-        (``servers.asr.encoder_graphs``); 0 runs every step eagerly."""
+        """``graph_max_batch``: steps of up to this many sessions replay CUDA graphs
+        (``servers.asr.encoder_graphs``), captured in ``warm_up``; 0 runs every step eagerly."""
         self.geometry: StreamingGeometry = read_geometry(model, right_context)
         self.max_sessions = max_sessions
         self._max_buffered = int(max_buffered_s * self.geometry.sample_rate)
         self._max_utterance = int(max_utterance_s * self.geometry.sample_rate)
         self._pieces = token_pieces(model)
-        g = self.geometry
-        self._max_final_frames = g.frames_at_end(g.ms_to_samples(g.finalize_audio_ms + g.chunk_ms))
         self._step = BatchedStreamingStep(
             model,
             self.geometry,
@@ -131,10 +130,9 @@ class StreamingASREngine(WorkSignal):
         self._next_sid = 0
 
     @property
-    def graph_batches(self) -> list[int]:
-        """Batch sizes whose encoder step replays a captured CUDA graph."""
-        graphs = self._step.encoder_graphs
-        return graphs.captured if graphs is not None else []
+    def encoder_graphs(self) -> GraphedEncoderStep | None:
+        """The CUDA graphs the encoder step replays; None when every step runs eagerly."""
+        return self._step.encoder_graphs
 
     # ------------------------------------------------------------------ sessions (any thread)
 
@@ -192,9 +190,9 @@ class StreamingASREngine(WorkSignal):
             self._mark_if_ready(session)
 
     def warm_up(self) -> None:
-        """Run one short utterance through every kind of step before serving: it checks
-        the model end to end and moves one-time costs (allocations, kernels) out of the
-        first client's way."""
+        """Run one short utterance through every kind of step before serving, then
+        capture the remaining CUDA graphs: it checks the model end to end and moves
+        one-time costs (allocations, kernels, captures) out of the clients' way."""
         sid = self.open_session(lambda message: None)
         try:
             self.push_audio(sid, bytes(2 * self.geometry.sample_rate))
@@ -202,6 +200,8 @@ class StreamingASREngine(WorkSignal):
             self.run_until_idle()
         finally:
             self.close_session(sid)
+        if self._step.encoder_graphs is not None:
+            self._step.encoder_graphs.prepare_all()
 
     # ------------------------------------------------------------------ stepping (one thread)
 
@@ -296,7 +296,7 @@ class StreamingASREngine(WorkSignal):
         # A final longer than a chunk runs whole only in a step where no row continues
         # (and only as long as a real-time client's can be); otherwise it advances one
         # chunk now and finishes in a later step.
-        whole = all(r.step.final for r in rows) and all(n <= self._max_final_frames for *_, n in long_finals)
+        whole = all(r.step.final for r in rows) and all(n <= self.geometry.max_final_frames for *_, n in long_finals)
         for session, padding, remaining in long_finals:
             count = remaining if whole else self._chunk_frames(session)
             rows.append(self._row(session, count, whole, session.reset.received, padding))

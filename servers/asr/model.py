@@ -49,6 +49,13 @@ class StreamingGeometry:
         return 2.0 * self.chunk_ms
 
     @property
+    def max_final_frames(self) -> int:
+        """New mel frames of the longest final step: the engine runs a final whole only up
+        to the finalize padding plus a chunk of audio still buffered (more, for a client
+        ahead of real time, advances chunk by chunk first)."""
+        return self.frames_at_end(self.ms_to_samples(self.finalize_audio_ms + self.chunk_ms))
+
+    @property
     def left_context_frames(self) -> int:
         """Mel frames of audio before frame ``f`` that frame ``f`` depends on, rounded up:
         half an FFT window plus the one sample pre-emphasis looks back."""

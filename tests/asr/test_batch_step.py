@@ -108,9 +108,11 @@ def test_steps_run_in_fixed_size_buckets_equal_eager_steps(tiny_asr_path, speech
     utterances = [speech[16000 * 1 : 16000 * 4], speech[16000 * 6 : 16000 * 8 + 500], speech[16000 * 9 : 16000 * 13]]
     starts = [0, 2, 4]
     eager, _ = _stream_all(BatchedStreamingStep(model, geometry, max_sessions=4), utterances, starts)
-    bucketed_step = BatchedStreamingStep(model, geometry, max_sessions=4, graph_max_batch=2)
+    bucketed_step = BatchedStreamingStep(model, geometry, max_sessions=4, graph_max_batch=3)
     bucketed, _ = _stream_all(bucketed_step, utterances, starts)
-    assert bucketed_step.encoder_graphs.captured == [1, 2], "batches of 1 and 2 rows ran in buckets"
+    graphs = bucketed_step.encoder_graphs
+    assert [rows for rows, _ in graphs.captured] == [1, 2, 4], "batches of 1, 2 and 3 rows ran in buckets"
+    assert graphs.eager_steps == 0, "steps of final chunks alone ran in buckets too"
     for (encoded, tokens), (encoded_eager, tokens_eager) in zip(bucketed, eager):
         # On a GPU, cuDNN may pick other (TF32) kernels for other batch sizes.
         torch.testing.assert_close(encoded, encoded_eager, rtol=0, atol=1e-5 if device == "cpu" else 1e-3)

@@ -215,3 +215,25 @@ def test_audio_arriving_during_a_first_chunk_waits_for_a_whole_steady_chunk(tiny
     assert not engine.has_work(), "one frame short of a steady chunk"
     engine.push_audio(sid, utterance[during_end : during_end + g.hop].tobytes())
     assert engine.has_work()
+
+
+def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech_int16):
+    """Graphs are captured at warm-up, not when a larger batch first arrives (a stall for
+    every stream, and a hazard for other GPU threads): steady and final steps of up to the
+    limit find theirs ready, and none runs eagerly."""
+    engine = make_engine(tiny_asr_path, graph_max_batch=5)
+    engine.warm_up()
+    graphs = engine.encoder_graphs
+    prepared = graphs.captured
+    widths = sorted({width for _, width in prepared})
+    assert len(widths) == 2, "a steady chunk's width and the longest final's"
+    assert prepared == [(rows, width) for rows in (1, 2, 4, 8) for width in widths]
+    sessions = [engine.open_session(lambda message: None) for _ in range(5)]
+    for sid in sessions:
+        engine.push_audio(sid, speech_int16[16000 : 16000 * 2].tobytes())
+    engine.run_until_idle()
+    for sid in sessions:
+        engine.reset(sid, finalize=True, trailing_silence_ms=0)
+    engine.run_until_idle()
+    assert graphs.captured == prepared
+    assert graphs.eager_steps == 0

@@ -1,6 +1,7 @@
 """``python -m scheduler``'s settings."""
 
 from scheduler.__main__ import parse_settings
+from servers.asr.config import AsrServerSettings
 from servers.tts.config import TtsServerSettings
 
 
@@ -12,3 +13,10 @@ def test_the_tts_length_cap_defaults_to_the_tts_servers_and_can_be_set():
 def test_the_tts_length_cap_reads_its_environment_variable(monkeypatch):
     monkeypatch.setenv("HOST_TTS_MAX_FRAMES_PER_TOKEN", "2.5")
     assert parse_settings([]).tts.max_frames_per_token == 2.5
+
+
+def test_the_host_captures_asr_graphs_for_a_few_streams_not_a_servers_hundreds(monkeypatch):
+    assert parse_settings([]).asr.cuda_graph_max_batch < AsrServerSettings().cuda_graph_max_batch
+    assert parse_settings(["--asr-cuda-graph-max-batch", "0"]).asr.cuda_graph_max_batch == 0
+    monkeypatch.setenv("HOST_ASR_CUDA_GRAPH_MAX_BATCH", "64")
+    assert parse_settings([]).asr.cuda_graph_max_batch == 64
