@@ -1,7 +1,7 @@
 """ASR engine step time against batch size, in process (no WebSocket, no clients).
 
 For each batch size B, B sessions each get a few seconds of real speech at once and the
-engine steps (on a worker thread, as in the server) until all of it is transcribed. Every
+engine steps (on this thread, which the profiler sees) until all of it is transcribed. Every
 step then carries all B sessions, so the median step time at B is the cost of one
 streaming step for B streams: a real-time server sustains B streams while it stays under
 the chunk period. A step that does not finish within ``--timeout-s`` dumps every thread's
@@ -9,6 +9,7 @@ stack and exits, so a hang on a new machine shows where it is.
 
     python -m bench.asr_steps --model model.nemo --device cuda --batches 1 64 256 --json out.json
     python -m bench.asr_steps --model model.nemo --device cuda --cuda-graph-max-batch 0   # eager
+    python -m bench.asr_steps --model model.nemo --batches 512 --profile prof/   # where a step's time goes
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import faulthandler
 import json
 import statistics
 import sys
-import threading
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
 import soundfile as sf
+import torch
 
 from bench.common import SPEECH
 from servers.asr.config import AsrServerSettings
@@ -36,15 +39,36 @@ def step_times(engine, batch: int, seconds: float, timeout_s: float) -> list[flo
     for sid in sids:
         engine.push_audio(sid, audio)
         engine.reset(sid, finalize=True)
-    stats: list = []
-    worker = threading.Thread(target=lambda: stats.extend(engine.run_until_idle()), daemon=True)
     faulthandler.dump_traceback_later(timeout_s, exit=True)
-    worker.start()
-    worker.join()
+    stats = engine.run_until_idle()
     faulthandler.cancel_dump_traceback_later()
     for sid in sids:
         engine.close_session(sid)
     return [s.seconds for s in stats if s.batch_size == batch and not s.first_rows and not s.final_rows]
+
+
+class profiled:
+    """torch.profiler over one batch's steps; op tables by host and by GPU time on exit."""
+
+    def __init__(self, folder: Path, batch: int):
+        self._path = folder / f"steps_{batch}.txt"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities)
+
+    def __enter__(self):
+        self._profiler.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._profiler.__exit__(*exc)
+        averages = self._profiler.key_averages()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.write_text(
+            "\n\n".join(
+                averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_device_time_total")
+            )
+        )
 
 
 def main() -> None:
@@ -59,6 +83,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="speech per session")
     p.add_argument("--timeout-s", type=float, default=120.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", type=Path, help="write each batch's torch.profiler op tables (host and GPU) here")
     a = p.parse_args()
     faulthandler.dump_traceback_later(a.timeout_s * 3, exit=True)
     started = time.monotonic()
@@ -76,7 +101,8 @@ def main() -> None:
     graphs = engine.encoder_graphs
     for batch in a.batches:
         eager_before = graphs.eager_steps if graphs else 0
-        times = step_times(engine, batch, a.seconds, a.timeout_s)
+        with profiled(a.profile, batch) if a.profile else nullcontext():
+            times = step_times(engine, batch, a.seconds, a.timeout_s)
         result = {
             "batch": batch,
             "steps": len(times),

@@ -102,15 +102,13 @@ class GraphedEncoderStep:
             raise RuntimeError("run one encoder step before preparing the other buckets")
         example = next(iter(self._buckets.values())).inputs
         started = time.perf_counter()
+        # Largest first: the memory a capture frees stays in the shared pool, where every
+        # smaller capture after it fits (smallest first, each larger one needs new blocks).
+        wanted = {self.bucket_for(limit, width) for width, limit in self._limits.items()}
         for width, limit in self._limits.items():
-            rows = 1
-            while True:
-                key = self.bucket_for(min(rows, limit), width)
-                if key not in self._buckets:
-                    self._prepare(key, example)
-                if rows >= limit:
-                    break
-                rows *= 2
+            wanted.update(self.bucket_for(1 << k, width) for k in range(limit.bit_length()) if 1 << k <= limit)
+        for key in sorted(wanted - self._buckets.keys(), reverse=True):
+            self._prepare(key, example)
         memory = (
             f", {torch.cuda.memory_reserved(self._device) / 2**30:.1f} GiB reserved" if self._pool is not None else ""
         )
