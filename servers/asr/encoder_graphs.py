@@ -101,7 +101,7 @@ class GraphedEncoderStep:
         if not self._buckets:
             raise RuntimeError("run one encoder step before preparing the other buckets")
         example = next(iter(self._buckets.values())).inputs
-        started = time.perf_counter()
+        started, reserved = time.perf_counter(), self._reserved_gib()
         # Largest first: the memory a capture frees stays in the shared pool, where every
         # smaller capture after it fits (smallest first, each larger one needs new blocks).
         wanted = {self.bucket_for(limit, width) for width, limit in self._limits.items()}
@@ -109,12 +109,13 @@ class GraphedEncoderStep:
             wanted.update(self.bucket_for(1 << k, width) for k in range(limit.bit_length()) if 1 << k <= limit)
         for key in sorted(wanted - self._buckets.keys(), reverse=True):
             self._prepare(key, example)
-        memory = (
-            f", {torch.cuda.memory_reserved(self._device) / 2**30:.1f} GiB reserved" if self._pool is not None else ""
-        )
         logger.info(
-            f"ASR encoder step: {len(self._buckets)} buckets ready in {time.perf_counter() - started:.1f} s{memory}"
+            f"ASR encoder step: {len(self._buckets)} buckets ready in {time.perf_counter() - started:.1f} s; "
+            f"GPU memory reserved {reserved:.1f} -> {self._reserved_gib():.1f} GiB"
         )
+
+    def _reserved_gib(self) -> float:
+        return torch.cuda.memory_reserved(self._device) / 2**30 if self._pool is not None else 0.0
 
     def __call__(self, *inputs: torch.Tensor) -> EncoderOutputs:
         x = inputs[0]
