@@ -22,7 +22,7 @@ class AsrServerSettings(DeviceSetting):
     max_message_bytes: int = 1 << 20
     max_buffered_s: float = 30.0
     max_utterance_s: float = 120.0
-    cuda_graph_max_batch: int = 512
+    cuda_graph_max_batch: int = 128
     auth_token: str | None = None
     log_level: str = "INFO"
 
