@@ -10,8 +10,10 @@ scattered by index.
 
 Rows of different kinds can share the conformer call because a first chunk and a later
 chunk both subsample to the same number of encoder frames. A final row may be shorter
-(its right padding is masked) but may only be longer when no row in the step continues:
-padding a continuing row would corrupt its cache, and a final row's state is discarded.
+(its right padding is masked). One longer than a chunk (the finalize padding after the
+last audio) gets a conformer call of its own in the same step, with the step's other
+long finals: padding a continuing row would corrupt its cache, and a final row's state
+is discarded. So a final takes one step whatever else runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from servers.asr.encoder_graphs import GraphedEncoderStep, eager_encoder_step
+from servers.asr.encoder_graphs import GraphedEncoderStep, batch_dim, eager_encoder_step
 from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
@@ -128,17 +130,38 @@ class BatchedStreamingStep:
             layout[f"predictor_state_{i}"] = PooledTensor(state, 1)
         return layout
 
+    def _wide(self, row: StepRow) -> bool:
+        """A final row with more new frames than a chunk of its kind: it may subsample to
+        more encoder frames than a steady row, so the conformer runs it in a call of its own."""
+        g = self.geometry
+        return row.final and row.request.count > (g.first_chunk_frames if row.first else g.chunk_frames)
+
     @torch.inference_mode()
     def run(self, rows: list[StepRow]) -> StepOutput:
+        order = sorted(range(len(rows)), key=lambda i: self._wide(rows[i]))
+        out = self._run_narrow_first([rows[i] for i in order], sum(not self._wide(r) for r in rows))
+        if order == list(range(len(rows))):
+            return out
+        position = [0] * len(rows)
+        for at, i in enumerate(order):
+            position[i] = at
+        index = torch.tensor(position, device=self.device)
+        return StepOutput(
+            tokens=[out.tokens[at] for at in position],
+            encoded=out.encoded.index_select(0, index),
+            encoded_len=out.encoded_len.index_select(0, index),
+        )
+
+    def _run_narrow_first(self, rows: list[StepRow], narrow: int) -> StepOutput:
+        """``run`` over rows whose first ``narrow`` are at most a steady chunk wide."""
         slots = torch.tensor([r.slot for r in rows], device=self.device)
         state = self.pool.gather(slots)
         features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
         groups = self._group(rows, features, state["feature_cache"])
         with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
             x, lengths = self._pre_encode_all(groups, len(rows))
-        encoded, encoded_len, channel, time_, channel_len = self._encoder_step(
-            x, lengths, state["cache_last_channel"], state["cache_last_time"], state["cache_last_channel_len"]
-        )
+        caches = (state["cache_last_channel"], state["cache_last_time"], state["cache_last_channel_len"])
+        encoded, encoded_len, channel, time_, channel_len = self._encode(x, lengths, caches, narrow)
         previous = self._state_type(
             predictor_states=tuple(state[f"predictor_state_{i}"] for i in range(self._n_predictor_states)),
             predictor_outputs=state["predictor_outputs"],
@@ -165,6 +188,25 @@ class BatchedStreamingStep:
         counts = hyps.current_lengths.cpu().tolist()
         tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
         return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
+
+    def _encode(self, x: torch.Tensor, lengths: torch.Tensor, caches: tuple[torch.Tensor, ...], narrow: int):
+        """The conformer over all rows: one call for the first ``narrow`` rows, cut to a
+        steady chunk's width (padding a continuing row would corrupt its cache), one for the
+        wide final rows after them. The next caches are those of the narrow rows alone: the
+        others end their utterance."""
+        if narrow in (0, x.shape[0]):
+            return self._encoder_step(x, lengths, *caches)
+        wide = x.shape[0] - narrow
+        first = self._encoder_step(
+            x[:narrow, : self.geometry.out_frames],
+            lengths[:narrow],
+            *(c.narrow(batch_dim(c), 0, narrow) for c in caches),
+        )
+        last = self._encoder_step(x[narrow:], lengths[narrow:], *(c.narrow(batch_dim(c), narrow, wide) for c in caches))
+        encoded = last[0].new_zeros(x.shape[0], *last[0].shape[1:])
+        encoded[:narrow, :, : first[0].shape[2]] = first[0]
+        encoded[narrow:] = last[0]
+        return (encoded, torch.cat([first[1], last[1]]), *first[2:])
 
     def _group(self, rows: list[StepRow], features: FeatureBatch, feature_cache: torch.Tensor) -> list[_Group]:
         kinds: dict[tuple[bool, int], list[int]] = {}

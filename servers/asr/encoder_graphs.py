@@ -31,6 +31,12 @@ EncoderOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 """``encoded [B, d, T]``, ``encoded_len [B]`` and the next caches (channel, time, channel length)."""
 
 
+def batch_dim(tensor: torch.Tensor) -> int:
+    """The rows' dimension of a step input or output: the caches of all layers are
+    ``[layers, B, ...]``, everything else starts with B."""
+    return 1 if tensor.dim() == 4 else 0
+
+
 def eager_encoder_step(encoder, autocast_dtype: torch.dtype | None, *inputs: torch.Tensor) -> EncoderOutputs:
     """NeMo's cache-aware step on pre-encoded input ``x [B, T, d]`` with lengths and caches."""
     x, lengths, channel, time_, channel_len = inputs
@@ -129,8 +135,7 @@ class GraphedEncoderStep:
         static_x[:, :frames].copy_(x)
         static_x[:, frames:].zero_()
         for static, value in zip(bucket.inputs[1:], inputs[1:]):
-            batch_dim = 1 if static.dim() == 4 else 0
-            static.narrow(batch_dim, 0, rows).copy_(value)
+            static.narrow(batch_dim(static), 0, rows).copy_(value)
         if bucket.graph is not None:
             bucket.graph.replay()
             outputs = bucket.outputs

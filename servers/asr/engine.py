@@ -274,7 +274,6 @@ class StreamingASREngine(WorkSignal):
     def _plan(self, events: list) -> list[_Row]:
         """One row per ready session; resets that need no model are answered here."""
         rows: list[_Row] = []
-        long_finals: list[tuple[_Session, int, int]] = []
         ready = [self._sessions[sid] for sid in self._ready]
         self._ready.clear()
         for session in ready:
@@ -289,17 +288,11 @@ class StreamingASREngine(WorkSignal):
             if remaining == 0:
                 events.append((session.sink, self._transcript(session, True, reset.received)))
                 self._end_utterance(session)
-            elif remaining <= chunk:
+            elif remaining <= max(chunk, self.geometry.max_final_frames):
                 rows.append(self._row(session, remaining, True, reset.received, padding))
             else:
-                long_finals.append((session, padding, remaining))
-        # A final longer than a chunk runs whole only in a step where no row continues
-        # (and only as long as a real-time client's can be); otherwise it advances one
-        # chunk now and finishes in a later step.
-        whole = all(r.step.final for r in rows) and all(n <= self.geometry.max_final_frames for *_, n in long_finals)
-        for session, padding, remaining in long_finals:
-            count = remaining if whole else self._chunk_frames(session)
-            rows.append(self._row(session, count, whole, session.reset.received, padding))
+                # More than a real-time client can have buffered: a chunk now, the rest later.
+                rows.append(self._row(session, chunk, False, reset.received, padding))
         for row in rows:
             row.session.in_flight = True
         return rows

@@ -25,9 +25,11 @@ class _Stream:
     tokens: list = field(default_factory=list)
 
 
-def _stream_all(step: BatchedStreamingStep, utterances, starts, padding_ms=0.0):
+def _stream_all(step: BatchedStreamingStep, utterances, starts, padding_ms=0.0, long_finals=False, mixed_steps=None):
     """Stream whole utterances through ``step`` as the engine would, stream ``i`` joining
-    at tick ``starts[i]``; a final chunk is never longer than a regular one."""
+    at tick ``starts[i]``. A final chunk is never longer than a regular one, or, with
+    ``long_finals``, up to the engine's longest; ``mixed_steps`` collects the ticks where
+    a long final ran beside a continuing row."""
     g = step.geometry
     padding = g.ms_to_samples(g.finalize_audio_ms - padding_ms)
     streams = []
@@ -42,9 +44,12 @@ def _stream_all(step: BatchedStreamingStep, utterances, starts, padding_ms=0.0):
         for s in active:
             chunk = g.chunk_frames if s.started else g.first_chunk_frames
             remaining = s.audio.frames_with_padding(s.padding)
-            final = remaining <= chunk
+            final = remaining <= (max(chunk, g.max_final_frames) if long_finals else chunk)
             request = s.audio.take(remaining if final else chunk, s.padding)
             rows.append(StepRow(s.slot, request, first=not s.started, final=final))
+        if mixed_steps is not None and any(r.final and r.request.count > g.chunk_frames for r in rows):
+            if not all(r.final for r in rows):
+                mixed_steps.append(tick)
         if rows:
             out = step.run(rows)
             for i, (s, row) in enumerate(zip(active, rows)):
@@ -95,6 +100,21 @@ def test_batch_rows_equal_each_stream_alone(tiny_asr_path, speech):
         assert tokens == tokens_alone
     assert any(tokens for _, tokens in together), "the tiny model should emit text for speech"
     assert together[2][1] == [], "silence should give no text"
+
+
+def test_long_finals_finish_in_one_step_beside_continuing_rows(tiny_asr_path, speech):
+    """A final longer than a chunk (all the finalize padding at once) runs in the same step
+    as continuing rows, in a conformer call of its own, and everyone gets what they get alone."""
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
+    step = BatchedStreamingStep(model, read_geometry(model, 1), max_sessions=8)
+    utterances = [speech[16000 * 1 : 16000 * 3 + 300], speech[16000 * 4 : 16000 * 9], speech[16000 * 9 : 16000 * 11]]
+    mixed: list[int] = []
+    together, _ = _stream_all(step, utterances, [0, 1, 2], long_finals=True, mixed_steps=mixed)
+    assert mixed, "some step should mix a long final with continuing rows"
+    for utterance, (encoded, tokens) in zip(utterances, together):
+        [(encoded_alone, tokens_alone)], _ = _stream_all(step, [utterance], [0], long_finals=True)
+        torch.testing.assert_close(encoded, encoded_alone, rtol=0, atol=1e-4)
+        assert tokens == tokens_alone
 
 
 @pytest.mark.parametrize(

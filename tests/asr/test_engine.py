@@ -237,3 +237,20 @@ def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech
     engine.run_until_idle()
     assert graphs.captured == prepared
     assert graphs.eager_steps == 0
+
+
+def test_a_final_takes_one_step_while_other_sessions_stream(tiny_asr_path, speech_int16):
+    """All the finalize padding at once is longer than a chunk; it still finishes in the
+    next step beside a session that keeps streaming (the final transcript is on the
+    user's critical path)."""
+    engine = make_engine(tiny_asr_path)
+    streaming, finishing = [], []
+    a, b = engine.open_session(streaming.append), engine.open_session(finishing.append)
+    for sid in (a, b):
+        engine.push_audio(sid, speech_int16[16000 : 16000 * 3].tobytes())
+    engine.run_until_idle()
+    engine.push_audio(a, speech_int16[16000 * 3 : 16000 * 4].tobytes())
+    engine.reset(b, finalize=True, trailing_silence_ms=0)
+    stats = engine.step()
+    assert stats.final_rows == 1 and stats.batch_size == 2
+    assert finishing[-1].is_final and finishing[-1].padding_ms == 320.0
