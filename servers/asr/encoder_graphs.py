@@ -21,11 +21,13 @@ thread in the process may draw random numbers on the GPU (the TTS sampler would 
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
 
 import torch
 from loguru import logger
+
+from servers.common.cuda_graphs import FixedCall, graph_pool
 
 EncoderOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``encoded [B, d, T]``, ``encoded_len [B]`` and the next caches (channel, time, channel length)."""
@@ -54,13 +56,6 @@ def eager_encoder_step(encoder, autocast_dtype: torch.dtype | None, *inputs: tor
         )
 
 
-@dataclass
-class _Bucket:
-    inputs: tuple[torch.Tensor, ...]
-    outputs: EncoderOutputs | None = None
-    graph: torch.cuda.CUDAGraph | None = None
-
-
 class GraphedEncoderStep:
     """Callable like ``eager_encoder_step`` without its first two arguments.
 
@@ -84,10 +79,10 @@ class GraphedEncoderStep:
         """Most rows per step run in a bucket, by width (steady chunks win if finals are no wider)."""
         self._autocast_dtype = autocast_dtype
         self._device = next(encoder.parameters()).device
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._buckets: dict[tuple[int, int], FixedCall] = {}
         self.eager_steps = 0
         """Steps that fell back to eager NeMo (more rows than any bucket holds)."""
-        self._pool = torch.cuda.graph_pool_handle() if self._device.type == "cuda" else None
+        self._pool = graph_pool(self._device)
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -136,12 +131,7 @@ class GraphedEncoderStep:
         static_x[:, frames:].zero_()
         for static, value in zip(bucket.inputs[1:], inputs[1:]):
             static.narrow(batch_dim(static), 0, rows).copy_(value)
-        if bucket.graph is not None:
-            bucket.graph.replay()
-            outputs = bucket.outputs
-        else:
-            outputs = eager_encoder_step(self._encoder, self._autocast_dtype, *bucket.inputs)
-        encoded, encoded_len, channel, time_, channel_len = outputs
+        encoded, encoded_len, channel, time_, channel_len = bucket()
         return (
             encoded[:rows].clone(),
             encoded_len[:rows].clone(),
@@ -150,7 +140,7 @@ class GraphedEncoderStep:
             channel_len[:rows].clone(),
         )
 
-    def _prepare(self, key: tuple[int, int], example: tuple[torch.Tensor, ...]) -> _Bucket:
+    def _prepare(self, key: tuple[int, int], example: tuple[torch.Tensor, ...]) -> FixedCall:
         """Fixed buffers holding a fresh session's state and a full chunk (valid values in
         every row); on a GPU, the graph captured over them."""
         rows, width = key
@@ -163,22 +153,10 @@ class GraphedEncoderStep:
             time0.to(time_.dtype),
             channel_len0.to(channel_len.dtype),
         )
-        bucket = _Bucket(inputs)
+        bucket = FixedCall(
+            functools.partial(eager_encoder_step, self._encoder, self._autocast_dtype), inputs, self._pool
+        )
         if self._pool is not None:
-            bucket.graph, bucket.outputs = self._capture(inputs)
             logger.debug(f"ASR encoder step captured as a CUDA graph for {rows} rows of {width} frames")
         self._buckets[key] = bucket
         return bucket
-
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, EncoderOutputs]:
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # kernels chosen, workspaces and lazy buffers allocated
-                eager_encoder_step(self._encoder, self._autocast_dtype, *inputs)
-        torch.cuda.current_stream(self._device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = eager_encoder_step(self._encoder, self._autocast_dtype, *inputs)
-        return graph, outputs
