@@ -30,6 +30,7 @@ class TtsServerSettings(DeviceSetting):
     temperature: float | None = None
     topk: int | None = None
     cfg_scale: float | None = None
+    cuda_graph_max_batch: int = 64
     auth_token: str | None = None
     log_level: str = "INFO"
 
@@ -59,4 +60,10 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
     )
     p.add_setting("--topk", d.topk, "sampling top-k; default: the checkpoint's", type=int)
     p.add_setting("--cfg-scale", d.cfg_scale, "classifier-free guidance scale; default: the checkpoint's", type=float)
+    p.add_setting(
+        "--cuda-graph-max-batch",
+        d.cuda_graph_max_batch,
+        "on CUDA, steps of up to this many segments sample codes from CUDA graphs (captured at start-up; 0: eager)",
+        type=int,
+    )
     return TtsServerSettings(**vars(p.parse_args(argv)))

@@ -11,9 +11,12 @@ not being passed in. Per sequence the result equals ``generate_speech`` run alon
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
+
+from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
 
 
 @dataclass
@@ -58,7 +61,11 @@ class Sequence:
 class MagpieDecoder:
     """Batched single steps of a MagpieTTSModel's decoder."""
 
-    def __init__(self, model, use_cfg: bool = True):
+    def __init__(
+        self, model, use_cfg: bool = True, autocast_dtype: torch.dtype | None = None, graph_max_batch: int = 0
+    ):
+        """``graph_max_batch`` > 0: steps of up to that many sequences sample their codes
+        from CUDA graphs (``servers.tts.sampling``), captured by ``prepare_graphs``."""
         from nemo.collections.tts.modules.magpietts_modules import EOSDetectionMethod
 
         self.model = model
@@ -66,6 +73,18 @@ class MagpieDecoder:
         self.device = next(model.parameters()).device
         self.frames_per_step = model.frame_stacking_factor
         self._eos_method = EOSDetectionMethod(model.inference_parameters.eos_detection_method)
+        sampler = CodeSampler(model, autocast_dtype)
+        self.sampler_graphs = (
+            GraphedSampler(sampler, model.cfg.decoder.d_model, use_cfg, graph_max_batch)
+            if graph_max_batch > 0
+            else None
+        )
+        self._sample = self.sampler_graphs or functools.partial(sample_codes, sampler)
+
+    def prepare_graphs(self) -> None:
+        """Capture the code sampler for every batch size now (before serving)."""
+        if self.sampler_graphs is not None:
+            self.sampler_graphs.prepare_all()
 
     @torch.inference_mode()
     def start(self, sequences: list[Sequence]) -> None:
@@ -127,15 +146,10 @@ class MagpieDecoder:
             i: True for i, s in enumerate(sequences) if s.steps * fs < ip.min_generated_frames or s.unfinished
         }
         eos_forced = self._finished_items(sequences)
-        next_codes = m._lt_helper.sample_autoregressive(
-            dec_output=newest_out,
-            temperature=ip.temperature,
-            topk=ip.topk,
-            unfinished_items=eos_forbidden,
-            finished_items=eos_forced,
-            use_cfg=self.use_cfg,
-            cfg_scale=ip.cfg_scale,
-            use_kv_cache=ip.use_LT_kv_cache,
+        next_codes = self._sample(
+            newest_out,
+            torch.tensor([i in eos_forbidden for i in range(batch)], device=self.device),
+            torch.tensor([i in eos_forced for i in range(batch)], device=self.device),
         )
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
         if ip.apply_attention_prior:

@@ -157,9 +157,12 @@ class TTSEngine(WorkSignal):
         min_frames: int = 20,
         use_cfg: bool = True,
         precision: str = "auto",
+        graph_max_batch: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """``clock`` tells the engine the time (listeners' playout is reckoned with it)."""
+        """``clock`` tells the engine the time (listeners' playout is reckoned with it).
+        ``graph_max_batch`` > 0: steps of up to that many segments sample their codes from
+        CUDA graphs, captured in ``warm_up``."""
         self.model = model
         self._clock = clock
         self.voices = voices(model, voice_names)
@@ -171,9 +174,11 @@ class TTSEngine(WorkSignal):
         self._min_frames = min_frames
         self._max_frames = int(model.inference_parameters.max_decoder_steps)
         self._text = TextPreparer(model, max_text_chars)
-        self._decoder = MagpieDecoder(model, use_cfg=use_cfg)
         self._device = next(model.parameters()).device
         self._autocast = autocast_dtype(precision, self._device)
+        self._decoder = MagpieDecoder(
+            model, use_cfg=use_cfg, autocast_dtype=self._autocast, graph_max_batch=graph_max_batch
+        )
         self._codec = CodecDecoder(model)
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
         self._step_seconds = _Average()
@@ -277,7 +282,8 @@ class TTSEngine(WorkSignal):
             session.sink(TtsCancelled(context_id=context_id))
 
     def warm_up(self) -> None:
-        """Speak one short segment through every kind of step before serving."""
+        """Speak one short segment through every kind of step before serving, then capture
+        the CUDA graphs (no other thread may sample on the GPU during a capture)."""
         sid = self.open_session(lambda message: None)
         try:
             for mode in ("stream", "batch"):
@@ -285,6 +291,7 @@ class TTSEngine(WorkSignal):
             self.run_until_idle()
         finally:
             self.close_session(sid)
+        self._decoder.prepare_graphs()
 
     # ------------------------------------------------------------------ stepping (one thread)
 

@@ -37,6 +37,7 @@ def load_engine(settings: TtsServerSettings) -> TTSEngine:
         max_text_chars=settings.max_text_chars,
         max_frames_per_token=settings.max_frames_per_token,
         precision=settings.precision,
+        graph_max_batch=settings.cuda_graph_max_batch if next(model.parameters()).device.type == "cuda" else 0,
     )
     engine.warm_up()
     return engine

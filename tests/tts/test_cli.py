@@ -29,6 +29,12 @@ def test_environment_and_flags_set_voices_and_sampling(monkeypatch):
     assert (settings.voice_names, settings.temperature, settings.topk) == (("Aria", "Jason"), 0.0, 40)
 
 
+def test_cuda_graphs_cover_every_batch_by_default_and_can_be_turned_off(monkeypatch):
+    assert parse_settings([]).cuda_graph_max_batch == TtsServerSettings().max_batch
+    monkeypatch.setenv("TTS_CUDA_GRAPH_MAX_BATCH", "0")
+    assert parse_settings([]).cuda_graph_max_batch == 0
+
+
 @pytest.mark.slow
 def test_the_server_runs_from_the_command_line_with_named_voices(tiny_tts_path):
     async def speak(port):

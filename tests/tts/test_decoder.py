@@ -9,6 +9,7 @@ import torch
 
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
+from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,50 @@ def test_the_eos_heads_argmax_equals_nemos_top1_sampling(model, eos_forbidden, e
         logits.clone(), temperature=0.01, topk=1, unfinished_items=eos_forbidden, finished_items=eos_forced
     )
     assert torch.equal(ours, nemo)
+
+
+def _rows(items: dict[int, bool], batch: int) -> torch.Tensor:
+    return torch.tensor([i in items for i in range(batch)])
+
+
+@pytest.mark.parametrize("use_cfg", [True, False])
+def test_code_sampling_draws_what_nemos_local_transformer_sampling_draws(model, use_cfg):
+    """Same random numbers, same codes: row masks, masked_fill and the exponential race
+    reproduce NeMo's dicts, boolean writes and torch.multinomial (which CUDA graphs cannot hold)."""
+    sampler = CodeSampler(model)
+    sampler.temperature = 0.8
+    batch, forbidden, forced = 3, {0: True, 1: True}, {2: True}
+    dec_output = torch.randn((2 if use_cfg else 1) * batch, model.cfg.decoder.d_model)
+    with torch.inference_mode():
+        torch.manual_seed(11)
+        ours = sample_codes(sampler, dec_output, _rows(forbidden, batch), _rows(forced, batch))
+        torch.manual_seed(11)
+        nemo = model._lt_helper.sample_autoregressive(
+            dec_output,
+            temperature=0.8,
+            topk=sampler.topk,
+            unfinished_items=forbidden,
+            finished_items=forced,
+            use_cfg=use_cfg,
+            cfg_scale=sampler.cfg_scale,
+            use_kv_cache=sampler.use_kv_cache,
+        )
+    assert torch.equal(ours, nemo)
+    assert len(torch.unique(ours[0])) > 1, "sampled, not constant"
+    assert (ours[2] == model.audio_eos_id).all(), "a forced row only ends"
+
+
+def test_sampling_in_a_larger_fixed_batch_gives_each_row_its_own_codes(model):
+    """The CUDA-graph path (on a CPU its buffers run eagerly): 3 rows in a bucket of 4,
+    the spare row holding stale values, give what sampling the 3 rows alone gives."""
+    sampler = CodeSampler(model)
+    graphed = GraphedSampler(sampler, model.cfg.decoder.d_model, use_cfg=True, max_batch=4)
+    graphed.prepare_all()
+    assert graphed.captured == [1, 2, 4]
+    dec_output = torch.randn(6, model.cfg.decoder.d_model)
+    forbidden, forced = _rows({1: True}, 3), _rows({2: True}, 3)
+    with torch.inference_mode():
+        graphed(torch.randn(8, model.cfg.decoder.d_model), _rows({}, 4), _rows({}, 4))  # stale rows
+        ours = graphed(dec_output, forbidden, forced)
+        alone = sample_codes(sampler, dec_output, forbidden, forced)
+    assert torch.equal(ours, alone)
