@@ -172,7 +172,6 @@ class BatchedStreamingStep:
         hyps, decoded = self._decoder(x=encoded.transpose(1, 2), out_len=encoded_len, prev_batched_state=previous)
         keep = [i for i, r in enumerate(rows) if not r.final]
         if keep:
-            index = torch.tensor(keep, device=self.device)
             new_state = {
                 "cache_last_channel": channel,
                 "cache_last_time": time_,
@@ -183,7 +182,11 @@ class BatchedStreamingStep:
                 "decoded_lengths": decoded.decoded_lengths,
                 **{f"predictor_state_{i}": s for i, s in enumerate(decoded.predictor_states)},
             }
-            self.pool.scatter(slots[index], new_state, rows=index)
+            if len(keep) == len(rows):
+                self.pool.scatter(slots, new_state)
+            else:
+                index = torch.tensor(keep, device=self.device)
+                self.pool.scatter(slots[index], new_state, rows=index)
         transcript = hyps.transcript.cpu()
         counts = hyps.current_lengths.cpu().tolist()
         tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
@@ -197,12 +200,13 @@ class BatchedStreamingStep:
         if narrow in (0, x.shape[0]):
             return self._encoder_step(x, lengths, *caches)
         wide = x.shape[0] - narrow
+        # The narrow call last: its caches (views of a graph's buffers) are the ones kept.
+        last = self._encoder_step(x[narrow:], lengths[narrow:], *(c.narrow(batch_dim(c), narrow, wide) for c in caches))
         first = self._encoder_step(
             x[:narrow, : self.geometry.out_frames],
             lengths[:narrow],
             *(c.narrow(batch_dim(c), 0, narrow) for c in caches),
         )
-        last = self._encoder_step(x[narrow:], lengths[narrow:], *(c.narrow(batch_dim(c), narrow, wide) for c in caches))
         encoded = last[0].new_zeros(x.shape[0], *last[0].shape[1:])
         encoded[:narrow, :, : first[0].shape[2]] = first[0]
         encoded[narrow:] = last[0]
