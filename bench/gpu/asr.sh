@@ -3,10 +3,12 @@
 # after bench/gpu/fetch_wheels.sh filled ./.whl, e.g. through the device tool with carry=[".whl"]:
 #   bash bench/gpu/asr.sh
 # Builds a random-weight model of the released shape, serves it, and sweeps concurrent
-# real-time sessions. Results land in $OUT (default /tmp/out).
+# real-time sessions (GRAPH_MAX_BATCH=512 captures CUDA graphs for steps beyond the
+# server default of 128). Results land in $OUT (default /tmp/out).
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
 python3 -m servers.asr --model /tmp/asr_full.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
+  ${GRAPH_MAX_BATCH:+--cuda-graph-max-batch "$GRAPH_MAX_BATCH"} \
   > "$OUT/asr_server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
