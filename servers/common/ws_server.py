@@ -137,6 +137,7 @@ class EngineServer(ABC, Generic[E]):
                 health=self._health, registry=self.metrics.registry, auth_token=s.auth_token
             ),
             max_size=4 * s.max_message_bytes,
+            compression=None,  # audio barely deflates; compressing each frame only costs CPU
         )
         logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port} (model loading)")
         self._loading.start()

@@ -49,6 +49,16 @@ async def test_ready_describes_the_stream(start_asr_server):
     assert ready.session_id
 
 
+async def test_the_server_declines_per_message_compression(start_asr_server):
+    """PCM barely compresses, and deflating every 160 ms frame costs both ends CPU time
+    (a tenth of the event loop's at 48 streams): a client that offers it gets plain frames."""
+    server = await start_asr_server()
+    async with connect(server_url(server)) as ws:  # offers permessage-deflate by default
+        await recv_message(ws)
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        assert ws.protocol.extensions == []
+
+
 async def test_client_gets_interims_then_the_final_transcript(start_asr_server, speech_int16, expected):
     server = await start_asr_server()
     utterance = speech_int16[: 16000 * 5]
