@@ -9,10 +9,10 @@ mix (per-row attention, convolution, normalisation in eval mode), so they cannot
 the real rows. Rows narrower than their bucket (final chunks) are zero-padded on the
 right and masked by their lengths, as in any mixed step.
 
-Steps are a steady chunk wide, or, when made only of final chunks, up to the longest
-final wide (padding a continuing row would corrupt its cache, so the engine runs long
-finals whole only in such steps). Those steps are small (any continuing row splits them),
-so their buckets stop at ``max_final_batch`` rows; larger steps run eagerly.
+A call is a steady chunk wide, or, for the final rows longer than a chunk that a step
+runs in a call of their own (``batch_step``), up to the longest final wide. Few sessions
+finish in the same step, so those buckets stop at ``max_final_batch`` rows; more run
+eagerly.
 
 All buckets are captured while the engine warms up: a capture on first use would stall
 every stream for up to a second when load grows, and while one is under way no other
