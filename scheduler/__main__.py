@@ -8,7 +8,7 @@ from servers.asr.config import AsrServerSettings
 from servers.common.cli import run_server
 from servers.common.settings import EnvDefaultsParser
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
-from servers.tts.config import TtsServerSettings
+from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, TtsServerSettings
 
 
 def parse_settings(argv: list[str] | None = None) -> HostSettings:
@@ -37,7 +37,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting(
         "--tts-max-frames-per-token",
         tts.max_frames_per_token,
-        "TTS: speech is cut after this many codec frames per text token if the model has not ended it",
+        f"TTS: {MAX_FRAMES_PER_TOKEN_HELP}",
         type=float,
     )
     add_llm_settings(p, llm, prefix="llm-")

@@ -13,6 +13,9 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
+MAX_FRAMES_PER_TOKEN_HELP = "speech is cut after this many codec frames per text token if the model has not ended it"
+
+
 @dataclass(frozen=True)
 class TtsServerSettings(DeviceSetting):
     model: str = DEFAULT_MODEL
@@ -49,7 +52,7 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
     p.add_setting(
         "--max-frames-per-token",
         d.max_frames_per_token,
-        "speech is cut after this many codec frames per text token if the model has not ended it",
+        MAX_FRAMES_PER_TOKEN_HELP,
         type=float,
     )
     p.add_setting(
