@@ -44,6 +44,20 @@ class CodeSampler:
         self.forced_logits = torch.full((tokens,), float("-inf"), device=device).masked_fill(self.eos, 0.0)
         """A row whose speech must end: only EOS is possible."""
 
+    def row_masks(self, eos_forbidden: torch.Tensor, eos_forced: torch.Tensor, dims: int):
+        """Row masks ``(rows,)`` shaped for logits of ``dims`` dimensions (rows first,
+        tokens last): where EOS is impossible, and the rows that can only end."""
+        shape = (-1,) + (1,) * (dims - 1)
+        return eos_forbidden.view(shape) & self.eos, eos_forced.view(shape)
+
+    def restrict(self, logits: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``logits`` with what a row may not say made impossible: EOS where forbidden,
+        all but EOS where forced (forced wins), and the special tokens no row may say."""
+        no_eos, forced = masks
+        logits = logits.masked_fill(no_eos, float("-inf"))
+        logits = torch.where(forced, self.forced_logits, logits)
+        return logits.masked_fill(self.forbidden, float("-inf"))
+
 
 def sample_codes(
     sampler: CodeSampler, dec_output: torch.Tensor, eos_forbidden: torch.Tensor, eos_forced: torch.Tensor
@@ -57,7 +71,7 @@ def sample_codes(
     if cfg:  # guidance rows are sampled too (as in NeMo: same random numbers), then overwritten
         eos_forbidden = torch.cat([eos_forbidden, torch.zeros_like(eos_forbidden)])
         eos_forced = torch.cat([eos_forced, torch.zeros_like(eos_forced)])
-    no_eos = eos_forbidden[:, None] & s.eos
+    masks = s.row_masks(eos_forbidden, eos_forced, dims=2)
     with torch.autocast(
         dec_output.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None, cache_enabled=False
     ):
@@ -71,9 +85,7 @@ def sample_codes(
             if cfg:
                 guided = s.cfg_scale * logits[:batch] + (1.0 - s.cfg_scale) * logits[batch:]
                 logits = torch.cat([guided, logits[batch:]])
-            logits = logits.masked_fill(no_eos, float("-inf"))
-            logits = torch.where(eos_forced[:, None], s.forced_logits, logits)
-            logits = logits.masked_fill(s.forbidden, float("-inf"))
+            logits = s.restrict(logits, masks)
             kth_best = torch.topk(logits, s.topk, dim=-1)[0][:, -1:]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
             if s.temperature <= 0.0:

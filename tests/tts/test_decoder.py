@@ -80,7 +80,7 @@ def test_the_eos_heads_argmax_equals_nemos_top1_sampling(model, eos_forbidden, e
     heads = model.num_audio_codebooks * model.frame_stacking_factor
     logits = torch.randn(4, heads * model.num_all_tokens_per_codebook)
     logits[:, model.audio_eos_id] += 5.0  # EOS wins some heads unless forbidden
-    ours = MagpieDecoder(model).argmax_codes(logits.clone(), eos_forbidden, eos_forced)
+    ours = MagpieDecoder(model).argmax_codes(logits.clone(), _rows(eos_forbidden, 4), _rows(eos_forced, 4))
     nemo = model.sample_codes_from_logits(
         logits.clone(), temperature=0.01, topk=1, unfinished_items=eos_forbidden, finished_items=eos_forced
     )
