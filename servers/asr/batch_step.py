@@ -138,8 +138,9 @@ class BatchedStreamingStep:
 
     @torch.inference_mode()
     def run(self, rows: list[StepRow]) -> StepOutput:
-        order = sorted(range(len(rows)), key=lambda i: self._wide(rows[i]))
-        out = self._run_narrow_first([rows[i] for i in order], sum(not self._wide(r) for r in rows))
+        wide = [self._wide(r) for r in rows]
+        order = sorted(range(len(rows)), key=wide.__getitem__)
+        out = self._run_narrow_first([rows[i] for i in order], wide.count(False))
         if order == list(range(len(rows))):
             return out
         position = [0] * len(rows)

@@ -27,7 +27,7 @@ import time
 import torch
 from loguru import logger
 
-from servers.common.cuda_graphs import FixedCall, graph_pool
+from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
 
 EncoderOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``encoded [B, d, T]``, ``encoded_len [B]`` and the next caches (channel, time, channel length)."""
@@ -98,7 +98,7 @@ class GraphedEncoderStep:
         width = min((w for w in self._limits if w >= frames), default=None)
         if width is None or rows > self._limits[width]:
             return None
-        return 1 << (rows - 1).bit_length(), width
+        return bucket_rows(rows), width
 
     def prepare_all(self) -> None:
         """Capture every bucket now. A step must have run: its inputs set the dtypes and
@@ -107,12 +107,8 @@ class GraphedEncoderStep:
             raise RuntimeError("run one encoder step before preparing the other buckets")
         example = next(iter(self._buckets.values())).inputs
         started, reserved = time.perf_counter(), self._reserved_gib()
-        # Largest first: the memory a capture frees stays in the shared pool, where every
-        # smaller capture after it fits (smallest first, each larger one needs new blocks).
-        wanted = {self.bucket_for(limit, width) for width, limit in self._limits.items()}
-        for width, limit in self._limits.items():
-            wanted.update(self.bucket_for(1 << k, width) for k in range(limit.bit_length()) if 1 << k <= limit)
-        for key in sorted(wanted - self._buckets.keys(), reverse=True):
+        wanted = [(rows, width) for width, limit in self._limits.items() for rows in buckets_up_to(limit)]
+        for key in sorted(set(wanted) - self._buckets.keys(), reverse=True):
             self._prepare(key, example)
         logger.info(
             f"ASR encoder step: {len(self._buckets)} buckets ready in {time.perf_counter() - started:.1f} s; "

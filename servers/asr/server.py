@@ -15,6 +15,7 @@ from servers.asr.config import AsrServerSettings
 from servers.asr.engine import AudioOverflow, StreamingASREngine
 from servers.asr.metrics import AsrMetrics
 from servers.asr.model import load_streaming_model
+from servers.common.cuda_graphs import graph_max_batch
 from servers.common.loading import Driver
 from servers.common.ws_server import Connection, EngineServer
 
@@ -28,7 +29,7 @@ def load_engine(settings: AsrServerSettings) -> StreamingASREngine:
         max_buffered_s=settings.max_buffered_s,
         max_utterance_s=settings.max_utterance_s,
         precision=settings.precision,
-        graph_max_batch=settings.cuda_graph_max_batch if next(model.parameters()).device.type == "cuda" else 0,
+        graph_max_batch=graph_max_batch(model, settings.cuda_graph_max_batch),
     )
     engine.warm_up()
     return engine

@@ -18,6 +18,23 @@ from typing import Any
 import torch
 
 
+def bucket_rows(rows: int) -> int:
+    """The graph a batch of ``rows`` replays: the power of two that holds it (few graphs,
+    none more than twice the work)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def buckets_up_to(max_rows: int) -> list[int]:
+    """Every bucket a batch of up to ``max_rows`` may need, largest first: the memory a
+    capture frees stays in the shared pool, where each smaller capture after it fits."""
+    return sorted({bucket_rows(n) for n in range(1, max_rows + 1)}, reverse=True)
+
+
+def graph_max_batch(model, limit: int) -> int:
+    """``limit`` for a model on CUDA; 0 (eager) elsewhere, where there is nothing to capture."""
+    return limit if next(model.parameters()).device.type == "cuda" else 0
+
+
 def graph_pool(device: torch.device):
     """A memory pool that captures on ``device`` can share (None on a CPU)."""
     return torch.cuda.graph_pool_handle() if device.type == "cuda" else None

@@ -18,7 +18,7 @@ import functools
 import torch
 from loguru import logger
 
-from servers.common.cuda_graphs import FixedCall, graph_pool
+from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
 
 
 class CodeSampler:
@@ -124,12 +124,10 @@ class GraphedSampler:
 
     def prepare_all(self) -> None:
         """Capture every bucket; if a capture fails, sample eagerly instead (and say so)."""
-        size = 1 << (self.max_batch - 1).bit_length()
         try:
-            while size >= 1:  # largest first: smaller captures reuse its memory
+            for size in buckets_up_to(self.max_batch):
                 if size not in self._buckets:
                     self._prepare(size)
-                size //= 2
         except Exception:  # noqa: BLE001 - serving eagerly beats not serving
             logger.exception("TTS code sampler could not be captured as CUDA graphs; it samples eagerly")
             self._buckets.clear()
@@ -141,7 +139,7 @@ class GraphedSampler:
         batch = eos_forbidden.shape[0]
         if batch > self.max_batch:
             return sample_codes(self._sampler, dec_output, eos_forbidden, eos_forced)
-        size = 1 << (batch - 1).bit_length()
+        size = bucket_rows(batch)
         bucket = self._buckets.get(size) or self._prepare(size)
         static_out, static_forbidden, static_forced = bucket.inputs
         static_out[:batch].copy_(dec_output[:batch])

@@ -18,6 +18,7 @@ from pipecat_nvidia.protocol import (
     TtsReady,
     parse_tts_client_message,
 )
+from servers.common.cuda_graphs import graph_max_batch
 from servers.common.loading import Driver
 from servers.common.ws_server import Connection, EngineServer
 from servers.tts.config import TtsServerSettings
@@ -37,7 +38,7 @@ def load_engine(settings: TtsServerSettings) -> TTSEngine:
         max_text_chars=settings.max_text_chars,
         max_frames_per_token=settings.max_frames_per_token,
         precision=settings.precision,
-        graph_max_batch=settings.cuda_graph_max_batch if next(model.parameters()).device.type == "cuda" else 0,
+        graph_max_batch=graph_max_batch(model, settings.cuda_graph_max_batch),
     )
     engine.warm_up()
     return engine
