@@ -3,10 +3,12 @@
 NeMo's ``generate_speech`` runs a whole utterance inside one call, so sessions could
 neither share decoder steps, nor stop within a step, nor hear audio before the end. This
 module drives the same loop from outside with the model's own pieces (text encoder,
-decoder forward, local-transformer sampling, attention prior, EOS detection): each
+decoder layers, local-transformer sampling, attention prior, EOS detection): each
 ``step`` advances every given sequence by one decoder step (``frame_stacking_factor``
-codec frames), each at its own position. A sequence joins by being passed in, leaves by
-not being passed in. Per sequence the result equals ``generate_speech`` run alone.
+codec frames), each at its own position, computing only its new position against a
+key/value cache (``servers.tts.kv_cache``). A sequence joins through ``start`` and leaves
+by not being passed to ``step``. Per sequence the result equals ``generate_speech`` run
+alone with NeMo's decoder cache on, as NeMo's own inference runs it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from servers.tts.kv_cache import CachedDecoder, DecodedPositions
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
 
 
@@ -28,8 +32,11 @@ class Sequence:
     voice: int
     max_frames: int
     """Stop after this many codec frames even without end of speech."""
-    encoded: torch.Tensor | None = None
-    """Text encoder output ``(T_text, E)``, computed once when the sequence starts."""
+    rows: list[int] = field(default_factory=list)
+    """Its rows in the decoder's key/value cache: conditional, then unconditional with CFG."""
+    context_length: int = 0
+    cached: int = 0
+    """Decoder positions in the cache (0 until its first step)."""
     codes: torch.Tensor | None = None
     """Codes so far ``(codebooks, frames)``, the BOS stack first."""
     steps: int = 0
@@ -80,6 +87,10 @@ class MagpieDecoder:
             else None
         )
         self._sample = self.sampler_graphs or functools.partial(sample_codes, self._sampler)
+        self._branches = 2 if use_cfg else 1
+        self.transformer = CachedDecoder(model, autocast_dtype or next(model.parameters()).dtype)
+        self._live: dict[int, Sequence] = {}
+        """Started sequences by id, until a step leaves them out."""
 
     def prepare_graphs(self) -> None:
         """Capture the code sampler for every batch size now (before serving)."""
@@ -88,68 +99,58 @@ class MagpieDecoder:
 
     @torch.inference_mode()
     def start(self, sequences: list[Sequence]) -> None:
-        """Encode the text of new sequences (one batched call) and set their BOS frames."""
-        m = self.model
+        """Encode the text of new sequences (one batched call), give each its cache rows and
+        set its BOS frames; their prefix goes through the decoder in their first ``step``."""
+        m, fs = self.model, self.frames_per_step
         lengths = torch.tensor([len(s.tokens) for s in sequences], device=self.device)
         text = torch.nn.utils.rnn.pad_sequence([s.tokens.to(self.device) for s in sequences], batch_first=True)
         *_, encoded = m._encode_text_input({"text": text, "text_lens": lengths})
+        _, context_lengths = m.get_baked_context_embeddings_batch(len(sequences), [s.voice for s in sequences])
+        positions = int(context_lengths.max()) + 1 + max(-(-s.max_frames // fs) for s in sequences)
+        rows = self.transformer.pool.allocate(len(sequences) * self._branches, positions, text.shape[1])
+        count = len(sequences)
+        self.transformer.write_text(torch.tensor(rows[:count], device=self.device), encoded)
+        if self.use_cfg:  # the unconditional branch's text: NeMo's dummy, one zero vector
+            self.transformer.write_text(
+                torch.tensor(rows[count:], device=self.device), torch.zeros_like(encoded[:, :1])
+            )
         for i, s in enumerate(sequences):
-            s.encoded = encoded[i, : len(s.tokens)]
-            s.codes = torch.full((m.num_audio_codebooks, self.frames_per_step), m.audio_bos_id, device=self.device)
-            s._bos_frames = self.frames_per_step
+            s.rows = rows[i::count]
+            s.context_length = int(context_lengths[i])
+            s.codes = torch.full((m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device)
+            s._bos_frames = fs
+            self._live[id(s)] = s
 
     @torch.inference_mode()
     def step(self, sequences: list[Sequence]) -> None:
-        """Advance each sequence by one decoder step (its codes grow by a frame stack)."""
-        from nemo.collections.tts.parts.utils.helpers import get_mask_from_lengths
+        """Advance each sequence by one decoder step (its codes grow by a frame stack).
 
+        Sequences started but not passed in leave: their cache rows are freed.
+        """
         m, ip, fs, batch = self.model, self.model.inference_parameters, self.frames_per_step, len(sequences)
-        text_lens = torch.tensor([len(s.tokens) for s in sequences], device=self.device)
-        cond = torch.nn.utils.rnn.pad_sequence([s.encoded for s in sequences], batch_first=True)
-        cond_mask = get_mask_from_lengths(text_lens)
-        context, context_lens = m.get_baked_context_embeddings_batch(batch, [s.voice for s in sequences])
-        context_mask = get_mask_from_lengths(context_lens)
-        code_lens = torch.tensor([s.codes.shape[-1] for s in sequences], device=self.device)
-        codes = torch.nn.utils.rnn.pad_sequence([s.codes.T for s in sequences], batch_first=True).transpose(1, 2)
-        embedded, embedded_lens = m.embed_audio_tokens(codes, code_lens)
-        decoder_in = torch.cat([context, embedded], dim=1)
-        decoder_mask = torch.cat([context_mask, get_mask_from_lengths(embedded_lens)], dim=1)
-        last = context.shape[1] + embedded_lens - 1  # each row's newest position (rows are right-padded)
-        prior = torch.ones(batch, 1, cond.shape[1], device=self.device)
-        for i, s in enumerate(sequences):
-            if s.prior is not None:
-                prior[i, 0, : len(s.prior)] = s.prior
+        self._release_absent(sequences)
+        if not sequences:
+            return
+        ongoing = [s for s in sequences if s.cached]
+        fresh = [s for s in sequences if not s.cached]
+        sequences = ongoing + fresh
+        parts = [self._advance(ongoing)] if ongoing else []
+        if fresh:
+            parts.append(self._prefill(fresh))
+        hidden, scores = self._join(parts)
+        logits = m.final_proj(hidden)
+        newest_logits = logits[:batch]
         if self.use_cfg:
-            dummy_cond, dummy_mask, dummy_context, dummy_context_mask, _ = m.prepare_dummy_cond_for_cfg(
-                cond, cond_mask, context, context_mask
-            )
-            unconditional_in, unconditional_mask = decoder_in.clone(), decoder_mask.clone()
-            unconditional_in[:, : context.shape[1]] = dummy_context
-            unconditional_mask[:, : context.shape[1]] = dummy_context_mask
-            decoder_in = torch.cat([decoder_in, unconditional_in])
-            decoder_mask = torch.cat([decoder_mask, unconditional_mask])
-            cond, cond_mask = torch.cat([cond, dummy_cond]), torch.cat([cond_mask, dummy_mask])
-            prior = torch.cat([prior, torch.full_like(prior, ip.attention_prior_epsilon)])
-            last = torch.cat([last, last])
-        layer_prior = None
-        if any(s.prior is not None for s in sequences):
-            layer_prior = [None] * m.decoder.n_layers
-            for layer in ip.apply_prior_to_layers or range(m.decoder.n_layers):
-                layer_prior[layer] = prior
-        logits, attention, decoder_out, _ = m.forward(decoder_in, decoder_mask, cond, cond_mask, layer_prior, None)
-        rows = torch.arange(decoder_out.shape[0], device=self.device)
-        newest_out, newest_logits = decoder_out[rows, last], logits[rows, last]
-        if self.use_cfg:
-            newest_logits = (1 - ip.cfg_scale) * newest_logits[batch:] + ip.cfg_scale * newest_logits[:batch]
+            newest_logits = (1 - ip.cfg_scale) * logits[batch:] + ip.cfg_scale * newest_logits
 
         eos_forbidden = torch.tensor(
             [s.steps * fs < ip.min_generated_frames or s.unfinished for s in sequences], device=self.device
         )
         eos_forced = torch.tensor(self._eos_forced(sequences), device=self.device)
-        next_codes = self._sample(newest_out, eos_forbidden, eos_forced)
+        next_codes = self._sample(hidden, eos_forbidden, eos_forced)
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
         if ip.apply_attention_prior:
-            self._update_attention(sequences, attention, rows, last)
+            self._update_attention(sequences, scores)
         # NeMo's per-row EOS search reads single values: on host copies it launches no
         # GPU work and waits for the GPU once, not twice per row.
         sampled_host, argmax_host = next_codes.cpu(), argmax_codes.cpu()
@@ -161,6 +162,85 @@ class MagpieDecoder:
             s.steps += 1
             if s.end_frame is None and s.frames >= s.max_frames:
                 s.end_frame = s.max_frames
+
+    def _release_absent(self, sequences: list[Sequence]) -> None:
+        present = {id(s) for s in sequences}
+        for key in [key for key in self._live if key not in present]:
+            self.transformer.pool.release(self._live.pop(key).rows)
+
+    def _prefill(self, sequences: list[Sequence]) -> DecodedPositions:
+        """Each new sequence's prefix (its voice's context, then the BOS frames) into the cache."""
+        m = self.model
+        context, _ = m.get_baked_context_embeddings_batch(len(sequences), [s.voice for s in sequences])
+        codes = torch.stack([s.codes for s in sequences])
+        bos, _ = m.embed_audio_tokens(codes, torch.full((len(sequences),), codes.shape[-1], device=self.device))
+        prefixes = [torch.cat([context[i, : s.context_length], bos[i]]) for i, s in enumerate(sequences)]
+        if self.use_cfg:  # NeMo's unconditional context: zeros of the same length
+            prefixes += [torch.cat([torch.zeros_like(p[:-1]), p[-1:]]) for p in prefixes]
+        x = torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True)
+        lengths = [len(p) for p in prefixes]
+        decoded = self._decode(sequences, x, start=[0] * len(prefixes), last=[n - 1 for n in lengths], prior=None)
+        for s in sequences:
+            s.cached = s.context_length + 1
+        return decoded
+
+    def _advance(self, sequences: list[Sequence]) -> DecodedPositions:
+        """Each sequence's newest frame stack, one position, into the cache."""
+        codes = torch.stack([s.codes[:, -self.frames_per_step :] for s in sequences])
+        x, _ = self.model.embed_audio_tokens(
+            codes, torch.full((len(sequences),), self.frames_per_step, device=self.device)
+        )
+        start = [s.cached for s in sequences] * self._branches
+        prior = None
+        if any(s.prior is not None for s in sequences):
+            text = max(len(s.tokens) for s in sequences)
+            prior = torch.ones(len(sequences), text, device=self.device)
+            for i, s in enumerate(sequences):
+                if s.prior is not None:
+                    prior[i, : len(s.prior)] = s.prior
+            if self.use_cfg:
+                prior = torch.cat(
+                    [prior, torch.full_like(prior, self.model.inference_parameters.attention_prior_epsilon)]
+                )
+        decoded = self._decode(
+            sequences, x.repeat(self._branches, 1, 1), start=start, last=[0] * len(start), prior=prior
+        )
+        for s in sequences:
+            s.cached += 1
+        return decoded
+
+    def _decode(self, sequences, x, start: list[int], last: list[int], prior) -> DecodedPositions:
+        count = len(sequences)
+        rows = [s.rows[branch] for branch in range(self._branches) for s in sequences]
+        text_lengths = [len(s.tokens) for s in sequences] + [1] * (len(rows) - count)
+        layer_prior = [None] * len(self.model.decoder.layers)
+        if prior is not None:
+            for layer in self.model.inference_parameters.apply_prior_to_layers or range(len(layer_prior)):
+                layer_prior[layer] = prior
+        return self.transformer.decode(x, rows, start, last, text_lengths, layer_prior)
+
+    def _join(self, parts: list[DecodedPositions]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs of the ongoing and the fresh rows as one batch, conditional rows first,
+        and the conditional rows' alignment scores over the text ``(B, T_text)``."""
+        halves = [part.hidden.chunk(self._branches) for part in parts]
+        hidden = torch.cat([half[branch] for branch in range(self._branches) for half in halves])
+        if not self.model.inference_parameters.apply_attention_prior:
+            return hidden, None
+        scores = [self._alignment_scores(part) for part in parts]
+        width = max(s.shape[-1] for s in scores)
+        return hidden, torch.cat([F.pad(s, (0, width - s.shape[-1])) for s in scores])
+
+    def _alignment_scores(self, decoded: DecodedPositions) -> torch.Tensor:
+        """NeMo's alignment estimate: cross-attention at the newest position, averaged over
+        heads and over the layers it names, for the conditional rows."""
+        m, ip = self.model, self.model.inference_parameters
+        layers = [
+            layer
+            for layer in ip.estimate_alignment_from_layers or range(len(decoded.cross_probabilities))
+            if layer in m.transcript_decoder_layers
+        ]
+        scores = torch.stack([decoded.cross_probabilities[layer].mean(dim=1) for layer in layers]).mean(dim=0)
+        return scores[: len(scores) // self._branches]
 
     def argmax_codes(self, logits: torch.Tensor, eos_forbidden: torch.Tensor, eos_forced: torch.Tensor) -> torch.Tensor:
         """The parallel head's most likely codes ``(B, codebooks, frames per step)``, which
@@ -182,7 +262,7 @@ class MagpieDecoder:
         threshold = config.finished_limit_first_chunk
         return [(s.finished_count or 0) >= threshold for s in sequences]
 
-    def _update_attention(self, sequences, attention, rows, last) -> None:
+    def _update_attention(self, sequences: list[Sequence], scores: torch.Tensor) -> None:
         """Where each row attends in its text, and the prior that keeps it moving forward
         (NeMo's own bookkeeping, fed one row at a time from each sequence's state).
 
@@ -190,13 +270,7 @@ class MagpieDecoder:
         scores (one wait for the GPU, no kernel launches) and the prior goes back in one copy.
         """
         m, ip, batch = self.model, self.model.inference_parameters, len(sequences)
-        layers = [
-            layer
-            for layer in ip.estimate_alignment_from_layers or range(len(attention))
-            if layer in m.transcript_decoder_layers
-        ]
-        scores = torch.stack([attention[layer]["cross_attn_probabilities"][0].mean(dim=1) for layer in layers], dim=1)
-        scores = scores.mean(dim=1)[rows, last].float().cpu()
+        scores = scores.float().cpu()
         text_lens = torch.tensor([len(s.tokens) for s in sequences])
         attended, counters = m.get_most_attended_text_timestep(
             alignment_attention_scores=scores,

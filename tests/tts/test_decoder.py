@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
@@ -22,10 +23,12 @@ def _tokens(model, text):
 
 
 def _generate_speech(model, text, frames, voice):
-    """NeMo's whole-utterance loop, stopped after ``frames`` codec frames."""
+    """NeMo's whole-utterance loop with its decoder cache on (as NeMo's inference runs a
+    single-chunk batch), stopped after ``frames`` codec frames."""
     model.inference_parameters.max_decoder_steps = frames
     tokens = _tokens(model, text)
     batch = {"text": tokens[None], "text_lens": torch.tensor([len(tokens)]), "speaker_indices": voice}
+    model.decoder.reset_cache(use_cache=True)
     with torch.no_grad():
         out = model.generate_speech(
             batch,
@@ -36,6 +39,7 @@ def _generate_speech(model, text, frames, voice):
             use_local_transformer_for_inference=True,
         )
     model.inference_parameters.max_decoder_steps = 500
+    model.decoder.reset_cache(use_cache=False)
     return out.predicted_codes[0]
 
 
@@ -54,6 +58,34 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         assert sequence.done and sequence.speech_frames == 24
         ours = sequence.codes[:, -sequence.frames :]
         assert torch.equal(ours, _generate_speech(model, text, 24, voice))
+
+
+def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):
+    """Each step computes only its new position (the prefix is cached): counted in
+    floating-point operations, not timed."""
+    decoder = MagpieDecoder(model)
+    sequence = Sequence(tokens=_tokens(model, "A sentence to speak for a while."), voice=0, max_frames=200)
+    decoder.start([sequence])
+    flops = []
+    for _ in range(60):
+        with FlopCounterMode(display=False) as counter:
+            decoder.step([sequence])
+        flops.append(counter.get_total_flops())
+    assert not sequence.done
+    # Positions 22 and 80 (a 20-position voice context, the BOS, then one per step).
+    assert flops[59] < 1.1 * flops[1]
+
+
+def test_sequences_that_leave_give_their_cache_rows_to_the_next(model):
+    decoder = MagpieDecoder(model)
+    for _ in range(3):
+        pair = [Sequence(tokens=_tokens(model, text), voice=0, max_frames=8) for text in ("One.", "Two.")]
+        decoder.start(pair)
+        for _ in range(3):
+            decoder.step(pair)
+        decoder.step([])
+        assert decoder.transformer.pool.rows_in_use == 0
+    assert decoder.transformer.pool.rows == 4  # two sequences, two rows each (CFG)
 
 
 def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_path):
