@@ -40,6 +40,15 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         f"TTS: {MAX_FRAMES_PER_TOKEN_HELP}",
         type=float,
     )
+    p.add_setting(
+        "--tts-max-batch", tts.max_batch, "TTS: segments per decoder step (bounds its key/value cache)", type=int
+    )
+    p.add_setting(
+        "--tts-cuda-graph-max-batch",
+        tts.cuda_graph_max_batch,
+        "TTS steps of up to this many segments replay CUDA graphs, captured at start-up (0: eager)",
+        type=int,
+    )
     add_llm_settings(p, llm, prefix="llm-")
     p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)
     p.add_setting("--audio-ahead-s", targets.audio_ahead_s, "TTS audio kept ahead of each turn's playout", type=float)
@@ -63,6 +72,8 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             codec=a.tts_codec,
             port=a.tts_port,
             max_frames_per_token=a.tts_max_frames_per_token,
+            max_batch=a.tts_max_batch,
+            cuda_graph_max_batch=a.tts_cuda_graph_max_batch,
             device=a.device,
             **common,
         ),

@@ -27,10 +27,16 @@ def _local_asr() -> AsrServerSettings:
     return AsrServerSettings(cuda_graph_max_batch=16)
 
 
+def _local_tts() -> TtsServerSettings:
+    """Likewise for the TTS: 16 segments per step bound its key/value cache (reserved at
+    start-up) and its graphs."""
+    return TtsServerSettings(max_batch=16, cuda_graph_max_batch=16)
+
+
 @dataclass(frozen=True)
 class HostSettings:
     asr: AsrServerSettings = field(default_factory=_local_asr)
-    tts: TtsServerSettings = field(default_factory=TtsServerSettings)
+    tts: TtsServerSettings = field(default_factory=_local_tts)
     llm: LlmServerSettings = field(default_factory=LlmServerSettings)
     targets: Targets = field(default_factory=Targets)
     log_level: str = "INFO"

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
-from servers.tts.kv_cache import CachedDecoder, DecodedPositions
+from servers.tts.advance import AdvanceStep, GraphedAdvance, embed_frame_stack
+from servers.tts.kv_cache import CachedDecoder
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
 
 
@@ -65,6 +67,11 @@ class Sequence:
     _bos_frames: int = 0
 
 
+Decoded = tuple[torch.Tensor, torch.Tensor | None]
+"""Decoder hidden state at each row's newest position (conditional rows first) and the
+conditional rows' alignment over their text (None without the attention prior)."""
+
+
 class MagpieDecoder:
     """Batched single steps of a MagpieTTSModel's decoder."""
 
@@ -89,11 +96,33 @@ class MagpieDecoder:
         self._sample = self.sampler_graphs or functools.partial(sample_codes, self._sampler)
         self._branches = 2 if use_cfg else 1
         self.transformer = CachedDecoder(model, autocast_dtype or next(model.parameters()).dtype)
+        self._advance_step = AdvanceStep(model, self.transformer, self._branches)
+        self.advance_graphs = (
+            GraphedAdvance(self._advance_step, self.transformer, model, self._branches, graph_max_batch)
+            if graph_max_batch > 0
+            else None
+        )
         self._live: dict[int, Sequence] = {}
         """Started sequences by id, until a step leaves them out."""
 
+    def reserve(self, sequences: int, max_frames: int, max_text_tokens: int) -> None:
+        """Allocate the key/value cache for this many sequences at once, of up to these
+        lengths, now: memory is known at start-up, and CUDA graphs need buffers that stay."""
+        pool = self.transformer.pool
+        longest_context = int(self.model.baked_context_embedding_len.max())
+        pool.reserve(
+            sequences * self._branches, longest_context + 1 + -(-max_frames // self.frames_per_step), max_text_tokens
+        )
+        logger.info(
+            f"TTS key/value cache: {pool.rows} rows of {pool.positions} positions and {pool.text_positions} "
+            f"text positions, {pool.nbytes / 2**30:.2f} GiB"
+        )
+
     def prepare_graphs(self) -> None:
-        """Capture the code sampler for every batch size now (before serving)."""
+        """Capture the decoder step and the code sampler for every batch size now (before
+        serving, after ``reserve``)."""
+        if self.advance_graphs is not None:
+            self.advance_graphs.prepare_all()
         if self.sampler_graphs is not None:
             self.sampler_graphs.prepare_all()
 
@@ -137,7 +166,7 @@ class MagpieDecoder:
         parts = [self._advance(ongoing)] if ongoing else []
         if fresh:
             parts.append(self._prefill(fresh))
-        hidden, scores = self._join(parts)
+        hidden, alignment = self._join(parts)
         logits = m.final_proj(hidden)
         newest_logits = logits[:batch]
         if self.use_cfg:
@@ -150,7 +179,7 @@ class MagpieDecoder:
         next_codes = self._sample(hidden, eos_forbidden, eos_forced)
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
         if ip.apply_attention_prior:
-            self._update_attention(sequences, scores)
+            self._update_attention(sequences, alignment)
         # NeMo's per-row EOS search reads single values: on host copies it launches no
         # GPU work and waits for the GPU once, not twice per row.
         sampled_host, argmax_host = next_codes.cpu(), argmax_codes.cpu()
@@ -168,79 +197,71 @@ class MagpieDecoder:
         for key in [key for key in self._live if key not in present]:
             self.transformer.pool.release(self._live.pop(key).rows)
 
-    def _prefill(self, sequences: list[Sequence]) -> DecodedPositions:
+    def _prefill(self, sequences: list[Sequence]) -> Decoded:
         """Each new sequence's prefix (its voice's context, then the BOS frames) into the cache."""
-        m = self.model
-        context, _ = m.get_baked_context_embeddings_batch(len(sequences), [s.voice for s in sequences])
-        codes = torch.stack([s.codes for s in sequences])
-        bos, _ = m.embed_audio_tokens(codes, torch.full((len(sequences),), codes.shape[-1], device=self.device))
-        prefixes = [torch.cat([context[i, : s.context_length], bos[i]]) for i, s in enumerate(sequences)]
+        m, count = self.model, len(sequences)
+        context, _ = m.get_baked_context_embeddings_batch(count, [s.voice for s in sequences])
+        bos = embed_frame_stack(m, torch.stack([s.codes for s in sequences]))
+        prefixes = [torch.cat([context[i, : s.context_length], bos[i : i + 1]]) for i, s in enumerate(sequences)]
         if self.use_cfg:  # NeMo's unconditional context: zeros of the same length
             prefixes += [torch.cat([torch.zeros_like(p[:-1]), p[-1:]]) for p in prefixes]
-        x = torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True)
-        lengths = [len(p) for p in prefixes]
-        decoded = self._decode(sequences, x, start=[0] * len(prefixes), last=[n - 1 for n in lengths], prior=None)
+        rows, _, text_lengths = self._row_lists(sequences)
+        decoded = self.transformer.decode(
+            torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True),
+            rows,
+            start=[0] * len(rows),
+            last=[len(p) - 1 for p in prefixes],
+            text_lengths=text_lengths,
+            prior=None,
+        )
         for s in sequences:
             s.cached = s.context_length + 1
-        return decoded
+        alignment = decoded.alignment[:count] if decoded.alignment is not None else None
+        return decoded.hidden, alignment
 
-    def _advance(self, sequences: list[Sequence]) -> DecodedPositions:
+    def _advance(self, sequences: list[Sequence]) -> Decoded:
         """Each sequence's newest frame stack, one position, into the cache."""
         codes = torch.stack([s.codes[:, -self.frames_per_step :] for s in sequences])
-        x, _ = self.model.embed_audio_tokens(
-            codes, torch.full((len(sequences),), self.frames_per_step, device=self.device)
-        )
-        start = [s.cached for s in sequences] * self._branches
-        prior = None
-        if any(s.prior is not None for s in sequences):
-            text = max(len(s.tokens) for s in sequences)
-            prior = torch.ones(len(sequences), text, device=self.device)
-            for i, s in enumerate(sequences):
-                if s.prior is not None:
-                    prior[i, : len(s.prior)] = s.prior
-            if self.use_cfg:
-                prior = torch.cat(
-                    [prior, torch.full_like(prior, self.model.inference_parameters.attention_prior_epsilon)]
-                )
-        decoded = self._decode(
-            sequences, x.repeat(self._branches, 1, 1), start=start, last=[0] * len(start), prior=prior
-        )
+        rows, start, text_lengths = self._row_lists(sequences)
+        prior = self._prior(sequences)
+        if self.advance_graphs is not None and self.advance_graphs.covers(len(sequences)):
+            decoded = self.advance_graphs(codes, rows, start, text_lengths, prior)
+        else:
+            index = torch.tensor([rows, start, text_lengths], device=self.device)
+            decoded = self._advance_step(codes, *index, prior, span=max(start) + 1, text_span=max(text_lengths))
         for s in sequences:
             s.cached += 1
         return decoded
 
-    def _decode(self, sequences, x, start: list[int], last: list[int], prior) -> DecodedPositions:
-        count = len(sequences)
+    def _row_lists(self, sequences: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """Per cache row, conditional rows first: its row, its cached positions, its text length."""
         rows = [s.rows[branch] for branch in range(self._branches) for s in sequences]
-        text_lengths = [len(s.tokens) for s in sequences] + [1] * (len(rows) - count)
-        layer_prior = [None] * len(self.model.decoder.layers)
-        if prior is not None:
-            for layer in self.model.inference_parameters.apply_prior_to_layers or range(len(layer_prior)):
-                layer_prior[layer] = prior
-        return self.transformer.decode(x, rows, start, last, text_lengths, layer_prior)
+        start = [s.cached for s in sequences] * self._branches
+        text_lengths = [len(s.tokens) for s in sequences] + [1] * (len(rows) - len(sequences))
+        return rows, start, text_lengths
 
-    def _join(self, parts: list[DecodedPositions]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prior(self, sequences: list[Sequence]) -> torch.Tensor | None:
+        """The rows' attention priors over their text ``(rows, T_text)``; the unconditional
+        rows' is flat, as NeMo's."""
+        if not any(s.prior is not None for s in sequences):
+            return None
+        prior = torch.ones(len(sequences), max(len(s.tokens) for s in sequences), device=self.device)
+        for i, s in enumerate(sequences):
+            if s.prior is not None:
+                prior[i, : len(s.prior)] = s.prior
+        if self.use_cfg:
+            prior = torch.cat([prior, torch.full_like(prior, self.model.inference_parameters.attention_prior_epsilon)])
+        return prior
+
+    def _join(self, parts: list[Decoded]) -> Decoded:
         """Outputs of the ongoing and the fresh rows as one batch, conditional rows first,
-        and the conditional rows' alignment scores over the text ``(B, T_text)``."""
-        halves = [part.hidden.chunk(self._branches) for part in parts]
+        and the conditional rows' alignment over the text ``(B, T_text)``."""
+        halves = [hidden.chunk(self._branches) for hidden, _ in parts]
         hidden = torch.cat([half[branch] for branch in range(self._branches) for half in halves])
-        if not self.model.inference_parameters.apply_attention_prior:
+        if parts[0][1] is None:
             return hidden, None
-        scores = [self._alignment_scores(part) for part in parts]
-        width = max(s.shape[-1] for s in scores)
-        return hidden, torch.cat([F.pad(s, (0, width - s.shape[-1])) for s in scores])
-
-    def _alignment_scores(self, decoded: DecodedPositions) -> torch.Tensor:
-        """NeMo's alignment estimate: cross-attention at the newest position, averaged over
-        heads and over the layers it names, for the conditional rows."""
-        m, ip = self.model, self.model.inference_parameters
-        layers = [
-            layer
-            for layer in ip.estimate_alignment_from_layers or range(len(decoded.cross_probabilities))
-            if layer in m.transcript_decoder_layers
-        ]
-        scores = torch.stack([decoded.cross_probabilities[layer].mean(dim=1) for layer in layers]).mean(dim=0)
-        return scores[: len(scores) // self._branches]
+        width = max(alignment.shape[-1] for _, alignment in parts)
+        return hidden, torch.cat([F.pad(alignment, (0, width - alignment.shape[-1])) for _, alignment in parts])
 
     def argmax_codes(self, logits: torch.Tensor, eos_forbidden: torch.Tensor, eos_forced: torch.Tensor) -> torch.Tensor:
         """The parallel head's most likely codes ``(B, codebooks, frames per step)``, which

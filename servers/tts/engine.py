@@ -179,6 +179,7 @@ class TTSEngine(WorkSignal):
         self._decoder = MagpieDecoder(
             model, use_cfg=use_cfg, autocast_dtype=self._autocast, graph_max_batch=graph_max_batch
         )
+        self._decoder.reserve(max_batch, self._max_frames, self._text.max_tokens)
         self._codec = CodecDecoder(model)
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
         self._step_seconds = _Average()

@@ -35,7 +35,12 @@ class TextPreparer:
         self._model = model
         self._max_chars = max_chars
         self._tokenizer_for = get_tokenizer_for_language
-        self._max_tokens = int(model.cfg.encoder.get("max_length_causal_mask", 2048))
+        # A token takes at least a codec frame to speak: past the decoder's step limit a
+        # sentence would be cut off.
+        self.max_tokens = min(
+            int(model.cfg.encoder.get("max_length_causal_mask", 2048)),
+            int(model.inference_parameters.max_decoder_steps),
+        )
 
     def prepare(self, text: str, language: str) -> list[TextChunk]:
         from nemo.collections.tts.parts.utils.tts_dataset_utils import chunk_text_for_inference
@@ -62,9 +67,10 @@ class TextPreparer:
         if not prepared:
             raise TextRejected(ErrorCode.EMPTY_TEXT, "none of the characters can be spoken in this language")
         for chunk in prepared:
-            if len(chunk.tokens) > self._max_tokens:
+            if len(chunk.tokens) > self.max_tokens:
                 raise TextRejected(
                     ErrorCode.TEXT_TOO_LONG,
-                    f"a sentence of {len(chunk.tokens)} tokens exceeds the model's {self._max_tokens}; add punctuation",
+                    f"a sentence of {len(chunk.tokens)} tokens is more than the model speaks at once "
+                    f"({self.max_tokens}); add punctuation",
                 )
         return prepared

@@ -20,3 +20,12 @@ def test_the_host_captures_asr_graphs_for_a_few_streams_not_a_servers_hundreds(m
     assert parse_settings(["--asr-cuda-graph-max-batch", "0"]).asr.cuda_graph_max_batch == 0
     monkeypatch.setenv("HOST_ASR_CUDA_GRAPH_MAX_BATCH", "64")
     assert parse_settings([]).asr.cuda_graph_max_batch == 64
+
+
+def test_the_host_sizes_the_tts_for_a_few_sessions_not_a_servers_dozens(monkeypatch):
+    settings = parse_settings([])
+    assert settings.tts.max_batch < TtsServerSettings().max_batch
+    assert settings.tts.cuda_graph_max_batch < TtsServerSettings().cuda_graph_max_batch
+    monkeypatch.setenv("HOST_TTS_MAX_BATCH", "32")
+    assert parse_settings(["--tts-cuda-graph-max-batch", "0"]).tts.cuda_graph_max_batch == 0
+    assert parse_settings([]).tts.max_batch == 32

@@ -43,9 +43,15 @@ def _generate_speech(model, text, frames, voice):
     return out.predicted_codes[0]
 
 
-def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model):
+@pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
+def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model, graph_max_batch):
+    """Fixed-shape: the steps CUDA graphs replay (over the whole reserved cache, rows padded
+    to a power of two), run eagerly on this CPU."""
     texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
-    decoder = MagpieDecoder(model)
+    decoder = MagpieDecoder(model, graph_max_batch=graph_max_batch)
+    if graph_max_batch:
+        decoder.reserve(sequences=3, max_frames=40, max_text_tokens=64)
+        decoder.prepare_graphs()
     sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=24) for t, v, _ in texts]
     for step in range(20):
         joining = [s for s, (_, _, start) in zip(sequences, texts) if start == step]
@@ -58,6 +64,8 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         assert sequence.done and sequence.speech_frames == 24
         ours = sequence.codes[:, -sequence.frames :]
         assert torch.equal(ours, _generate_speech(model, text, 24, voice))
+    if graph_max_batch:  # the fixed-shape steps stayed in use (the cache never outgrew them)
+        assert decoder.advance_graphs.captured == [1, 2, 4] and decoder.advance_graphs.covers(3)
 
 
 def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):
@@ -85,7 +93,7 @@ def test_sequences_that_leave_give_their_cache_rows_to_the_next(model):
             decoder.step(pair)
         decoder.step([])
         assert decoder.transformer.pool.rows_in_use == 0
-    assert decoder.transformer.pool.rows == 4  # two sequences, two rows each (CFG)
+    assert decoder.transformer.pool.rows == 2 * 2 + 1  # two sequences, two rows each (CFG), a scratch row
 
 
 def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_path):

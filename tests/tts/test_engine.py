@@ -165,7 +165,12 @@ def test_cancel_from_another_thread_while_steps_run_sends_nothing_after_cancelle
 
 @pytest.mark.parametrize(
     ("text", "code"),
-    [("   ", ErrorCode.EMPTY_TEXT), ("\u2603\u2603", ErrorCode.EMPTY_TEXT), ("word " * 500, ErrorCode.TEXT_TOO_LONG)],
+    [
+        ("   ", ErrorCode.EMPTY_TEXT),
+        ("\u2603\u2603", ErrorCode.EMPTY_TEXT),
+        ("word " * 500, ErrorCode.TEXT_TOO_LONG),
+        ("word " * 101, ErrorCode.TEXT_TOO_LONG),  # one sentence of more tokens than decoder steps
+    ],
 )
 def test_unspeakable_text_is_refused_and_the_context_goes_on(engine, text, code):
     messages = []

@@ -1,0 +1,129 @@
+"""The decoder step of sequences already in the cache: one new position each, eager or
+replayed from CUDA graphs.
+
+After a sequence's prefix is cached, each step feeds the decoder one position per row (the
+frame stack sampled last step) against a fixed-size key/value pool, so the whole step from
+codes to hidden state and alignment can be one CUDA graph per power-of-two batch: the
+eager step launches a dozen kernels per layer for every step of every turn.
+"""
+
+from __future__ import annotations
+
+import torch
+from loguru import logger
+
+from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
+from servers.tts.kv_cache import SCRATCH_ROW, CachedDecoder
+
+
+def embed_frame_stack(model, codes: torch.Tensor) -> torch.Tensor:
+    """One decoder input per row ``(B, E)`` from its frame stack ``(B, codebooks, frames)``:
+    NeMo's ``embed_audio_tokens`` for a single stack, without its length masks (which read
+    the lengths on the host, a sync no graph can hold)."""
+    codebooks, frames = codes.shape[1:]
+    tables = model.audio_embeddings
+    total = sum(tables[c + i * codebooks](codes[:, c, i]) for i in range(frames) for c in range(codebooks))
+    return total / (codebooks * frames)
+
+
+class AdvanceStep:
+    """``codes`` ``(B, codebooks, frames)`` of each sequence's newest stack → decoder hidden
+    state ``(branches·B, d)`` (conditional rows first) and alignment ``(B, T_text)``."""
+
+    def __init__(self, model, transformer: CachedDecoder, branches: int):
+        self._model = model
+        self._transformer = transformer
+        self._branches = branches
+
+    def __call__(self, codes, rows, start, text_lengths, prior, span: int, text_span: int):
+        x = embed_frame_stack(self._model, codes)[:, None].repeat(self._branches, 1, 1)
+        decoded = self._transformer.forward(
+            x, rows, start, torch.zeros_like(rows), text_lengths, prior, span=span, text_span=text_span
+        )
+        alignment = decoded.alignment[: len(codes)] if decoded.alignment is not None else None
+        return decoded.hidden, alignment
+
+
+class GraphedAdvance:
+    """``AdvanceStep`` over the whole pool, replayed from one CUDA graph per power-of-two
+    batch up to ``max_batch``, all captured by ``prepare_all`` once the pool has its final
+    size. Rows beyond the batch write to the pool's scratch row. If the pool grows after
+    the capture (longer text than it was reserved for), the graphs are dropped: eager."""
+
+    def __init__(self, step: AdvanceStep, transformer: CachedDecoder, model, branches: int, max_batch: int):
+        self._step = step
+        self._pool = transformer.pool
+        self._branches = branches
+        self._codes_shape = (model.num_audio_codebooks, model.frame_stacking_factor)
+        self._with_prior = model.inference_parameters.apply_attention_prior
+        self.max_batch = max_batch
+        self._graph_pool = graph_pool(self._pool.device)
+        self._buckets: dict[int, FixedCall] = {}
+        self._generation = self._pool.generation
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self._buckets)
+
+    def covers(self, batch: int) -> bool:
+        if self._buckets and self._pool.generation != self._generation:
+            logger.warning("TTS key/value pool grew after the decoder graphs were captured; decoder steps run eagerly")
+            self._buckets.clear()
+            self.max_batch = 0
+        return batch <= self.max_batch
+
+    def prepare_all(self) -> None:
+        """Capture every bucket over the pool as it is; on failure, step eagerly (and say so)."""
+        self._generation = self._pool.generation
+        try:
+            for size in buckets_up_to(self.max_batch):
+                self._prepare(size)
+        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
+            logger.exception("TTS decoder step could not be captured as CUDA graphs; it runs eagerly")
+            self._buckets.clear()
+            self.max_batch = 0
+            return
+        logger.info(f"TTS decoder step: {len(self._buckets)} batch sizes ready as CUDA graphs")
+
+    def __call__(self, codes, rows: list[int], start: list[int], text_lengths: list[int], prior):
+        """As ``AdvanceStep`` for ``batch = len(codes)`` ≤ ``max_batch`` sequences; the
+        per-row lists and ``prior`` ``(branches·batch, T_text)`` in conditional-first order."""
+        batch = len(codes)
+        size = bucket_rows(batch)
+        bucket = self._buckets.get(size) or self._prepare(size)
+        static_codes, static_index, *static_prior = bucket.inputs
+        static_codes[:batch].copy_(codes)
+        padding = size - batch
+        index = [
+            [
+                value
+                for b in range(self._branches)
+                for value in [*column[b * batch : (b + 1) * batch], *[fill] * padding]
+            ]
+            for column, fill in ((rows, SCRATCH_ROW), (start, 0), (text_lengths, 1))
+        ]
+        static_index.copy_(torch.tensor(index), non_blocking=True)
+        if static_prior:
+            for b in range(self._branches):
+                static_prior[0][b * size : b * size + batch, : prior.shape[1]] = prior[b * batch : (b + 1) * batch]
+        hidden, alignment = bucket()
+        hidden = torch.cat([hidden[b * size : b * size + batch] for b in range(self._branches)])
+        return hidden, alignment[:batch] if alignment is not None else None
+
+    def _prepare(self, size: int) -> FixedCall:
+        rows, device = size * self._branches, self._pool.device
+        inputs = [
+            torch.zeros(size, *self._codes_shape, dtype=torch.long, device=device),
+            torch.zeros(3, rows, dtype=torch.long, device=device),  # rows (scratch), start, text lengths
+        ]
+        inputs[1][2] = 1
+        if self._with_prior:
+            inputs.append(torch.ones(rows, self._pool.text_positions, device=device))
+        span, text_span = self._pool.positions, self._pool.text_positions
+
+        def replayed(codes, index, prior=None):
+            return self._step(codes, *index, prior, span=span, text_span=text_span)
+
+        bucket = FixedCall(replayed, tuple(inputs), self._graph_pool)
+        self._buckets[size] = bucket
+        return bucket
