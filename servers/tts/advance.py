@@ -30,16 +30,22 @@ class AdvanceStep:
     """``codes`` ``(B, codebooks, frames)`` of each sequence's newest stack → decoder hidden
     state ``(branches·B, d)`` (conditional rows first) and alignment ``(B, T_text)``."""
 
-    def __init__(self, model, transformer: CachedDecoder, branches: int):
+    def __init__(self, model, transformer: CachedDecoder, branches: int, autocast_dtype: torch.dtype | None):
         self._model = model
         self._transformer = transformer
         self._branches = branches
+        self._autocast_dtype = autocast_dtype
 
     def __call__(self, codes, rows, start, text_lengths, prior, span: int, text_span: int):
-        x = embed_frame_stack(self._model, codes)[:, None].repeat(self._branches, 1, 1)
-        decoded = self._transformer.forward(
-            x, rows, start, torch.zeros_like(rows), text_lengths, prior, span=span, text_span=text_span
-        )
+        # Its own autocast, without the weight-cast cache: a captured graph must not hold
+        # casts made for another call (the same as the code sampler's).
+        with torch.autocast(
+            codes.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
+        ):
+            x = embed_frame_stack(self._model, codes)[:, None].repeat(self._branches, 1, 1)
+            decoded = self._transformer.forward(
+                x, rows, start, torch.zeros_like(rows), text_lengths, prior, span=span, text_span=text_span
+            )
         alignment = decoded.alignment[: len(codes)] if decoded.alignment is not None else None
         return decoded.hidden, alignment
 
@@ -60,6 +66,7 @@ class GraphedAdvance:
         self._graph_pool = graph_pool(self._pool.device)
         self._buckets: dict[int, FixedCall] = {}
         self._generation = self._pool.generation
+        """The pool's generation the buckets were captured over."""
 
     @property
     def captured(self) -> list[int]:
@@ -74,7 +81,7 @@ class GraphedAdvance:
 
     def prepare_all(self) -> None:
         """Capture every bucket over the pool as it is; on failure, step eagerly (and say so)."""
-        self._generation = self._pool.generation
+        self._buckets.clear()  # any made on first use may be over a pool that has grown since
         try:
             for size in buckets_up_to(self.max_batch):
                 self._prepare(size)
@@ -111,6 +118,8 @@ class GraphedAdvance:
         return hidden, alignment[:batch] if alignment is not None else None
 
     def _prepare(self, size: int) -> FixedCall:
+        if not self._buckets:
+            self._generation = self._pool.generation
         rows, device = size * self._branches, self._pool.device
         inputs = [
             torch.zeros(size, *self._codes_shape, dtype=torch.long, device=device),

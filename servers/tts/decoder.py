@@ -96,7 +96,7 @@ class MagpieDecoder:
         self._sample = self.sampler_graphs or functools.partial(sample_codes, self._sampler)
         self._branches = 2 if use_cfg else 1
         self.transformer = CachedDecoder(model, autocast_dtype or next(model.parameters()).dtype)
-        self._advance_step = AdvanceStep(model, self.transformer, self._branches)
+        self._advance_step = AdvanceStep(model, self.transformer, self._branches, autocast_dtype)
         self.advance_graphs = (
             GraphedAdvance(self._advance_step, self.transformer, model, self._branches, graph_max_batch)
             if graph_max_batch > 0
@@ -118,6 +118,7 @@ class MagpieDecoder:
             f"text positions, {pool.nbytes / 2**30:.2f} GiB"
         )
 
+    @torch.inference_mode()
     def prepare_graphs(self) -> None:
         """Capture the decoder step and the code sampler for every batch size now (before
         serving, after ``reserve``)."""

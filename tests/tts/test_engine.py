@@ -82,12 +82,14 @@ def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine
         assert mine[-1].type == "done"
 
 
-def test_sampler_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
-    """The CUDA-graph path of code sampling (on a CPU its fixed buffers run eagerly):
-    three concurrent segments in a batch of four give what the eager engine gives."""
+def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
+    """The CUDA-graph paths of the decoder step and code sampling (on a CPU their fixed
+    buffers run eagerly): three concurrent segments in a batch of four give what the
+    eager engine gives."""
     graphed = make_tts_engine(tiny_tts_path, graph_max_batch=4)
     graphed.warm_up()
     assert graphed._decoder.sampler_graphs.captured == [1, 2, 4]
+    assert graphed._decoder.advance_graphs.captured == [1, 2, 4]
     texts = ["Good morning to you.", "The weather is fine.", "See you later, alligator."]
     received = [[] for _ in texts]
     sids = [graphed.open_session(r.append) for r in received]
@@ -98,6 +100,7 @@ def test_sampler_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tt
     for mine, text in zip(received, texts):
         alone = pcm(synthesize(engine, text, mode="batch"))
         assert len(pcm(mine)) == len(alone) and np.abs(pcm(mine).astype(int) - alone).max() <= 1
+    assert graphed._decoder.advance_graphs.covers(3)  # the reserved cache held every segment
 
 
 def test_segments_of_a_context_play_in_order_and_end_with_done(engine):
