@@ -1,0 +1,51 @@
+"""The codec decoder, prepared for serving, decodes what NeMo's decodes without reading
+anything back from the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from servers.tts.codec import CodecDecoder, DecodeRequest
+from servers.tts.model import load_magpie
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tts_path):
+    """Two copies of one checkpoint: one served by ``CodecDecoder``, one as NeMo left it."""
+    return load_magpie(str(tiny_tts_path), device="cpu"), load_magpie(str(tiny_tts_path), device="cpu")
+
+
+def _codes(model, frames: int) -> torch.Tensor:
+    return torch.randint(
+        0, model.codebook_size, (model.num_audio_codebooks, frames), generator=torch.Generator().manual_seed(0)
+    )
+
+
+def test_the_prepared_codec_decodes_exactly_what_nemos_decodes(models):
+    served, pristine = models
+    codes = _codes(served, 40)
+    requests = [
+        DecodeRequest(codes, start=26, end=34, context=26),
+        DecodeRequest(codes[:, :20], start=0, end=20, context=0),
+    ]
+    decoded = CodecDecoder(served).decode(requests)
+    lengths = torch.tensor([34, 20])
+    batch = torch.stack([codes[:, :34], torch.nn.functional.pad(codes[:, :20], (0, 14))])
+    with torch.inference_mode():
+        expected, _, _ = pristine._codec_helper.codes_to_audio(batch, lengths)
+    spf = CodecDecoder(served).samples_per_frame
+    assert torch.equal(torch.from_numpy(decoded[0]), expected[0, 26 * spf : 34 * spf])
+    assert torch.equal(torch.from_numpy(decoded[1]), expected[1, : 20 * spf])
+
+
+def test_a_decode_reads_no_value_back_from_the_device_and_recomputes_no_weight_norm(models):
+    served, _ = models
+    codec = CodecDecoder(served)
+    with profile() as trace:
+        codec.decode([DecodeRequest(_codes(served, 40), start=26, end=34, context=26)])
+    ops = {event.key for event in trace.key_averages()}
+    assert "aten::convolution" in ops
+    assert "aten::_local_scalar_dense" not in ops  # a tensor read as a Python number: a GPU sync
+    assert "aten::_weight_norm" not in ops
