@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from loguru import logger
 from nemo.collections.common.parts.utils import mask_sequence_tensor
 from nemo.collections.tts.modules.audio_codec_modules import CausalConv1dNorm
 from torch.nn.utils import parametrize
+
+from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
 
 RECEPTIVE_FIELD_FRAMES = 26
 
@@ -62,27 +65,95 @@ class DecodeRequest:
     """Earlier frames decoded along for continuity."""
 
 
+GRAPH_MAX_ROWS = 8
+"""Rows per codec graph: a step decodes audio for the segments whose audio is due, a few
+(more go in several replays); larger buckets would hold much memory for little use."""
+GRAPH_MAX_FRAMES = 64
+"""Longest piece a codec graph decodes: a stream chunk with its context (26 + up to 16
+frames). Longer pieces (whole segments in batch mode) decode eagerly."""
+GRAPH_MIN_FRAMES = 4
+
+
 class CodecDecoder:
-    def __init__(self, model):
+    def __init__(self, model, use_graphs: bool = False):
+        """``use_graphs``: pieces of up to ``GRAPH_MAX_FRAMES`` frames decode from CUDA
+        graphs (one per power-of-two row and frame count), captured by ``prepare_graphs``."""
         self._helper = model._codec_helper
         prepare_for_inference(self._helper.codec_model.audio_decoder)
         self.samples_per_frame = int(model.codec_model_samples_per_frame)
         self.device = next(model.parameters()).device
+        self._codebooks = model.num_audio_codebooks
+        self._graph_pool = graph_pool(self.device)
+        self._buckets: dict[tuple[int, int], FixedCall] = {}
+        self.use_graphs = use_graphs
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        """(rows, frames) of each graph."""
+        return sorted(self._buckets)
+
+    @torch.inference_mode()
+    def prepare_graphs(self) -> None:
+        """Capture every bucket now; on failure, decode eagerly (and say so)."""
+        if not self.use_graphs:
+            return
+        try:
+            for rows in buckets_up_to(GRAPH_MAX_ROWS):
+                for frames in buckets_up_to(GRAPH_MAX_FRAMES):
+                    if frames >= GRAPH_MIN_FRAMES:
+                        self._prepare(rows, frames)
+        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
+            logger.exception("TTS codec decode could not be captured as CUDA graphs; it decodes eagerly")
+            self._buckets.clear()
+            self.use_graphs = False
+            return
+        logger.info(f"TTS codec decode: {len(self._buckets)} shapes ready as CUDA graphs")
 
     @torch.inference_mode()
     def decode(self, requests: list[DecodeRequest]) -> list[np.ndarray]:
-        """Float32 audio for each request's frames ``[start, end)``, one codec call for all.
+        """Float32 audio for each request's frames ``[start, end)``: one codec call for all,
+        or a graph replay per ``GRAPH_MAX_ROWS`` of them.
 
         Rows are right-padded; the decoder being causal, padding never reaches valid audio.
         """
         firsts = [max(0, r.start - r.context) for r in requests]
         pieces = [r.codes[:, first : r.end] for r, first in zip(requests, firsts)]
-        lengths = torch.tensor([p.shape[-1] for p in pieces], device=self.device)
-        batch = torch.nn.utils.rnn.pad_sequence([p.T for p in pieces], batch_first=True).transpose(1, 2)
-        audio, _, _ = self._helper.codes_to_audio(batch, lengths)
-        audio = audio.float().cpu().numpy()
+        if self.use_graphs and max(p.shape[-1] for p in pieces) <= GRAPH_MAX_FRAMES:
+            audio = [
+                a for i in range(0, len(pieces), GRAPH_MAX_ROWS) for a in self._replay(pieces[i : i + GRAPH_MAX_ROWS])
+            ]
+        else:
+            lengths = torch.tensor([p.shape[-1] for p in pieces], device=self.device)
+            audio, _, _ = self._helper.codes_to_audio(_right_padded(pieces), lengths)
+            audio = audio.float().cpu().numpy()
         spf = self.samples_per_frame
         return [
-            audio[i, (r.start - first) * spf : (r.end - first) * spf]
+            audio[i][(r.start - first) * spf : (r.end - first) * spf]
             for i, (r, first) in enumerate(zip(requests, firsts))
         ]
+
+    def _replay(self, pieces: list[torch.Tensor]) -> np.ndarray:
+        """Audio of up to ``GRAPH_MAX_ROWS`` pieces from the graph that holds them."""
+        count, longest = len(pieces), max(p.shape[-1] for p in pieces)
+        key = (bucket_rows(count), max(GRAPH_MIN_FRAMES, bucket_rows(longest)))
+        bucket = self._buckets.get(key) or self._prepare(*key)
+        codes, lengths = bucket.inputs
+        codes[:count, :, :longest].copy_(_right_padded(pieces))
+        lengths[:count].copy_(torch.tensor([p.shape[-1] for p in pieces]), non_blocking=True)
+        return bucket()[:count].float().cpu().numpy()
+
+    def _prepare(self, rows: int, frames: int) -> FixedCall:
+        inputs = (
+            torch.zeros(rows, self._codebooks, frames, dtype=torch.long, device=self.device),
+            torch.full((rows,), frames, dtype=torch.long, device=self.device),
+        )
+        bucket = FixedCall(
+            lambda codes, lengths: self._helper.codes_to_audio(codes, lengths)[0], inputs, self._graph_pool
+        )
+        self._buckets[(rows, frames)] = bucket
+        return bucket
+
+
+def _right_padded(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Pieces ``(codebooks, frames)`` as one batch ``(rows, codebooks, longest)``."""
+    return torch.nn.utils.rnn.pad_sequence([p.T for p in pieces], batch_first=True).transpose(1, 2)

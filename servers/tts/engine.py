@@ -161,8 +161,8 @@ class TTSEngine(WorkSignal):
         clock: Callable[[], float] = time.monotonic,
     ):
         """``clock`` tells the engine the time (listeners' playout is reckoned with it).
-        ``graph_max_batch`` > 0: steps of up to that many segments sample their codes from
-        CUDA graphs, captured in ``warm_up``."""
+        ``graph_max_batch`` > 0: steps of up to that many segments replay CUDA graphs
+        (decoder, code sampling, codec pieces), captured in ``warm_up``."""
         self.model = model
         self._clock = clock
         self.voices = voices(model, voice_names)
@@ -180,7 +180,7 @@ class TTSEngine(WorkSignal):
             model, use_cfg=use_cfg, autocast_dtype=self._autocast, graph_max_batch=graph_max_batch
         )
         self._decoder.reserve(max_batch, self._max_frames, self._text.max_tokens)
-        self._codec = CodecDecoder(model)
+        self._codec = CodecDecoder(model, use_graphs=graph_max_batch > 0)
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
         self._step_seconds = _Average()
         self._decode_seconds = _Average()
@@ -293,6 +293,7 @@ class TTSEngine(WorkSignal):
         finally:
             self.close_session(sid)
         self._decoder.prepare_graphs()
+        self._codec.prepare_graphs()
 
     # ------------------------------------------------------------------ stepping (one thread)
 

@@ -49,3 +49,17 @@ def test_a_decode_reads_no_value_back_from_the_device_and_recomputes_no_weight_n
     assert "aten::convolution" in ops
     assert "aten::_local_scalar_dense" not in ops  # a tensor read as a Python number: a GPU sync
     assert "aten::_weight_norm" not in ops
+
+
+def test_graph_buckets_decode_what_one_eager_call_decodes(models):
+    """The CUDA-graph path (on a CPU its fixed buffers run eagerly): pieces of different
+    lengths, more than one bucket holds, each padded to its bucket's rows and frames."""
+    served, _ = models
+    graphed, eager = CodecDecoder(served, use_graphs=True), CodecDecoder(served)
+    requests = [
+        DecodeRequest(_codes(served, 12 + 3 * i), start=max(0, 9 + 3 * i - 26), end=12 + 3 * i, context=26)
+        for i in range(10)
+    ]
+    for mine, expected in zip(graphed.decode(requests), eager.decode(requests)):
+        assert mine.shape == expected.shape and abs(mine - expected).max() < 1e-6
+    assert graphed.captured == [(2, 64), (8, 64)]

@@ -83,13 +83,14 @@ def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine
 
 
 def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
-    """The CUDA-graph paths of the decoder step and code sampling (on a CPU their fixed
-    buffers run eagerly): three concurrent segments in a batch of four give what the
-    eager engine gives."""
+    """The CUDA-graph paths of the decoder step, code sampling and codec decode (on a CPU
+    their fixed buffers run eagerly): three concurrent segments in a batch of four give
+    what the eager engine gives."""
     graphed = make_tts_engine(tiny_tts_path, graph_max_batch=4)
     graphed.warm_up()
     assert graphed._decoder.sampler_graphs.captured == [1, 2, 4]
     assert graphed._decoder.advance_graphs.captured == [1, 2, 4]
+    assert len(graphed._codec.captured) == 4 * 5  # rows 1-8, frames 4-64
     texts = ["Good morning to you.", "The weather is fine.", "See you later, alligator."]
     received = [[] for _ in texts]
     sids = [graphed.open_session(r.append) for r in received]
