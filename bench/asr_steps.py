@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import soundfile as sf
-import torch
 
 from bench.common import SPEECH
+from bench.steps import sweep
 from servers.asr.config import AsrServerSettings
 from servers.asr.server import load_engine
 
@@ -45,30 +43,6 @@ def step_times(engine, batch: int, seconds: float, timeout_s: float) -> list[flo
     for sid in sids:
         engine.close_session(sid)
     return [s.seconds for s in stats if s.batch_size == batch and not s.first_rows and not s.final_rows]
-
-
-class profiled:
-    """torch.profiler over one batch's steps; op tables by host and by GPU time on exit."""
-
-    def __init__(self, folder: Path, batch: int):
-        self._path = folder / f"steps_{batch}.txt"
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities)
-
-    def __enter__(self):
-        self._profiler.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self._profiler.__exit__(*exc)
-        averages = self._profiler.key_averages()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._path.write_text(
-            "\n\n".join(
-                averages.table(sort_by=key, row_limit=40) for key in ("self_cpu_time_total", "self_device_time_total")
-            )
-        )
 
 
 def main() -> None:
@@ -97,13 +71,12 @@ def main() -> None:
     engine = load_engine(settings)
     faulthandler.cancel_dump_traceback_later()
     print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-    results = []
     graphs = engine.encoder_graphs
-    for batch in a.batches:
+
+    def measure(batch: int) -> dict:
         eager_before = graphs.eager_steps if graphs else 0
-        with profiled(a.profile, batch) if a.profile else nullcontext():
-            times = step_times(engine, batch, a.seconds, a.timeout_s)
-        result = {
+        times = step_times(engine, batch, a.seconds, a.timeout_s)
+        return {
             "batch": batch,
             "steps": len(times),
             "step_ms_p50": round(1000 * statistics.median(times), 2) if times else None,
@@ -113,11 +86,8 @@ def main() -> None:
             # once, more rows than final buckets hold); None: graphs off.
             "eager_encoder_steps": graphs.eager_steps - eager_before if graphs else None,
         }
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+
+    sweep(a.batches, measure, a.json, a.profile)
 
 
 if __name__ == "__main__":

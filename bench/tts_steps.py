@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-from bench.asr_steps import profiled
+from bench.steps import sweep
 from pipecat_nvidia.protocol import TtsSpeak
 from servers.tts.config import TtsServerSettings
 from servers.tts.engine import TtsStepStats
@@ -74,13 +72,12 @@ def main() -> None:
     )
     engine = load_engine(settings)
     print(f"loaded and warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-    results = []
-    for batch in a.batches:
-        with profiled(a.profile, batch) if a.profile else nullcontext():
-            steps = decoder_steps(engine, batch, TEXT, a.timeout_s)
+
+    def measure(batch: int) -> dict:
+        steps = decoder_steps(engine, batch, TEXT, a.timeout_s)
         times = [s.seconds for s in steps]
         quarter = max(1, len(times) // 4)
-        result = {
+        return {
             "batch": batch,
             "steps": len(times),
             "step_ms_p50": median_ms(times),
@@ -88,11 +85,8 @@ def main() -> None:
             "last_quarter_ms_p50": median_ms(times[-quarter:]),
             "step_audio_ms": round(1000 * steps[0].step_audio_seconds, 1) if steps else None,
         }
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+
+    sweep(a.batches, measure, a.json, a.profile)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from loguru import logger
 
 
 def bucket_rows(rows: int) -> int:
@@ -68,3 +69,44 @@ class FixedCall:
         # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
         with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
             self._outputs = self._fn(*self.inputs)
+
+
+class GraphBuckets:
+    """``FixedCall``s by shape key, made on first use or all at once before serving; if a
+    capture fails the caller is told, and runs eagerly rather than not at all."""
+
+    def __init__(self, what: str, make: Callable[[Any], FixedCall]):
+        """``what`` names the work in logs; ``make(key)`` builds (and captures) one bucket."""
+        self._what = what
+        self._make = make
+        self._calls: dict[Any, FixedCall] = {}
+
+    @property
+    def captured(self) -> list:
+        return sorted(self._calls)
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def get(self, key) -> FixedCall:
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = self._make(key)
+        return call
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+    def prepare(self, keys: list) -> bool:
+        """Capture a bucket for every key (largest first, see ``buckets_up_to``), afresh;
+        False, with the error logged and no bucket left, if one fails."""
+        self._calls.clear()
+        try:
+            for key in keys:
+                self.get(key)
+        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
+            logger.exception(f"{self._what} could not be captured as CUDA graphs; it runs eagerly")
+            self._calls.clear()
+            return False
+        logger.info(f"{self._what}: {len(self._calls)} shapes ready as CUDA graphs")
+        return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from loguru import logger
 
-from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
+from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
 from servers.tts.kv_cache import SCRATCH_ROW, CachedDecoder
 
 
@@ -64,13 +64,13 @@ class GraphedAdvance:
         self._with_prior = model.inference_parameters.apply_attention_prior
         self.max_batch = max_batch
         self._graph_pool = graph_pool(self._pool.device)
-        self._buckets: dict[int, FixedCall] = {}
+        self._buckets = GraphBuckets("TTS decoder step", self._prepare)
         self._generation = self._pool.generation
         """The pool's generation the buckets were captured over."""
 
     @property
     def captured(self) -> list[int]:
-        return sorted(self._buckets)
+        return self._buckets.captured
 
     def covers(self, batch: int) -> bool:
         if self._buckets and self._pool.generation != self._generation:
@@ -80,24 +80,17 @@ class GraphedAdvance:
         return batch <= self.max_batch
 
     def prepare_all(self) -> None:
-        """Capture every bucket over the pool as it is; on failure, step eagerly (and say so)."""
-        self._buckets.clear()  # any made on first use may be over a pool that has grown since
-        try:
-            for size in buckets_up_to(self.max_batch):
-                self._prepare(size)
-        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            logger.exception("TTS decoder step could not be captured as CUDA graphs; it runs eagerly")
-            self._buckets.clear()
+        """Capture every bucket over the pool as it is now (any made on first use may be over
+        a pool that has grown since); if a capture fails, step eagerly."""
+        if not self._buckets.prepare(buckets_up_to(self.max_batch)):
             self.max_batch = 0
-            return
-        logger.info(f"TTS decoder step: {len(self._buckets)} batch sizes ready as CUDA graphs")
 
     def __call__(self, codes, rows: list[int], start: list[int], text_lengths: list[int], prior):
         """As ``AdvanceStep`` for ``batch = len(codes)`` ≤ ``max_batch`` sequences; the
         per-row lists and ``prior`` ``(branches·batch, T_text)`` in conditional-first order."""
         batch = len(codes)
         size = bucket_rows(batch)
-        bucket = self._buckets.get(size) or self._prepare(size)
+        bucket = self._buckets.get(size)
         static_codes, static_index, *static_prior = bucket.inputs
         static_codes[:batch].copy_(codes)
         padding = size - batch
@@ -133,6 +126,4 @@ class GraphedAdvance:
         def replayed(codes, index, prior=None):
             return self._step(codes, *index, prior, span=span, text_span=text_span)
 
-        bucket = FixedCall(replayed, tuple(inputs), self._graph_pool)
-        self._buckets[size] = bucket
-        return bucket
+        return FixedCall(replayed, tuple(inputs), self._graph_pool)

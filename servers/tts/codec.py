@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from loguru import logger
 from nemo.collections.common.parts.utils import mask_sequence_tensor
 from nemo.collections.tts.modules.audio_codec_modules import CausalConv1dNorm
 from torch.nn.utils import parametrize
 
-from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
+from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
 
 RECEPTIVE_FIELD_FRAMES = 26
 
@@ -84,30 +83,20 @@ class CodecDecoder:
         self.device = next(model.parameters()).device
         self._codebooks = model.num_audio_codebooks
         self._graph_pool = graph_pool(self.device)
-        self._buckets: dict[tuple[int, int], FixedCall] = {}
+        self._buckets = GraphBuckets("TTS codec decode", self._prepare)
         self.use_graphs = use_graphs
 
     @property
     def captured(self) -> list[tuple[int, int]]:
         """(rows, frames) of each graph."""
-        return sorted(self._buckets)
+        return self._buckets.captured
 
     @torch.inference_mode()
     def prepare_graphs(self) -> None:
-        """Capture every bucket now; on failure, decode eagerly (and say so)."""
-        if not self.use_graphs:
-            return
-        try:
-            for rows in buckets_up_to(GRAPH_MAX_ROWS):
-                for frames in buckets_up_to(GRAPH_MAX_FRAMES):
-                    if frames >= GRAPH_MIN_FRAMES:
-                        self._prepare(rows, frames)
-        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            logger.exception("TTS codec decode could not be captured as CUDA graphs; it decodes eagerly")
-            self._buckets.clear()
-            self.use_graphs = False
-            return
-        logger.info(f"TTS codec decode: {len(self._buckets)} shapes ready as CUDA graphs")
+        """Capture every bucket now; if a capture fails, decode eagerly."""
+        if self.use_graphs:
+            frames = [f for f in buckets_up_to(GRAPH_MAX_FRAMES) if f >= GRAPH_MIN_FRAMES]
+            self.use_graphs = self._buckets.prepare([(r, f) for r in buckets_up_to(GRAPH_MAX_ROWS) for f in frames])
 
     @torch.inference_mode()
     def decode(self, requests: list[DecodeRequest]) -> list[np.ndarray]:
@@ -136,22 +125,21 @@ class CodecDecoder:
         """Audio of up to ``GRAPH_MAX_ROWS`` pieces from the graph that holds them."""
         count, longest = len(pieces), max(p.shape[-1] for p in pieces)
         key = (bucket_rows(count), max(GRAPH_MIN_FRAMES, bucket_rows(longest)))
-        bucket = self._buckets.get(key) or self._prepare(*key)
+        bucket = self._buckets.get(key)
         codes, lengths = bucket.inputs
         codes[:count, :, :longest].copy_(_right_padded(pieces))
         lengths[:count].copy_(torch.tensor([p.shape[-1] for p in pieces]), non_blocking=True)
         return bucket()[:count].float().cpu().numpy()
 
-    def _prepare(self, rows: int, frames: int) -> FixedCall:
+    def _prepare(self, key: tuple[int, int]) -> FixedCall:
+        rows, frames = key
         inputs = (
             torch.zeros(rows, self._codebooks, frames, dtype=torch.long, device=self.device),
             torch.full((rows,), frames, dtype=torch.long, device=self.device),
         )
-        bucket = FixedCall(
+        return FixedCall(
             lambda codes, lengths: self._helper.codes_to_audio(codes, lengths)[0], inputs, self._graph_pool
         )
-        self._buckets[(rows, frames)] = bucket
-        return bucket
 
 
 def _right_padded(pieces: list[torch.Tensor]) -> torch.Tensor:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from loguru import logger
 
-from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
+from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
 
 
 class CodeSampler:
@@ -116,31 +115,23 @@ class GraphedSampler:
         self.max_batch = max_batch
         self._device = sampler.forbidden.device
         self._pool = graph_pool(self._device)
-        self._buckets: dict[int, FixedCall] = {}
+        self._buckets = GraphBuckets("TTS code sampler", self._prepare)
 
     @property
     def captured(self) -> list[int]:
-        return sorted(self._buckets)
+        return self._buckets.captured
 
     def prepare_all(self) -> None:
-        """Capture every bucket; if a capture fails, sample eagerly instead (and say so)."""
-        try:
-            for size in buckets_up_to(self.max_batch):
-                if size not in self._buckets:
-                    self._prepare(size)
-        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            logger.exception("TTS code sampler could not be captured as CUDA graphs; it samples eagerly")
-            self._buckets.clear()
+        """Capture every bucket; if a capture fails, sample eagerly instead."""
+        if not self._buckets.prepare(buckets_up_to(self.max_batch)):
             self.max_batch = 0
-            return
-        logger.info(f"TTS code sampler: {len(self._buckets)} batch sizes ready as CUDA graphs")
 
     def __call__(self, dec_output: torch.Tensor, eos_forbidden: torch.Tensor, eos_forced: torch.Tensor) -> torch.Tensor:
         batch = eos_forbidden.shape[0]
         if batch > self.max_batch:
             return sample_codes(self._sampler, dec_output, eos_forbidden, eos_forced)
         size = bucket_rows(batch)
-        bucket = self._buckets.get(size) or self._prepare(size)
+        bucket = self._buckets.get(size)
         static_out, static_forbidden, static_forced = bucket.inputs
         static_out[:batch].copy_(dec_output[:batch])
         if self._use_cfg:
@@ -156,6 +147,4 @@ class GraphedSampler:
             torch.zeros(size, dtype=torch.bool, device=self._device),
             torch.zeros(size, dtype=torch.bool, device=self._device),
         )
-        bucket = FixedCall(functools.partial(sample_codes, self._sampler), inputs, self._pool)
-        self._buckets[size] = bucket
-        return bucket
+        return FixedCall(functools.partial(sample_codes, self._sampler), inputs, self._pool)
