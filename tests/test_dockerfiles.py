@@ -1,0 +1,43 @@
+"""The Dockerfiles cannot be built here (no Docker engine); what can be checked is that
+each one installs what the package is made of, for its own GPU, and starts the agent."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHITECTURES = {"Dockerfile.5090": "120", "Dockerfile.spark": "121"}
+
+
+def _copied(dockerfile: str) -> set[str]:
+    """Paths that COPY puts in the working directory under their own names."""
+    placed = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            *sources, destination = line.split()[1:]
+            for source in sources:
+                target = f"{destination}{source}" if destination.endswith("/") else destination
+                if target.removeprefix("./") == source:
+                    placed.add(source)
+    return placed
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_each_dockerfile_copies_every_package_the_project_installs(name):
+    include = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    packages = {name.rstrip("*") for name in re.findall(r'"([^"]+)"', include.group(1))}
+    assert packages
+    copied = _copied((ROOT / name).read_text())
+    assert packages | {"pyproject.toml", "README.md", "bot.py", ".env.example"} <= copied
+    assert all((ROOT / source).exists() for source in copied)
+
+
+@pytest.mark.parametrize(("name", "arch"), sorted(ARCHITECTURES.items()))
+def test_each_dockerfile_builds_llama_cpp_for_its_gpu_and_starts_the_agent(name, arch):
+    text = (ROOT / name).read_text()
+    assert re.search(rf"^ARG CUDA_ARCH={arch}$", text, re.M)
+    assert "-DGGML_CUDA=on" in text and "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH}" in text
+    assert re.search(r'^CMD \["python", "bot.py", "--host", "0.0.0.0"\]$', text, re.M)
