@@ -168,6 +168,9 @@ class MagpieDecoder:
         if fresh:
             parts.append(self._prefill(fresh))
         hidden, alignment = self._join(parts)
+        # On its way to the host while the GPU samples: NeMo's bookkeeping below then runs
+        # on the CPU during the sampling instead of after it.
+        alignment = _HostCopy(alignment.float()) if alignment is not None else None
         logits = m.final_proj(hidden)
         newest_logits = logits[:batch]
         if self.use_cfg:
@@ -179,8 +182,8 @@ class MagpieDecoder:
         eos_forced = torch.tensor(self._eos_forced(sequences), device=self.device)
         next_codes = self._sample(hidden, eos_forbidden, eos_forced)
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
-        if ip.apply_attention_prior:
-            self._update_attention(sequences, alignment)
+        if alignment is not None:
+            self._update_attention(sequences, alignment.wait())
         # NeMo's per-row EOS search reads single values: on host copies it launches no
         # GPU work and waits for the GPU once, not twice per row.
         sampled_host, argmax_host = next_codes.cpu(), argmax_codes.cpu()
@@ -289,10 +292,9 @@ class MagpieDecoder:
         (NeMo's own bookkeeping, fed one row at a time from each sequence's state).
 
         The bookkeeping indexes single values row by row, so it runs on a host copy of the
-        scores (one wait for the GPU, no kernel launches) and the prior goes back in one copy.
+        scores ``(B, T_text)`` (no kernel launches) and the prior goes back in one copy.
         """
         m, ip, batch = self.model, self.model.inference_parameters, len(sequences)
-        scores = scores.float().cpu()
         text_lens = torch.tensor([len(s.tokens) for s in sequences])
         attended, counters = m.get_most_attended_text_timestep(
             alignment_attention_scores=scores,
@@ -323,3 +325,22 @@ class MagpieDecoder:
             s.prior = prior[i, 0, : len(s.tokens)]
             s.unfinished = unfinished.get(i, False) and not ip.ignore_finished_sentence_tracking
             s.finished_count = finished.get(i)
+
+
+class _HostCopy:
+    """A copy of a device tensor to the host, started at once and waited for when read."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.device.type != "cuda":
+            self._host = tensor
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def wait(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
