@@ -47,7 +47,7 @@ class Sequence:
     last_attended: int = 1
     attention_counter: dict[int, int] = field(default_factory=dict)
     prior: torch.Tensor | None = None
-    """Attention prior over the text for the next step."""
+    """Attention prior over the text for the next step (on the host)."""
     unfinished: bool = False
     finished_count: int | None = None
 
@@ -245,17 +245,17 @@ class MagpieDecoder:
         return rows, start, text_lengths
 
     def _prior(self, sequences: list[Sequence]) -> torch.Tensor | None:
-        """The rows' attention priors over their text ``(rows, T_text)``; the unconditional
-        rows' is flat, as NeMo's."""
+        """The rows' attention priors over their text ``(rows, T_text)``, assembled on the
+        host and sent in one copy; the unconditional rows' is flat, as NeMo's."""
         if not any(s.prior is not None for s in sequences):
             return None
-        prior = torch.ones(len(sequences), max(len(s.tokens) for s in sequences), device=self.device)
+        prior = torch.ones(len(sequences), max(len(s.tokens) for s in sequences))
         for i, s in enumerate(sequences):
             if s.prior is not None:
                 prior[i, : len(s.prior)] = s.prior
         if self.use_cfg:
             prior = torch.cat([prior, torch.full_like(prior, self.model.inference_parameters.attention_prior_epsilon)])
-        return prior
+        return prior.to(self.device)
 
     def _join(self, parts: list[Decoded]) -> Decoded:
         """Outputs of the ongoing and the fresh rows as one batch, conditional rows first,
@@ -292,7 +292,7 @@ class MagpieDecoder:
         (NeMo's own bookkeeping, fed one row at a time from each sequence's state).
 
         The bookkeeping indexes single values row by row, so it runs on a host copy of the
-        scores ``(B, T_text)`` (no kernel launches) and the prior goes back in one copy.
+        scores ``(B, T_text)`` and keeps the prior there (no kernel launches).
         """
         m, ip, batch = self.model, self.model.inference_parameters, len(sequences)
         text_lens = torch.tensor([len(s.tokens) for s in sequences])
@@ -318,7 +318,6 @@ class MagpieDecoder:
             lookahead_window_size=ip.attention_prior_lookahead_window,
             batch_size=batch,
         )
-        prior = prior.to(self.device)
         for i, s in enumerate(sequences):
             s.last_attended = attended[i]
             s.attention_counter = counters[i]
