@@ -36,7 +36,6 @@ class Sequence:
     """Stop after this many codec frames even without end of speech."""
     rows: list[int] = field(default_factory=list)
     """Its rows in the decoder's key/value cache: conditional, then unconditional with CFG."""
-    context_length: int = 0
     cached: int = 0
     """Decoder positions in the cache (0 until its first step)."""
     codes: torch.Tensor | None = None
@@ -104,14 +103,15 @@ class MagpieDecoder:
         )
         self._live: dict[int, Sequence] = {}
         """Started sequences by id, until a step leaves them out."""
+        self._context_lengths = [int(n) for n in model.baked_context_embedding_len.tolist()]
+        """Per voice, the decoder positions of its baked context (read once: no device reads per sequence)."""
 
     def reserve(self, sequences: int, max_frames: int, max_text_tokens: int) -> None:
         """Allocate the key/value cache for this many sequences at once, of up to these
         lengths, now: memory is known at start-up, and CUDA graphs need buffers that stay."""
         pool = self.transformer.pool
-        longest_context = int(self.model.baked_context_embedding_len.max())
         pool.reserve(
-            sequences * self._branches, longest_context + 1 + -(-max_frames // self.frames_per_step), max_text_tokens
+            sequences * self._branches, self._cache_positions(max(self._context_lengths), max_frames), max_text_tokens
         )
         logger.info(
             f"TTS key/value cache: {pool.rows} rows of {pool.positions} positions and {pool.text_positions} "
@@ -135,8 +135,7 @@ class MagpieDecoder:
         lengths = torch.tensor([len(s.tokens) for s in sequences], device=self.device)
         text = torch.nn.utils.rnn.pad_sequence([s.tokens.to(self.device) for s in sequences], batch_first=True)
         *_, encoded = m._encode_text_input({"text": text, "text_lens": lengths})
-        _, context_lengths = m.get_baked_context_embeddings_batch(len(sequences), [s.voice for s in sequences])
-        positions = int(context_lengths.max()) + 1 + max(-(-s.max_frames // fs) for s in sequences)
+        positions = max(self._cache_positions(self._context_lengths[s.voice], s.max_frames) for s in sequences)
         rows = self.transformer.pool.allocate(len(sequences) * self._branches, positions, text.shape[1])
         count = len(sequences)
         self.transformer.write_text(torch.tensor(rows[:count], device=self.device), encoded)
@@ -146,7 +145,6 @@ class MagpieDecoder:
             )
         for i, s in enumerate(sequences):
             s.rows = rows[i::count]
-            s.context_length = int(context_lengths[i])
             s.codes = torch.full((m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device)
             s._bos_frames = fs
             self._live[id(s)] = s
@@ -196,6 +194,11 @@ class MagpieDecoder:
             if s.end_frame is None and s.frames >= s.max_frames:
                 s.end_frame = s.max_frames
 
+    def _cache_positions(self, context_length: int, max_frames: int) -> int:
+        """Decoder positions a sequence may fill: its voice's context, the BOS stack, then
+        one per decoder step."""
+        return context_length + 1 + -(-max_frames // self.frames_per_step)
+
     def _release_absent(self, sequences: list[Sequence]) -> None:
         present = {id(s) for s in sequences}
         for key in [key for key in self._live if key not in present]:
@@ -206,7 +209,8 @@ class MagpieDecoder:
         m, count = self.model, len(sequences)
         context, _ = m.get_baked_context_embeddings_batch(count, [s.voice for s in sequences])
         bos = embed_frame_stack(m, torch.stack([s.codes for s in sequences]))
-        prefixes = [torch.cat([context[i, : s.context_length], bos[i : i + 1]]) for i, s in enumerate(sequences)]
+        lengths = [self._context_lengths[s.voice] for s in sequences]
+        prefixes = [torch.cat([context[i, :length], bos[i : i + 1]]) for i, length in enumerate(lengths)]
         if self.use_cfg:  # NeMo's unconditional context: zeros of the same length
             prefixes += [torch.cat([torch.zeros_like(p[:-1]), p[-1:]]) for p in prefixes]
         rows, _, text_lengths = self._row_lists(sequences)
@@ -218,8 +222,8 @@ class MagpieDecoder:
             text_lengths=text_lengths,
             prior=None,
         )
-        for s in sequences:
-            s.cached = s.context_length + 1
+        for s, length in zip(sequences, lengths):
+            s.cached = length + 1
         alignment = decoded.alignment[:count] if decoded.alignment is not None else None
         return decoded.hidden, alignment
 
