@@ -26,6 +26,9 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting("--asr-port", asr.port, "ASR WebSocket port", type=int)
     p.add_setting("--right-context", asr.right_context, "ASR encoder right context (0, 1, 6, 13)", type=int)
     p.add_setting(
+        "--asr-max-sessions", asr.max_sessions, "ASR streams at once (their state is reserved at start-up)", type=int
+    )
+    p.add_setting(
         "--asr-cuda-graph-max-batch",
         asr.cuda_graph_max_batch,
         "ASR steps of up to this many streams replay CUDA graphs, captured at start-up (0: eager)",
@@ -63,6 +66,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             model=a.asr_model,
             port=a.asr_port,
             right_context=a.right_context,
+            max_sessions=a.asr_max_sessions,
             cuda_graph_max_batch=a.asr_cuda_graph_max_batch,
             device=a.device,
             **common,

@@ -22,9 +22,9 @@ from servers.tts.server import TtsServer
 
 
 def _local_asr() -> AsrServerSettings:
-    """A local agent serves a few streams: CUDA graphs for up to 16 keep the memory the
-    ASR's graphs hold (all captured at start-up) small beside the LLM."""
-    return AsrServerSettings(cuda_graph_max_batch=16)
+    """A local agent serves a few streams: 16 sessions and CUDA graphs for up to 16 keep
+    the memory the ASR reserves at start-up (session state, graphs) small beside the LLM."""
+    return AsrServerSettings(max_sessions=16, cuda_graph_max_batch=16)
 
 
 def _local_tts() -> TtsServerSettings:

@@ -6,7 +6,8 @@ NeMo's exact streaming schedule) and later chunks (with cache) separately, then 
 rows through one call of the conformer layers (replayed from a CUDA graph on a GPU) and
 one batched greedy RNNT decode. Each session's encoder caches, decoder state and
 pre-encode feature cache live in a slot of a ``StatePool`` and are gathered and
-scattered by index.
+scattered by index (the encoder's caches by the conformer call itself, inside its CUDA
+graph).
 
 Rows of different kinds can share the conformer call because a first chunk and a later
 chunk both subsample to the same number of encoder frames. A final row may be shorter
@@ -22,8 +23,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from loguru import logger
 
-from servers.asr.encoder_graphs import GraphedEncoderStep, batch_dim, eager_encoder_step
+from servers.asr.encoder_graphs import ENCODER_CACHES, GraphedEncoderStep, encoder_step
 from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
@@ -87,9 +89,18 @@ class BatchedStreamingStep:
         self.device = next(model.parameters()).device
         self._autocast_dtype = autocast_dtype
         self._decoder = model.decoding.decoding.decoding_computer
+        graph_max_batch = min(graph_max_batch, max_sessions)
+        # CUDA graphs hold the pool's addresses: it is made at its full size for them.
+        layout = self._state_layout()
+        self.pool = StatePool(layout, max_sessions if graph_max_batch > 0 else initial_slots, max_sessions)
+        if self.pool.fixed:
+            logger.info(f"ASR state for {max_sessions} sessions: {self.pool.nbytes / 2**30:.2f} GiB")
+        self._carried = [name for name in layout if name not in ENCODER_CACHES]
+        """State the step gathers and scatters itself (the encoder step moves its own caches)."""
         self.encoder_graphs = (
             GraphedEncoderStep(
                 model.encoder,
+                self.pool,
                 out_frames=geometry.out_frames,
                 final_out_frames=self._longest_final_out_frames(),
                 autocast_dtype=autocast_dtype,
@@ -98,8 +109,9 @@ class BatchedStreamingStep:
             if graph_max_batch > 0
             else None
         )
-        self._encoder_step = self.encoder_graphs or functools.partial(eager_encoder_step, model.encoder, autocast_dtype)
-        self.pool = StatePool(self._state_layout(), initial_slots, max_sessions)
+        self._encoder_step = self.encoder_graphs or functools.partial(
+            encoder_step, model.encoder, autocast_dtype, self.pool
+        )
 
     @torch.inference_mode()
     def _longest_final_out_frames(self) -> int:
@@ -113,6 +125,10 @@ class BatchedStreamingStep:
     def _state_layout(self) -> dict[str, PooledTensor]:
         g = self.geometry
         channel, time_, channel_len = self.model.encoder.get_initial_cache_state(batch_size=1, device=self.device)
+        # The conformer only reads its caches through autocast's casts: keeping them in
+        # that dtype halves their memory and traffic and changes no result.
+        cache_dtype = self._autocast_dtype or channel.dtype
+        channel, time_ = channel.to(cache_dtype), time_.to(cache_dtype)
         # The decoder's state after the start symbol, as NeMo's label-looping decoder
         # starts every hypothesis; carried between steps as tensors, never as Hypothesis.
         after_sos = self._decoder._get_batched_decoding_state_after_sos(device=self.device, batch_size=1)
@@ -156,13 +172,12 @@ class BatchedStreamingStep:
     def _run_narrow_first(self, rows: list[StepRow], narrow: int) -> StepOutput:
         """``run`` over rows whose first ``narrow`` are at most a steady chunk wide."""
         slots = torch.tensor([r.slot for r in rows], device=self.device)
-        state = self.pool.gather(slots)
+        state = self.pool.gather(slots, self._carried)
         features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
         groups = self._group(rows, features, state["feature_cache"])
         with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
             x, lengths = self._pre_encode_all(groups, len(rows))
-        caches = (state["cache_last_channel"], state["cache_last_time"], state["cache_last_channel_len"])
-        encoded, encoded_len, channel, time_, channel_len = self._encode(x, lengths, caches, narrow)
+        encoded, encoded_len = self._encode(x, lengths, slots, narrow)
         previous = self._state_type(
             predictor_states=tuple(state[f"predictor_state_{i}"] for i in range(self._n_predictor_states)),
             predictor_outputs=state["predictor_outputs"],
@@ -174,9 +189,6 @@ class BatchedStreamingStep:
         keep = [i for i, r in enumerate(rows) if not r.final]
         if keep:
             new_state = {
-                "cache_last_channel": channel,
-                "cache_last_time": time_,
-                "cache_last_channel_len": channel_len,
                 "feature_cache": self._next_feature_cache(groups, state["feature_cache"]),
                 "predictor_outputs": decoded.predictor_outputs,
                 "labels": decoded.labels,
@@ -193,25 +205,19 @@ class BatchedStreamingStep:
         tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
         return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
 
-    def _encode(self, x: torch.Tensor, lengths: torch.Tensor, caches: tuple[torch.Tensor, ...], narrow: int):
+    def _encode(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, narrow: int):
         """The conformer over all rows: one call for the first ``narrow`` rows, cut to a
         steady chunk's width (padding a continuing row would corrupt its cache), one for the
-        wide final rows after them. The next caches are those of the narrow rows alone: the
-        others end their utterance."""
+        wide final rows after them (their next caches are written too, and discarded when
+        their utterance ends)."""
         if narrow in (0, x.shape[0]):
-            return self._encoder_step(x, lengths, *caches)
-        wide = x.shape[0] - narrow
-        # The narrow call last: its caches (views of a graph's buffers) are the ones kept.
-        last = self._encoder_step(x[narrow:], lengths[narrow:], *(c.narrow(batch_dim(c), narrow, wide) for c in caches))
-        first = self._encoder_step(
-            x[:narrow, : self.geometry.out_frames],
-            lengths[:narrow],
-            *(c.narrow(batch_dim(c), 0, narrow) for c in caches),
-        )
+            return self._encoder_step(x, lengths, slots)
+        first = self._encoder_step(x[:narrow, : self.geometry.out_frames], lengths[:narrow], slots[:narrow])
+        last = self._encoder_step(x[narrow:], lengths[narrow:], slots[narrow:])
         encoded = last[0].new_zeros(x.shape[0], *last[0].shape[1:])
         encoded[:narrow, :, : first[0].shape[2]] = first[0]
         encoded[narrow:] = last[0]
-        return (encoded, torch.cat([first[1], last[1]]), *first[2:])
+        return encoded, torch.cat([first[1], last[1]])
 
     def _group(self, rows: list[StepRow], features: FeatureBatch, feature_cache: torch.Tensor) -> list[_Group]:
         kinds: dict[tuple[bool, int], list[int]] = {}

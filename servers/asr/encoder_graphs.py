@@ -4,10 +4,16 @@ Eager NeMo spends ~50 ms of CPU time launching ~5 ms of GPU work per step on an 
 so one stream costs almost as much as hundreds. A CUDA graph launches the whole call at
 once. Graphs have fixed shapes, so there is one per bucket: a number of rows (a power of
 two) and a width (encoder frames). A step of B rows runs in the smallest bucket that
-holds B. Rows beyond B keep whatever finite values they last held; conformer rows never
-mix (per-row attention, convolution, normalisation in eval mode), so they cannot change
-the real rows. Rows narrower than their bucket (final chunks) are zero-padded on the
-right and masked by their lengths, as in any mixed step.
+holds B. Rows beyond B run the state pool's scratch slot on whatever finite input they
+last held; conformer rows never mix (per-row attention, convolution, normalisation in
+eval mode), so they cannot change the real rows. Rows narrower than their bucket (final
+chunks) are zero-padded on the right and masked by their lengths, as in any mixed step.
+
+The graph reads the sessions' caches from the state pool and writes them back itself, by
+slot index: caches are the largest tensors of a step, and copying them into and out of a
+graph's own buffers (and casting them) took more of an H100's time than the model's
+matrix products at 512 rows. The pool keeps them in the autocast dtype, which is all the
+conformer reads of them (they only feed linear layers and a convolution).
 
 A call is a steady chunk wide, or, for the final rows longer than a chunk that a step
 runs in a call of their own (``batch_step``), up to the longest final wide. Few sessions
@@ -27,41 +33,40 @@ import time
 import torch
 from loguru import logger
 
+from servers.asr.state_pool import SCRATCH_SLOT, StatePool
 from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
 
-EncoderOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""``encoded [B, d, T]``, ``encoded_len [B]`` and the next caches (channel, time, channel length)."""
+ENCODER_CACHES = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
+"""The encoder's per-session state in the ``StatePool``, named as NeMo's step takes it."""
 
 
-def batch_dim(tensor: torch.Tensor) -> int:
-    """The rows' dimension of a step input or output: the caches of all layers are
-    ``[layers, B, ...]``, everything else starts with B."""
-    return 1 if tensor.dim() == 4 else 0
-
-
-def eager_encoder_step(encoder, autocast_dtype: torch.dtype | None, *inputs: torch.Tensor) -> EncoderOutputs:
-    """NeMo's cache-aware step on pre-encoded input ``x [B, T, d]`` with lengths and caches."""
-    x, lengths, channel, time_, channel_len = inputs
+def encoder_step(
+    encoder, autocast_dtype: torch.dtype | None, pool: StatePool, x: torch.Tensor, lengths: torch.Tensor, slots
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeMo's cache-aware step on pre-encoded input ``x [B, T, d]`` of the sessions in
+    ``slots``: ``encoded [B, d, T']`` and its lengths. The sessions' caches are read from
+    the pool and their next caches written back within the call, so that a CUDA graph of
+    it moves each cache once each way and copies none into or out of its own buffers."""
+    caches = pool.gather(slots, ENCODER_CACHES)
     # Autocast's weight-cast cache must be off inside a graph capture; the casts are
     # then part of the graph.
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None, cache_enabled=False):
-        return encoder.cache_aware_stream_step(
+        encoded, encoded_len, *next_caches = encoder.cache_aware_stream_step(
             processed_signal=x,
             processed_signal_length=lengths,
-            cache_last_channel=channel,
-            cache_last_time=time_,
-            cache_last_channel_len=channel_len,
+            **caches,
             keep_all_outputs=True,
             bypass_pre_encode=True,
         )
+    pool.scatter(slots, dict(zip(ENCODER_CACHES, next_caches)))
+    return encoded, encoded_len
 
 
 class GraphedEncoderStep:
-    """Callable like ``eager_encoder_step`` without its first two arguments.
+    """Callable like ``encoder_step`` without its first three arguments.
 
-    The next caches it returns are views of the graph's buffers, valid until a step of
-    the same bucket runs again: the caller stores them at once (they are the largest
-    tensors of a step, and a copy of them costs as much as the state pool's own writes).
+    A bucket's padding rows read and write the pool's scratch slot, so they never touch a
+    session's state. The pool must never grow: a graph holds its tensors' addresses.
 
     On a CPU there is nothing to capture: the buckets' fixed buffers are run eagerly, which
     is how tests check the padding and slicing that the GPU path shares.
@@ -70,6 +75,7 @@ class GraphedEncoderStep:
     def __init__(
         self,
         encoder,
+        pool: StatePool,
         *,
         out_frames: int,
         final_out_frames: int,
@@ -77,11 +83,12 @@ class GraphedEncoderStep:
         max_batch: int,
         max_final_batch: int = 8,
     ):
-        self._encoder = encoder
+        if not pool.fixed:
+            raise ValueError("CUDA graphs need a state pool made at its full size")
+        self._step = functools.partial(encoder_step, encoder, autocast_dtype, pool)
         self._limits = {final_out_frames: min(max_batch, max_final_batch)}
         self._limits[out_frames] = max_batch
         """Most rows per step run in a bucket, by width (steady chunks win if finals are no wider)."""
-        self._autocast_dtype = autocast_dtype
         self._device = next(encoder.parameters()).device
         self._buckets: dict[tuple[int, int], FixedCall] = {}
         self.eager_steps = 0
@@ -118,44 +125,35 @@ class GraphedEncoderStep:
     def _reserved_gib(self) -> float:
         return torch.cuda.memory_reserved(self._device) / 2**30 if self._pool is not None else 0.0
 
-    def __call__(self, *inputs: torch.Tensor) -> EncoderOutputs:
-        x = inputs[0]
+    def __call__(
+        self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, frames = x.shape[:2]
         key = self.bucket_for(rows, frames)
         if key is None:
             self.eager_steps += 1
-            return eager_encoder_step(self._encoder, self._autocast_dtype, *inputs)
-        bucket = self._buckets.get(key) or self._prepare(key, inputs)
-        static_x = bucket.inputs[0].narrow(0, 0, rows)
-        static_x[:, :frames].copy_(x)
-        static_x[:, frames:].zero_()
-        for static, value in zip(bucket.inputs[1:], inputs[1:]):
-            static.narrow(batch_dim(static), 0, rows).copy_(value)
-        encoded, encoded_len, channel, time_, channel_len = bucket()
-        return (
-            encoded[:rows].clone(),
-            encoded_len[:rows].clone(),
-            channel[:, :rows],
-            time_[:, :rows],
-            channel_len[:rows],
-        )
+            return self._step(x, lengths, slots)
+        bucket = self._buckets.get(key) or self._prepare(key, (x, lengths, slots))
+        static_x, static_lengths, static_slots = bucket.inputs
+        static_x[:rows, :frames].copy_(x)
+        static_x[:rows, frames:].zero_()
+        static_lengths[:rows].copy_(lengths)
+        static_slots[:rows].copy_(slots)
+        static_slots[rows:].fill_(SCRATCH_SLOT)
+        encoded, encoded_len = bucket()
+        return encoded[:rows].clone(), encoded_len[:rows].clone()
 
     def _prepare(self, key: tuple[int, int], example: tuple[torch.Tensor, ...]) -> FixedCall:
-        """Fixed buffers holding a fresh session's state and a full chunk (valid values in
-        every row); on a GPU, the graph captured over them."""
+        """Fixed buffers holding a full chunk for the scratch slot in every row; on a GPU,
+        the graph captured over them."""
         rows, width = key
-        x, lengths, channel, time_, channel_len = example
-        channel0, time0, channel_len0 = self._encoder.get_initial_cache_state(batch_size=rows, device=self._device)
+        x, lengths, slots = example
         inputs = (
             x.new_zeros(rows, width, x.shape[2]),
             lengths.new_full((rows,), width),
-            channel0.to(channel.dtype),
-            time0.to(time_.dtype),
-            channel_len0.to(channel_len.dtype),
+            slots.new_full((rows,), SCRATCH_SLOT),
         )
-        bucket = FixedCall(
-            functools.partial(eager_encoder_step, self._encoder, self._autocast_dtype), inputs, self._pool
-        )
+        bucket = FixedCall(self._step, inputs, self._pool)
         if self._pool is not None:
             logger.debug(f"ASR encoder step captured as a CUDA graph for {rows} rows of {width} frames")
         self._buckets[key] = bucket

@@ -3,7 +3,9 @@
 A batched step gathers the rows of the sessions it runs with one ``index_select`` per
 tensor and scatters the new state back with one ``index_copy_``: the cost does not
 depend on how many sessions exist, and the tensors keep fixed addresses between
-growths (what CUDA graphs will need). Memory per session is fixed.
+growths. A pool made at its full size never grows, so a CUDA graph may gather from and
+scatter to it directly; row 0 is then where the graph's padding rows read and write.
+Memory per session is fixed.
 
 A step gathers and scatters while other threads open sessions, which may grow the pool;
 one lock keeps a scatter from landing in tensors that a growth has already copied away.
@@ -12,9 +14,13 @@ one lock keeps a scatter from landing in tensors that a growth has already copie
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+SCRATCH_SLOT = 0
+"""A row of every tensor that no session owns: padding rows of fixed-size steps use it."""
 
 
 @dataclass(frozen=True)
@@ -42,25 +48,34 @@ class StatePool:
         return self._capacity
 
     @property
+    def fixed(self) -> bool:
+        """The pool is at its largest: its tensors never move."""
+        return self._capacity == self._max_capacity
+
+    @property
     def in_use(self) -> int:
         return self._capacity - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors.values())
 
     def _grow(self, capacity: int) -> None:
         for name, spec in self._layout.items():
             sizes = [1] * spec.initial.dim()
-            sizes[spec.batch_dim] = capacity
+            sizes[spec.batch_dim] = 1 + capacity
             grown = spec.initial.repeat(*sizes)
             if name in self._tensors:
-                grown.narrow(spec.batch_dim, 0, self._capacity).copy_(self._tensors[name])
+                grown.narrow(spec.batch_dim, 0, 1 + self._capacity).copy_(self._tensors[name])
             self._tensors[name] = grown
-        self._free.extend(reversed(range(self._capacity, capacity)))
+        self._free.extend(reversed(range(1 + self._capacity, 1 + capacity)))
         self._capacity = capacity
 
     def acquire(self) -> int:
         """A slot holding the initial state."""
         with self._lock:
             if not self._free:
-                if self._capacity >= self._max_capacity:
+                if self.fixed:
                     raise RuntimeError("state pool is full")
                 self._grow(min(2 * self._capacity, self._max_capacity))
             slot = self._free.pop()
@@ -79,10 +94,12 @@ class StatePool:
         for name, spec in self._layout.items():
             self._tensors[name].narrow(spec.batch_dim, slot, 1).copy_(spec.initial)
 
-    def gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gather(self, slots: torch.Tensor, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The rows of ``slots`` of the tensors ``names`` (default: all)."""
         with self._lock:
             return {
-                name: self._tensors[name].index_select(spec.batch_dim, slots) for name, spec in self._layout.items()
+                name: self._tensors[name].index_select(self._layout[name].batch_dim, slots)
+                for name in (self._layout if names is None else names)
             }
 
     def scatter(self, slots: torch.Tensor, values: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> None:

@@ -17,6 +17,8 @@ def test_the_tts_length_cap_reads_its_environment_variable(monkeypatch):
 
 def test_the_host_captures_asr_graphs_for_a_few_streams_not_a_servers_hundreds(monkeypatch):
     assert parse_settings([]).asr.cuda_graph_max_batch < AsrServerSettings().cuda_graph_max_batch
+    assert parse_settings([]).asr.max_sessions < AsrServerSettings().max_sessions
+    assert parse_settings(["--asr-max-sessions", "4"]).asr.max_sessions == 4
     assert parse_settings(["--asr-cuda-graph-max-batch", "0"]).asr.cuda_graph_max_batch == 0
     monkeypatch.setenv("HOST_ASR_CUDA_GRAPH_MAX_BATCH", "64")
     assert parse_settings([]).asr.cuda_graph_max_batch == 64
