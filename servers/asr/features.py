@@ -61,12 +61,13 @@ class UtteranceAudio:
 
         ``padding_samples`` (at the end of the utterance) appends that much silence; the
         last frames then see zeros past the end, exactly as a whole-utterance pass does.
+        Frames that need no silence read only their own audio, however much follows.
         """
         g = self._g
         first = self.next_frame
         begin = max(0, first - g.left_context_frames) * g.hop
-        if padding_samples is None:
-            end = g.samples_for_frames(first + count)
+        end = g.samples_for_frames(first + count)
+        if padding_samples is None or end <= self.total_samples:
             audio = self._samples[begin - self._offset : end - self._offset]
         else:
             audio = np.concatenate([self._samples[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)])

@@ -43,6 +43,31 @@ def test_chunked_features_equal_whole_utterance_pass(tiny_asr_path, speech):
     assert largest_buffer <= (g.chunk_frames + g.left_context_frames + 1) * g.hop + g.n_fft + 4000
 
 
+def test_chunks_before_the_end_of_a_finished_utterance_read_only_their_own_audio(tiny_asr_path, speech):
+    """A client far ahead of the engine (a file, or a backlog) then ends its utterance:
+    until its last chunk, each chunk's snippet is a chunk long, not the rest of the
+    utterance (which made every step's features, and their copy to the GPU, grow with the
+    backlog), and the frames still equal a whole-utterance pass."""
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
+    g = read_geometry(model, 1)
+    utterance = speech[: 16000 * 10]
+    padding = g.ms_to_samples(g.finalize_audio_ms)
+    audio = UtteranceAudio(g)
+    audio.append(utterance)
+    pieces, longest = [], 0
+    need = g.first_chunk_frames
+    while audio.frames_with_padding(padding) > max(need, g.max_final_frames):
+        request = audio.take(need, padding)
+        longest = max(longest, len(request.audio))
+        pieces.append(compute_features(model.preprocessor, [request], torch.device("cpu")).row(0))
+        need = g.chunk_frames
+    last = audio.take(audio.frames_with_padding(padding), padding)
+    pieces.append(compute_features(model.preprocessor, [last], torch.device("cpu")).row(0))
+    whole = _whole_utterance_features(model, np.concatenate([utterance, np.zeros(padding, np.float32)]))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+    assert longest <= g.samples_for_frames(g.chunk_frames + g.left_context_frames)
+
+
 def test_batched_feature_requests_equal_each_alone(tiny_asr_path, speech):
     model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
     g = read_geometry(model, 1)
