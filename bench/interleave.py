@@ -5,11 +5,13 @@ Both modes load the same three engines once and run the same workload in-process
 one after another (an LLM request, its text feeding the TTS the way a voice pipeline's
 sentence aggregator would, the turn's audio played out in real time). "free" gives each
 engine its own thread, as three separate servers on one GPU would; "scheduled" runs all
-of them through one ``GpuScheduler``. Reported per mode: time to first audio of a bot
+of them through one ``GpuScheduler``; "scheduled-no-holds" too, but its scheduler never
+leaves the GPU idle for a due ASR chunk. Reported per mode: time to first audio of a bot
 turn (LLM request to first TTS audio) p50/p90, and ASR chunk latency p99 with the ASR
 alone and under the turns' load.
 
     python -m bench.interleave --asr ASR --tts TTS --llm LLM.gguf --device cuda --json out.json
+    python -m bench.interleave ... --modes scheduled scheduled-no-holds   # what waiting for ASR buys
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import soundfile as sf
 from bench.common import SPEECH, percentiles_ms
 from pipecat_nvidia.protocol import TtsAudio, TtsDone, TtsSpeak
 from scheduler.host import HostSettings
+from scheduler.policy import Targets
 from scheduler.worker import GpuScheduler
 from servers.asr.server import load_engine as load_asr
 from servers.common.loading import own_worker
@@ -46,6 +49,8 @@ PROMPT = [
     {"role": "system", "content": "You are a helpful voice assistant. Answer in two or three short sentences."},
     {"role": "user", "content": "What will the weather be like tomorrow, and should I bring an umbrella? " * 8},
 ]
+MODES = ("free", "scheduled", "scheduled-no-holds")
+"""Each engine on its own thread; one scheduler; one scheduler that never waits for ASR."""
 CHARS_PER_SENTENCE = 60
 """LLM output that stands for one sentence handed to the TTS."""
 
@@ -149,7 +154,7 @@ def bot_turn(llm, tts, tts_sid: int, router: TtsRouter, turn: int, max_tokens: i
 def run_mode(mode: str, engines: dict, args) -> dict:
     asr, tts, llm = engines["asr"], engines["tts"], engines["llm"]
     observed = Observed()
-    scheduler = GpuScheduler() if mode == "scheduled" else None
+    scheduler = GpuScheduler(Targets(asr_holds=mode == "scheduled")) if mode != "free" else None
     observers = {"asr": observed.on_asr_step, "tts": lambda s: None, "llm": lambda s: None}
     stops = []
     for name, engine in engines.items():
@@ -183,6 +188,7 @@ def run_mode(mode: str, engines: dict, args) -> dict:
             u.value: sum(1 for r in scheduler.history if r.unit is u) for u in {r.unit for r in scheduler.history}
         }
         result["max_asr_wait_units"] = scheduler.max_asr_wait_units
+        result["holds_for_asr"] = scheduler.metrics.registry.get_sample_value("scheduler_holds_total")
     return result
 
 
@@ -195,16 +201,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--llm-gpu-layers", type=int, default=-1)
     p.add_argument("--asr-streams", type=int, default=4)
+    p.add_argument("--right-context", type=int, default=HostSettings().asr.right_context, help="ASR chunk size")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=120)
     p.add_argument("--idle-s", type=float, default=5.0)
     p.add_argument("--tts-max-frames-per-token", type=float, default=1.5)
-    p.add_argument("--modes", nargs="+", default=["free", "scheduled"])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["free", "scheduled"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     engines = {
         # The local host's ASR settings (graph buckets for a few streams), not a server's.
-        "asr": load_asr(replace(HostSettings().asr, model=args.asr, device=args.device)),
+        "asr": load_asr(
+            replace(HostSettings().asr, model=args.asr, device=args.device, right_context=args.right_context)
+        ),
         "tts": load_tts(
             TtsServerSettings(
                 model=args.tts,

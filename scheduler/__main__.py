@@ -58,6 +58,12 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting(
         "--text-ahead-s", targets.text_ahead_s, "speech worth of LLM text kept queued for the TTS", type=float
     )
+    p.add_setting(
+        "--urgent-hold-s",
+        targets.urgent_hold_s,
+        "a turn's first text or audio waits for an ASR chunk due at most this soon (other work waits for any)",
+        type=float,
+    )
     p.add_setting("--log-level", "INFO", "loguru level")
     a = p.parse_args(argv)
     common = {"host": a.host, "auth_token": a.auth_token, "log_level": a.log_level}
@@ -82,7 +88,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             **common,
         ),
         llm=LlmServerSettings(port=a.llm_port, **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS}, **common),
-        targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s),
+        targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s, urgent_hold_s=a.urgent_hold_s),
         log_level=a.log_level,
     )
 

@@ -12,11 +12,19 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
 4. More LLM when the TTS is running short of text to speak.
 5. Otherwise whatever has work, TTS first (building up audio is never wasted).
 
+A unit runs to its end once started, so the one ASR waits behind adds its whole length
+to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit would still
+be running when the next chunk is due, and it would fit in the gap after that chunk's
+step, the GPU waits for the chunk instead (``hold_for``). Urgent units wait only for a
+chunk due very soon: they are the latency the user hears too.
+
 The mechanism that runs the units and measures them is ``scheduler.worker``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,6 +42,10 @@ class Unit(str, Enum):
     def model(self) -> str:
         return self.value.split("_")[0]
 
+    @property
+    def urgent(self) -> bool:
+        return self in (Unit.LLM_FIRST, Unit.TTS_FIRST)
+
 
 @dataclass(frozen=True)
 class QueueState:
@@ -42,6 +54,10 @@ class QueueState:
     asr_ready: bool = False
     asr_waited_units: int = 0
     """Units started since ASR last became ready (0: it just did)."""
+    asr_due_s: float | None = None
+    """Seconds until ASR is expected to have a chunk ready (None: no session is streaming)."""
+    asr_period_s: float | None = None
+    """Seconds between a streaming session's chunks."""
     llm_first_pending: bool = False
     """A turn's request is waiting for its first segment of text."""
     llm_generating: bool = False
@@ -52,6 +68,8 @@ class QueueState:
     """The least audio ahead of playout among turns being played (None: none is)."""
     tts_text_ahead_s: float | None = None
     """Speech the TTS still has text for, in seconds (None: not speaking)."""
+    tts_next_decodes: bool = False
+    """The next TTS step will probably also decode audio (it takes longer)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,10 @@ class Targets:
     """Keep at least this much audio ahead of each turn's playout."""
     text_ahead_s: float = 2.0
     """Keep at least this much speech worth of text queued for the TTS."""
+    urgent_hold_s: float = 0.05
+    """A turn's first text or audio waits for an ASR chunk due at most this soon."""
+    asr_holds: bool = True
+    """Whether any unit waits for a due ASR chunk (``hold_for``)."""
 
 
 def choose(state: QueueState, targets: Targets = Targets()) -> Unit | None:
@@ -82,3 +104,25 @@ def choose(state: QueueState, targets: Targets = Targets()) -> Unit | None:
     if state.llm_generating:
         return Unit.LLM
     return None
+
+
+def hold_for(unit: Unit, state: QueueState, expected_s: Mapping[Unit, float], targets: Targets = Targets()) -> float:
+    """Seconds to leave the GPU idle for an ASR chunk before running ``unit`` (0: run it now).
+
+    ``expected_s``: how long units of each kind take (from measurements; a kind without
+    one is never held). A unit that ends before the chunk is due runs now; so does one
+    that fits no gap between chunks (waiting would delay it and spare the ASR nothing),
+    and TTS whose listener would run dry while it waited.
+    """
+    due, period = state.asr_due_s, state.asr_period_s
+    duration, asr = expected_s.get(unit), expected_s.get(Unit.ASR)
+    if not targets.asr_holds or unit is Unit.ASR or state.asr_ready or None in (due, period, duration, asr):
+        return 0.0
+    if duration <= due or duration > period - asr:
+        return 0.0
+    if due > (targets.urgent_hold_s if unit.urgent else math.inf):
+        return 0.0
+    ahead = state.tts_min_ahead_s
+    if unit is Unit.TTS and ahead is not None and ahead < due + asr + duration:
+        return 0.0
+    return due

@@ -3,14 +3,15 @@ measures it.
 
 Engines are attached as their models finish loading; each tells the scheduler when work
 arrives (``on_work``). With nothing to run the thread sleeps until then, or for a short
-tick while TTS audio is being played out (its urgency grows with time, not with events).
+tick while TTS audio is being played out (its urgency grows with time, not with events),
+or, when the policy holds a unit for an ASR chunk, until the chunk is due.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from scheduler.policy import QueueState, Targets, Unit, choose
+from scheduler.policy import QueueState, Targets, Unit, choose, hold_for
 from servers.common.metrics import LATENCY_BUCKETS
 
 IDLE_TICK_S = 0.02
+EXPECTED_FROM_LAST = 32
+"""A unit kind's expected duration is the 90th percentile of its last this many runs."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class SchedulerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.holds = Counter(
+            "scheduler_holds", "Times the GPU waited for a due ASR chunk instead of starting a unit", registry=r
+        )
         self.deadline_misses = Counter(
             "scheduler_deadline_misses",
             "ASR chunks transcribed later than one chunk period; TTS turns whose playout ran dry",
@@ -54,7 +60,7 @@ class SchedulerMetrics:
 
     def expose_in(self, registry: CollectorRegistry) -> None:
         """Also serve these metrics from another server's ``/metrics``."""
-        for metric in (self.unit_seconds, self.wait_seconds, self.deadline_misses):
+        for metric in (self.unit_seconds, self.wait_seconds, self.holds, self.deadline_misses):
             registry.register(metric)
 
 
@@ -72,6 +78,10 @@ class GpuScheduler:
         self.history: deque[UnitRecord] = deque(maxlen=history)
         """The latest units run, oldest first (for tests, benchmarks and debugging)."""
         self._engines: dict[str, _Attached] = {}
+        self._durations: dict[tuple[Unit, bool], deque[float]] = defaultdict(lambda: deque(maxlen=EXPECTED_FROM_LAST))
+        """Recent unit durations by kind: the unit, and for TTS whether it was to decode audio."""
+        self._idle_s = IDLE_TICK_S
+        """How long the thread sleeps after a decision that ran nothing."""
         self._asr_waited = 0
         self.max_asr_wait_units = 0
         """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
@@ -112,21 +122,45 @@ class GpuScheduler:
         return QueueState(
             asr_ready=asr is not None and asr.engine.has_work(),
             asr_waited_units=self._asr_waited,
+            asr_due_s=asr.engine.due_in_s() if asr else None,
+            asr_period_s=asr.engine.geometry.chunk_ms / 1000.0 if asr else None,
             llm_first_pending=llm is not None and llm.first_pending,
             llm_generating=llm is not None and llm.generating,
             tts_first_pending=tts is not None and tts.first_audio_pending,
             tts_has_work=tts is not None and tts.has_work,
             tts_min_ahead_s=tts.min_ahead_s if tts else None,
             tts_text_ahead_s=tts.text_ahead_s if tts else None,
+            tts_next_decodes=tts is not None and tts.next_step_decodes,
         )
 
+    @staticmethod
+    def _kind(unit: Unit, state: QueueState) -> tuple[Unit, bool]:
+        """A TTS step that also decodes audio takes several times one that does not."""
+        return unit, unit.model == "tts" and state.tts_next_decodes
+
+    def expected_seconds(self, state: QueueState) -> dict[Unit, float]:
+        """What each unit would take now: the 90th percentile of its kind's recent runs."""
+        expected = {}
+        for unit in Unit:
+            runs = self._durations.get(self._kind(unit, state))
+            if runs:
+                expected[unit] = sorted(runs)[int(0.9 * (len(runs) - 1))]
+        return expected
+
     def run_once(self) -> Unit | None:
-        """Choose and run one unit; None if nothing had work."""
+        """Choose and run one unit; None if none ran (nothing had work, or the chosen
+        unit waits for an ASR chunk)."""
         state = self.queue_state()
         now = time.monotonic()
         self._note_waiting(state, now)
         unit = choose(state, self.targets)
+        self._idle_s = IDLE_TICK_S
         if unit is None:
+            return None
+        hold = hold_for(unit, state, self.expected_seconds(state), self.targets)
+        if hold > 0:
+            self.metrics.holds.inc()
+            self._idle_s = hold
             return None
         if unit.model == "tts" and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0:
             self.metrics.deadline_misses.labels(model="tts").inc()
@@ -143,6 +177,7 @@ class GpuScheduler:
         stats = attached.engine.step()
         seconds = time.monotonic() - started
         self.history.append(UnitRecord(unit, started, seconds))
+        self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
         if unit is Unit.ASR:
             period = attached.engine.geometry.chunk_ms / 1000.0
@@ -175,4 +210,4 @@ class GpuScheduler:
                 logger.exception("GPU unit failed")
                 unit = None
             if unit is None:
-                self._wake.wait(IDLE_TICK_S)
+                self._wake.wait(self._idle_s)

@@ -9,6 +9,7 @@ loop, and sessions may be opened, fed and closed from any thread while a step ru
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from servers.common.engine import EngineFull, WorkSignal
 from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
+
+STREAMING_GAP_S = 0.1
+"""A session whose last audio is older than this is not streaming (for ``due_in_s``)."""
 
 
 class AudioOverflow(RuntimeError):
@@ -47,6 +51,8 @@ class _Session:
     audio: UtteranceAudio
     arrivals: deque = field(default_factory=deque)
     """(utterance sample count after a push, monotonic time of that push)."""
+    last_push: tuple[float, int] | None = None
+    """(monotonic time, samples) of the latest audio the client sent."""
     backlog: deque = field(default_factory=deque)
     """What arrived after a pending reset: (samples, time) or another ``_Reset``."""
     reset: _Reset | None = None
@@ -172,6 +178,7 @@ class StreamingASREngine(WorkSignal):
                     f"more than {self._max_buffered / self.geometry.sample_rate:.0f} s of audio "
                     "is waiting to be transcribed"
                 )
+            session.last_push = (now, len(samples))
             if session.reset is None:
                 self._append(session, samples, now)
             else:
@@ -202,6 +209,28 @@ class StreamingASREngine(WorkSignal):
             self.close_session(sid)
         if self._step.encoder_graphs is not None:
             self._step.encoder_graphs.prepare_all()
+
+    def due_in_s(self) -> float | None:
+        """Seconds until the first streaming session's next chunk is complete, its audio
+        arriving in real time in frames like its latest: 0 if a step could run now (or a
+        frame is late), None if no session is streaming. A scheduler plans around it."""
+        now = time.monotonic()
+        g = self.geometry
+        due = None
+        with self._lock:
+            if self._ready:
+                return 0.0
+            for session in self._sessions.values():
+                if session.last_push is None or session.in_flight or session.reset is not None:
+                    continue
+                pushed_at, frame = session.last_push
+                if now - pushed_at > STREAMING_GAP_S or frame == 0:
+                    continue
+                needed = g.samples_for_frames(session.audio.next_frame + self._chunk_frames(session))
+                frames = math.ceil((needed - session.audio.total_samples) / frame)
+                at = max(0.0, pushed_at + frames * frame / g.sample_rate - now)
+                due = at if due is None else min(due, at)
+        return due
 
     # ------------------------------------------------------------------ stepping (one thread)
 

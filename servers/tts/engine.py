@@ -122,6 +122,8 @@ class TtsQueueState:
     """The least audio ahead of playout among turns being played."""
     text_ahead_s: float | None
     """The least speech still queued as text among turns being spoken (estimated)."""
+    next_step_decodes: bool = False
+    """The next step will probably also turn frames into audio (a longer step)."""
 
 
 SPEECH_CHARS_PER_SECOND = 14.0
@@ -307,11 +309,13 @@ class TTSEngine(WorkSignal):
             first_pending = any(c.playout_start is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
             text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
+            decodes = any(self._decodes_after_a_step(c.segments[0], now) for c in contexts[: self._max_batch])
         return TtsQueueState(
             has_work=bool(contexts),
             first_audio_pending=first_pending,
             min_ahead_s=min(ahead) if ahead else None,
             text_ahead_s=min(text) if text else None,
+            next_step_decodes=decodes,
         )
 
     def step(self) -> TtsStepStats:
@@ -386,23 +390,39 @@ class TTSEngine(WorkSignal):
         the frames that exist go early, provided there are enough of them to be worth a
         decode (fewer would cost more time to make and decode than they play).
         """
-        sequence, preset = segment.sequence, segment.preset
+        sequence = segment.sequence
         available = sequence.speech_frames
-        pending = available - segment.sent_frames
-        if pending <= 0:
+        if not self._wants_audio(segment, available, sequence.done, now):
             return None
-        if segment.mode == "batch":
-            due = sequence.done
-        else:
-            wanted = preset.first_frames if segment.sent_frames == 0 else preset.chunk_frames
-            due = pending >= wanted or sequence.done
-        if not (due or self._running_dry(segment, pending, now)):
-            return None
-        context = preset.context_frames if segment.mode == "stream" else RECEPTIVE_FIELD_FRAMES
+        context = segment.preset.context_frames if segment.mode == "stream" else RECEPTIVE_FIELD_FRAMES
         bos = sequence.codes.shape[-1] - sequence.frames
         return DecodeRequest(
             codes=sequence.codes[:, bos : bos + available], start=segment.sent_frames, end=available, context=context
         )
+
+    def _wants_audio(self, segment: _Segment, available: int, done: bool, now: float) -> bool:
+        """Whether ``available`` frames of speech (``done``: all there will be) are due as audio."""
+        pending = available - segment.sent_frames
+        if pending <= 0:
+            return False
+        if segment.mode == "batch":
+            due = done
+        else:
+            preset = segment.preset
+            wanted = preset.first_frames if segment.sent_frames == 0 else preset.chunk_frames
+            due = pending >= wanted or done
+        return due or self._running_dry(segment, pending, now)
+
+    def _decodes_after_a_step(self, segment: _Segment, now: float) -> bool:
+        """Whether the segment's audio will probably be due after one more step (an end
+        of speech before ``max_frames`` cannot be foreseen)."""
+        sequence, step = segment.sequence, self._decoder.frames_per_step
+        if sequence is None:
+            return self._wants_audio(segment, step, False, now)
+        if sequence.done:
+            return self._wants_audio(segment, sequence.speech_frames, True, now)
+        frames = sequence.frames + step
+        return self._wants_audio(segment, min(frames, sequence.max_frames), frames >= sequence.max_frames, now)
 
     def _running_dry(self, segment: _Segment, frames: int, now: float) -> bool:
         if frames < self._frames_worth_a_decode():

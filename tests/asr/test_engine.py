@@ -254,3 +254,24 @@ def test_a_final_takes_one_step_while_other_sessions_stream(tiny_asr_path, speec
     stats = engine.step()
     assert stats.final_rows == 1 and stats.batch_size == 2
     assert finishing[-1].is_final and finishing[-1].padding_ms == 320.0
+
+
+def test_the_engine_says_when_a_streaming_sessions_next_chunk_will_be_complete(tiny_asr_path, speech_int16):
+    """A scheduler plans around the ASR's clock: with audio arriving in real time in 20 ms
+    frames, the next chunk is complete when the frame holding its last sample arrives."""
+    engine = make_engine(tiny_asr_path)
+    assert engine.due_in_s() is None, "no session"
+    sid = engine.open_session(lambda message: None)
+    assert engine.due_in_s() is None, "no audio yet"
+    frame, g = 320, engine.geometry
+    needed = g.samples_for_frames(g.first_chunk_frames)
+    pushed = (needed // frame - 3) * frame
+    for start in range(0, pushed, frame):
+        engine.push_audio(sid, speech_int16[start : start + frame].tobytes())
+    frames_left = -(-(needed - pushed) // frame)
+    assert engine.due_in_s() == pytest.approx(frames_left * frame / g.sample_rate, abs=0.005)
+    engine.push_audio(sid, speech_int16[pushed : pushed + frames_left * frame].tobytes())
+    assert engine.due_in_s() == 0.0, "a step can run now"
+    engine.run_until_idle()
+    time.sleep(0.15)
+    assert engine.due_in_s() is None, "the client stopped streaming"

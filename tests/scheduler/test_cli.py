@@ -24,6 +24,12 @@ def test_the_host_captures_asr_graphs_for_a_few_streams_not_a_servers_hundreds(m
     assert parse_settings([]).asr.cuda_graph_max_batch == 64
 
 
+def test_how_long_a_turns_first_audio_may_wait_for_asr_can_be_set(monkeypatch):
+    assert parse_settings(["--urgent-hold-s", "0"]).targets.urgent_hold_s == 0.0
+    monkeypatch.setenv("HOST_URGENT_HOLD_S", "0.02")
+    assert parse_settings([]).targets.urgent_hold_s == 0.02
+
+
 def test_the_host_sizes_the_tts_for_a_few_sessions_not_a_servers_dozens(monkeypatch):
     settings = parse_settings([])
     assert settings.tts.max_batch < TtsServerSettings().max_batch

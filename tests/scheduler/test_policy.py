@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from scheduler.policy import QueueState, Targets, Unit, choose
+from scheduler.policy import QueueState, Targets, Unit, choose, hold_for
 
 
 def test_nothing_to_do_means_no_unit():
@@ -47,6 +47,32 @@ def test_llm_runs_when_tts_has_nothing_to_do():
     assert choose(QueueState(llm_generating=True)) is Unit.LLM
 
 
+EXPECTED = {Unit.ASR: 0.01, Unit.LLM_FIRST: 0.03, Unit.LLM: 0.03, Unit.TTS_FIRST: 0.06, Unit.TTS: 0.06}
+
+
+@pytest.mark.parametrize(
+    ("unit", "due", "ahead", "expected_hold"),
+    [
+        (Unit.LLM, 0.02, None, 0.02),  # would still run when the chunk is due: wait for it
+        (Unit.LLM, 0.05, None, 0.0),  # ends before the chunk is due
+        (Unit.TTS, 0.04, 2.0, 0.04),
+        (Unit.TTS, 0.04, 0.08, 0.0),  # waiting would let the listener's audio run out
+        (Unit.TTS_FIRST, 0.04, None, 0.04),  # the chunk is due soon enough to wait for
+        (Unit.TTS_FIRST, 0.055, None, 0.0),  # a turn's first audio waits only briefly
+    ],
+)
+def test_a_unit_that_would_delay_a_due_asr_chunk_waits_for_it(unit, due, ahead, expected_hold):
+    state = QueueState(asr_due_s=due, asr_period_s=0.16, tts_min_ahead_s=ahead)
+    assert hold_for(unit, state, EXPECTED, Targets(urgent_hold_s=0.05)) == expected_hold
+
+
+def test_no_unit_waits_for_asr_that_is_not_streaming_or_for_a_gap_it_cannot_fit():
+    assert hold_for(Unit.LLM, QueueState(asr_due_s=None, asr_period_s=0.16), EXPECTED) == 0.0
+    assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), {Unit.ASR: 0.01}) == 0.0
+    too_long = {**EXPECTED, Unit.LLM: 0.155}
+    assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), too_long) == 0.0
+
+
 @dataclass
 class _Turn:
     """A simulated bot turn: the LLM writes speech (in seconds of it), TTS speaks it."""
@@ -78,6 +104,10 @@ class _Simulation:
     asr_ready_since: float | None = None
     asr_waited: int = 0
     asr_worst_wait_units: int = 0
+    asr_waits_s: list[float] = field(default_factory=list)
+    """How long each ASR chunk waited for the GPU."""
+    expected: dict | None = None
+    """Unit durations the scheduler has measured; None: it plans with none (never holds)."""
     log: list[Unit] = field(default_factory=list)
 
     def state(self, turn: _Turn) -> QueueState:
@@ -85,6 +115,8 @@ class _Simulation:
         return QueueState(
             asr_ready=self.asr_ready_since is not None,
             asr_waited_units=self.asr_waited,
+            asr_due_s=max(0.0, self.asr_next_chunk - self.now),
+            asr_period_s=0.16,
             llm_first_pending=started and turn.text_s == 0,
             llm_generating=started and turn.text_s < turn.speech_s,
             tts_first_pending=turn.text_s > 0 and turn.first_audio_at is None,
@@ -96,18 +128,24 @@ class _Simulation:
     def run(self, turn: _Turn, until: float) -> None:
         while self.now < until:
             if self.now >= self.asr_next_chunk:
-                self.asr_next_chunk += 0.16
                 if self.asr_ready_since is None:
-                    self.asr_ready_since, self.asr_waited = self.now, 0
-            unit = choose(self.state(turn))
+                    self.asr_ready_since, self.asr_waited = self.asr_next_chunk, 0
+                self.asr_next_chunk += 0.16
+            state = self.state(turn)
+            unit = choose(state)
             if unit is None:
                 self.now = min(self.asr_next_chunk, max(self.now + 0.001, turn.start))
+                continue
+            hold = hold_for(unit, state, self.expected) if self.expected else 0.0
+            if hold:
+                self.now += hold
                 continue
             self.log.append(unit)
             if self.asr_ready_since is not None and unit is not Unit.ASR:
                 self.asr_waited += 1
                 self.asr_worst_wait_units = max(self.asr_worst_wait_units, self.asr_waited)
             if unit is Unit.ASR:
+                self.asr_waits_s.append(self.now - self.asr_ready_since)
                 self.now += self.asr_step
                 self.asr_ready_since = None
             elif unit in (Unit.LLM_FIRST, Unit.LLM):
@@ -134,3 +172,22 @@ def test_a_simulated_turn_starts_fast_never_runs_dry_and_never_starves_asr():
     assert turn.synthesized_s == pytest.approx(6.0)
     first_audio = next(i for i, u in enumerate(sim.log) if u is Unit.TTS_FIRST)
     assert Unit.LLM not in sim.log[:first_audio], "no further text before the first audio"
+
+
+def test_with_unit_durations_known_asr_chunks_seldom_wait_at_all():
+    """The same turn planned around the ASR clock: the GPU idles for a due chunk rather than
+    start a unit that would delay it, except a TTS step that keeps the listener's audio
+    from running out; the turn never runs dry, and its first audio pays at most a short
+    wait per urgent unit."""
+    planned, unplanned = _Simulation(expected=EXPECTED), _Simulation()
+    turn, unplanned_turn = _Turn(start=1.0, speech_s=6.0), _Turn(start=1.0, speech_s=6.0)
+    planned.run(turn, until=10.0)
+    unplanned.run(unplanned_turn, until=10.0)
+    waited = [w for w in unplanned.asr_waits_s if w > 0]
+    assert len(waited) >= len(unplanned.asr_waits_s) / 4, "without planning, chunks wait behind units"
+    waited = [w for w in planned.asr_waits_s if w > 0]
+    assert len(waited) <= 1 and max(waited, default=0.0) <= planned.tts_step
+    assert turn.underrun_s == 0.0
+    assert turn.synthesized_s == pytest.approx(6.0)
+    waits = 2 * (Targets().urgent_hold_s + planned.asr_step)
+    assert turn.first_audio_at - turn.start <= unplanned_turn.first_audio_at - unplanned_turn.start + waits + 1e-9

@@ -277,3 +277,20 @@ def test_a_turn_that_would_run_dry_gets_its_audio_early(tiny_tts_path):
     assert len(second) > 3, "the batch segment was sent in pieces"
     reference = pcm(synthesize(make_tts_engine(tiny_tts_path), TEXT, mode="batch"))
     assert np.abs(pcm(messages, segment_id="1").astype(int) - reference).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["stream", "batch"])
+def test_the_engine_foresees_which_steps_decode_audio(tiny_tts_path, mode):
+    """A scheduler plans around how long the next step takes, and one that also decodes
+    audio takes several times one that does not. Barring an early end of speech, the
+    engine knows which steps will."""
+    engine = make_tts_engine(tiny_tts_path, clock=lambda: 0.0)
+    sid = engine.open_session(lambda message: None)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode=mode))
+    engine.flush(sid, "turn")
+    foreseen, decoded = [], []
+    while engine.has_work():
+        foreseen.append(engine.queue_state().next_step_decodes)
+        decoded.append(engine.step().audio_seconds > 0)
+    assert foreseen == decoded
+    assert sum(decoded) >= (3 if mode == "stream" else 1)

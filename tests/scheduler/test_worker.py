@@ -1,0 +1,66 @@
+"""The scheduler's mechanism plans around the ASR clock (stand-in units of known length:
+what is tested is the worker's timing, not any model)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from scheduler.worker import GpuScheduler
+
+
+class _ClockedAsr:
+    """A chunk due every ``period_s``; a step takes ``step_s``."""
+
+    def __init__(self, period_s: float, step_s: float):
+        self.geometry = SimpleNamespace(chunk_ms=1000 * period_s)
+        self._period, self._step = period_s, step_s
+        self._start = time.monotonic()
+        self._served = 0
+        self.waits: list[float] = []
+        """Per chunk, from when it was due to when its step began."""
+
+    def _next_due(self) -> float:
+        return self._start + (self._served + 1) * self._period
+
+    def has_work(self) -> bool:
+        return time.monotonic() >= self._next_due()
+
+    def due_in_s(self) -> float:
+        return max(0.0, self._next_due() - time.monotonic())
+
+    def step(self):
+        due = self._next_due()
+        self.waits.append(time.monotonic() - due)
+        self._served += 1
+        time.sleep(self._step)
+        return SimpleNamespace(chunk_latencies=(time.monotonic() - due,))
+
+
+class _BusyLlm:
+    """Always generating; a unit takes ``unit_s``."""
+
+    def __init__(self, unit_s: float):
+        self._unit = unit_s
+        self.units = 0
+
+    def queue_state(self):
+        return SimpleNamespace(first_pending=False, generating=True)
+
+    def step(self) -> None:
+        self.units += 1
+        time.sleep(self._unit)
+
+
+def test_the_gpu_waits_for_a_due_asr_chunk_instead_of_starting_a_unit_that_would_delay_it():
+    scheduler = GpuScheduler()
+    llm, asr = _BusyLlm(unit_s=0.06), _ClockedAsr(period_s=0.16, step_s=0.01)
+    scheduler.driver("llm")(llm, lambda stats: None)
+    scheduler.driver("asr")(asr, lambda stats: None)
+    time.sleep(2.0)
+    scheduler.stop()
+    assert llm.units >= 15, "the LLM still gets the gaps between chunks"
+    settled = asr.waits[2:]  # once a unit of each kind has been measured
+    assert len(settled) >= 8
+    assert max(settled) < 0.03, [round(w, 3) for w in asr.waits]
+    assert scheduler.metrics.registry.get_sample_value("scheduler_holds_total") > 0
