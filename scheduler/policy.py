@@ -15,8 +15,9 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
 A unit runs to its end once started, so the one ASR waits behind adds its whole length
 to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit would still
 be running when the next chunk is due, and it would fit in the gap after that chunk's
-step, the GPU waits for the chunk instead (``hold_for``). Urgent units wait only for a
-chunk due very soon: they are the latency the user hears too.
+step, the GPU waits for the chunk instead (``hold_for``), running meanwhile another
+model's work that ends before the chunk is due, if there is any (``plan``). Urgent units
+wait only for a chunk due very soon: they are the latency the user hears too.
 
 The mechanism that runs the units and measures them is ``scheduler.worker``.
 """
@@ -126,3 +127,33 @@ def hold_for(unit: Unit, state: QueueState, expected_s: Mapping[Unit, float], ta
     if unit is Unit.TTS and ahead is not None and ahead < due + asr + duration:
         return 0.0
     return due
+
+
+@dataclass(frozen=True)
+class Decision:
+    unit: Unit | None
+    """What to run now (None: nothing)."""
+    wait_s: float = 0.0
+    """With no unit: how long to leave the GPU idle for a due ASR chunk (0: until work comes)."""
+
+
+def plan(state: QueueState, expected_s: Mapping[Unit, float], targets: Targets = Targets()) -> Decision:
+    """``choose``'s unit, unless it waits for a due ASR chunk (``hold_for``): then another
+    model's work that ends before the chunk is due, or nothing until the chunk."""
+    unit = choose(state, targets)
+    if unit is None:
+        return Decision(None)
+    hold = hold_for(unit, state, expected_s, targets)
+    if not hold:
+        return Decision(unit)
+    for other in _pending(state):
+        if other.model != unit.model and expected_s.get(other, math.inf) <= hold:
+            return Decision(other)
+    return Decision(None, hold)
+
+
+def _pending(state: QueueState) -> list[Unit]:
+    """The unit each model other than the ASR would run next, urgent ones first."""
+    llm = Unit.LLM_FIRST if state.llm_first_pending else Unit.LLM if state.llm_generating else None
+    tts = Unit.TTS_FIRST if state.tts_first_pending else Unit.TTS if state.tts_has_work else None
+    return sorted((u for u in (llm, tts) if u is not None), key=lambda u: not u.urgent)

@@ -19,7 +19,7 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from scheduler.policy import QueueState, Targets, Unit, choose, hold_for
+from scheduler.policy import QueueState, Targets, Unit, plan
 from servers.common.metrics import LATENCY_BUCKETS
 
 IDLE_TICK_S = 0.02
@@ -153,14 +153,12 @@ class GpuScheduler:
         state = self.queue_state()
         now = time.monotonic()
         self._note_waiting(state, now)
-        unit = choose(state, self.targets)
-        self._idle_s = IDLE_TICK_S
-        if unit is None:
-            return None
-        hold = hold_for(unit, state, self.expected_seconds(state), self.targets)
-        if hold > 0:
+        decision = plan(state, self.expected_seconds(state), self.targets)
+        unit = decision.unit
+        self._idle_s = decision.wait_s or IDLE_TICK_S
+        if decision.wait_s:
             self.metrics.holds.inc()
-            self._idle_s = hold
+        if unit is None:
             return None
         if unit.model == "tts" and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0:
             self.metrics.deadline_misses.labels(model="tts").inc()

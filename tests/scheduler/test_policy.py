@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from scheduler.policy import QueueState, Targets, Unit, choose, hold_for
+from scheduler.policy import Decision, QueueState, Targets, Unit, choose, hold_for, plan
 
 
 def test_nothing_to_do_means_no_unit():
@@ -73,6 +73,21 @@ def test_no_unit_waits_for_asr_that_is_not_streaming_or_for_a_gap_it_cannot_fit(
     assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), too_long) == 0.0
 
 
+def test_while_a_unit_waits_for_asr_another_models_work_that_ends_in_time_runs():
+    state = QueueState(
+        asr_due_s=0.04,
+        asr_period_s=0.16,
+        tts_has_work=True,
+        tts_min_ahead_s=2.0,
+        tts_text_ahead_s=5.0,
+        llm_generating=True,
+    )
+    assert choose(state) is Unit.TTS
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.03}) == Decision(Unit.LLM)
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.05}) == Decision(None, wait_s=0.04), "no time for the LLM either"
+    assert plan(QueueState(tts_has_work=True), EXPECTED) == Decision(Unit.TTS), "no ASR to wait for"
+
+
 @dataclass
 class _Turn:
     """A simulated bot turn: the LLM writes speech (in seconds of it), TTS speaks it."""
@@ -131,14 +146,12 @@ class _Simulation:
                 if self.asr_ready_since is None:
                     self.asr_ready_since, self.asr_waited = self.asr_next_chunk, 0
                 self.asr_next_chunk += 0.16
-            state = self.state(turn)
-            unit = choose(state)
+            decision = plan(self.state(turn), self.expected or {})
+            unit = decision.unit
             if unit is None:
-                self.now = min(self.asr_next_chunk, max(self.now + 0.001, turn.start))
-                continue
-            hold = hold_for(unit, state, self.expected) if self.expected else 0.0
-            if hold:
-                self.now += hold
+                self.now += decision.wait_s or 0.0
+                if not decision.wait_s:
+                    self.now = min(self.asr_next_chunk, max(self.now + 0.001, turn.start))
                 continue
             self.log.append(unit)
             if self.asr_ready_since is not None and unit is not Unit.ASR:
