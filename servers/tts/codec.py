@@ -69,7 +69,9 @@ GRAPH_MAX_ROWS = 8
 (more go in several replays); larger buckets would hold much memory for little use."""
 GRAPH_MAX_FRAMES = 64
 """Longest piece a codec graph decodes: a stream chunk with its context (26 + up to 16
-frames). Longer pieces (whole segments in batch mode) decode eagerly."""
+frames). Longer requests (whole segments in batch mode) are cut into pieces this long,
+each after the first with a receptive field of context: they join exactly, and a long
+segment becomes one or a few replays instead of an eager call of ~7000 operations."""
 GRAPH_MIN_FRAMES = 4
 
 
@@ -101,25 +103,32 @@ class CodecDecoder:
     @torch.inference_mode()
     def decode(self, requests: list[DecodeRequest]) -> list[np.ndarray]:
         """Float32 audio for each request's frames ``[start, end)``: one codec call for all,
-        or a graph replay per ``GRAPH_MAX_ROWS`` of them.
+        or, with graphs, a replay per ``GRAPH_MAX_ROWS`` pieces of at most
+        ``GRAPH_MAX_FRAMES`` frames.
 
         Rows are right-padded; the decoder being causal, padding never reaches valid audio.
         """
-        firsts = [max(0, r.start - r.context) for r in requests]
-        pieces = [r.codes[:, first : r.end] for r, first in zip(requests, firsts)]
-        if self.use_graphs and max(p.shape[-1] for p in pieces) <= GRAPH_MAX_FRAMES:
-            audio = [
-                a for i in range(0, len(pieces), GRAPH_MAX_ROWS) for a in self._replay(pieces[i : i + GRAPH_MAX_ROWS])
-            ]
-        else:
-            lengths = torch.tensor([p.shape[-1] for p in pieces], device=self.device)
-            audio, _, _ = self._helper.codes_to_audio(_right_padded(pieces), lengths)
-            audio = audio.float().cpu().numpy()
+        if not self.use_graphs:
+            return self._decode_at_once(requests)
+        pieces = [_graph_sized(r) for r in requests]
+        audio = iter(self._decode_graphed([p for parts in pieces for p in parts]))
+        return [np.concatenate([next(audio) for _ in parts]) for parts in pieces]
+
+    def _decode_at_once(self, requests: list[DecodeRequest]) -> list[np.ndarray]:
+        codes = _codes_to_decode(requests)
+        lengths = torch.tensor([c.shape[-1] for c in codes], device=self.device)
+        audio, _, _ = self._helper.codes_to_audio(_right_padded(codes), lengths)
+        return self._wanted(audio.float().cpu().numpy(), requests)
+
+    def _decode_graphed(self, requests: list[DecodeRequest]) -> list[np.ndarray]:
+        codes = _codes_to_decode(requests)
+        audio = [a for i in range(0, len(codes), GRAPH_MAX_ROWS) for a in self._replay(codes[i : i + GRAPH_MAX_ROWS])]
+        return self._wanted(audio, requests)
+
+    def _wanted(self, audio, requests: list[DecodeRequest]) -> list[np.ndarray]:
+        """Each request's frames ``[start, end)`` of its decoded row."""
         spf = self.samples_per_frame
-        return [
-            audio[i][(r.start - first) * spf : (r.end - first) * spf]
-            for i, (r, first) in enumerate(zip(requests, firsts))
-        ]
+        return [row[(r.start - _first(r)) * spf : (r.end - _first(r)) * spf] for row, r in zip(audio, requests)]
 
     def _replay(self, pieces: list[torch.Tensor]) -> np.ndarray:
         """Audio of up to ``GRAPH_MAX_ROWS`` pieces from the graph that holds them."""
@@ -140,6 +149,29 @@ class CodecDecoder:
         return FixedCall(
             lambda codes, lengths: self._helper.codes_to_audio(codes, lengths)[0], inputs, self._graph_pool
         )
+
+
+def _first(request: DecodeRequest) -> int:
+    """The first frame a request decodes, its context included."""
+    return max(0, request.start - request.context)
+
+
+def _codes_to_decode(requests: list[DecodeRequest]) -> list[torch.Tensor]:
+    return [r.codes[:, _first(r) : r.end] for r in requests]
+
+
+def _graph_sized(request: DecodeRequest) -> list[DecodeRequest]:
+    """The request as pieces of at most ``GRAPH_MAX_FRAMES`` frames, context included;
+    every piece after the first has a receptive field of context (or all there is since
+    the request's first frame), so each decodes what one decode of the whole would."""
+    first, start, context = _first(request), request.start, request.start - _first(request)
+    pieces = []
+    while True:
+        end = min(request.end, start + GRAPH_MAX_FRAMES - context)
+        pieces.append(DecodeRequest(request.codes, start, end, context))
+        if end == request.end:
+            return pieces
+        start, context = end, min(RECEPTIVE_FIELD_FRAMES, end - first)
 
 
 def _right_padded(pieces: list[torch.Tensor]) -> torch.Tensor:

@@ -63,3 +63,19 @@ def test_graph_buckets_decode_what_one_eager_call_decodes(models):
     for mine, expected in zip(graphed.decode(requests), eager.decode(requests)):
         assert mine.shape == expected.shape and abs(mine - expected).max() < 1e-6
     assert graphed.captured == [(2, 64), (8, 64)]
+
+
+def test_long_requests_decode_from_graph_sized_pieces_that_join_exactly(models):
+    """A whole batch-mode segment is longer than any codec graph: it is decoded as pieces
+    that fit one, each after the first with a receptive field of context, and the joined
+    audio is what one eager decode of the whole gives."""
+    served, _ = models
+    graphed, eager = CodecDecoder(served, use_graphs=True), CodecDecoder(served)
+    requests = [
+        DecodeRequest(_codes(served, 150), start=0, end=150, context=26),  # a whole segment
+        DecodeRequest(_codes(served, 120), start=40, end=117, context=8),  # a long late piece
+        DecodeRequest(_codes(served, 30), start=22, end=30, context=26),  # a stream chunk
+    ]
+    for mine, expected in zip(graphed.decode(requests), eager.decode(requests)):
+        assert mine.shape == expected.shape and abs(mine - expected).max() < 1e-5
+    assert graphed.captured == [(8, 64)], "seven pieces in one replay"
