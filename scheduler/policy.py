@@ -71,6 +71,8 @@ class QueueState:
     """Speech the TTS still has text for, in seconds (None: not speaking)."""
     tts_next_decodes: bool = False
     """The next TTS step will probably also decode audio (it takes longer)."""
+    tts_next_starts: bool = False
+    """The next TTS step also starts a segment (it takes longer)."""
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ class GpuScheduler:
         self.history: deque[UnitRecord] = deque(maxlen=history)
         """The latest units run, oldest first (for tests, benchmarks and debugging)."""
         self._engines: dict[str, _Attached] = {}
-        self._durations: dict[tuple[Unit, bool], deque[float]] = defaultdict(lambda: deque(maxlen=EXPECTED_FROM_LAST))
-        """Recent unit durations by kind: the unit, and for TTS whether it was to decode audio."""
+        self._durations: dict[tuple[Unit, bool, bool], deque[float]] = defaultdict(
+            lambda: deque(maxlen=EXPECTED_FROM_LAST)
+        )
+        """Recent unit durations by kind: the unit, and for TTS whether it was to decode
+        audio and whether it was to start a segment."""
         self._idle_s = IDLE_TICK_S
         """How long the thread sleeps after a decision that ran nothing."""
         self._asr_waited = 0
@@ -131,12 +134,15 @@ class GpuScheduler:
             tts_min_ahead_s=tts.min_ahead_s if tts else None,
             tts_text_ahead_s=tts.text_ahead_s if tts else None,
             tts_next_decodes=tts is not None and tts.next_step_decodes,
+            tts_next_starts=tts is not None and tts.next_step_starts,
         )
 
     @staticmethod
-    def _kind(unit: Unit, state: QueueState) -> tuple[Unit, bool]:
-        """A TTS step that also decodes audio takes several times one that does not."""
-        return unit, unit.model == "tts" and state.tts_next_decodes
+    def _kind(unit: Unit, state: QueueState) -> tuple[Unit, bool, bool]:
+        """A TTS step that also decodes audio, or starts a segment, takes several times one
+        that does neither."""
+        tts = unit.model == "tts"
+        return unit, tts and state.tts_next_decodes, tts and state.tts_next_starts
 
     def expected_seconds(self, state: QueueState) -> dict[Unit, float]:
         """What each unit would take now: the 90th percentile of its kind's recent runs."""

@@ -124,6 +124,8 @@ class TtsQueueState:
     """The least speech still queued as text among turns being spoken (estimated)."""
     next_step_decodes: bool = False
     """The next step will probably also turn frames into audio (a longer step)."""
+    next_step_starts: bool = False
+    """The next step also starts a segment (its text encoder and voice context: longer too)."""
 
 
 SPEECH_CHARS_PER_SECOND = 14.0
@@ -309,13 +311,16 @@ class TTSEngine(WorkSignal):
             first_pending = any(c.playout_start is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
             text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
-            decodes = any(self._decodes_after_a_step(c.segments[0], now) for c in contexts[: self._max_batch])
+            current = [c.segments[0] for c in contexts[: self._max_batch]]
+            decodes = any(self._decodes_after_a_step(s, now) for s in current)
+            starts = any(s.sequence is None for s in current)
         return TtsQueueState(
             has_work=bool(contexts),
             first_audio_pending=first_pending,
             min_ahead_s=min(ahead) if ahead else None,
             text_ahead_s=min(text) if text else None,
             next_step_decodes=decodes,
+            next_step_starts=starts,
         )
 
     def step(self) -> TtsStepStats:

@@ -280,17 +280,21 @@ def test_a_turn_that_would_run_dry_gets_its_audio_early(tiny_tts_path):
 
 
 @pytest.mark.parametrize("mode", ["stream", "batch"])
-def test_the_engine_foresees_which_steps_decode_audio(tiny_tts_path, mode):
+def test_the_engine_foresees_which_steps_decode_audio_or_start_a_segment(tiny_tts_path, mode):
     """A scheduler plans around how long the next step takes, and one that also decodes
-    audio takes several times one that does not. Barring an early end of speech, the
-    engine knows which steps will."""
+    audio or starts a segment takes several times one that does neither. Barring an early
+    end of speech, the engine knows which steps will."""
     engine = make_tts_engine(tiny_tts_path, clock=lambda: 0.0)
     sid = engine.open_session(lambda message: None)
     engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode=mode))
+    engine.speak(sid, TtsSpeak(context_id="turn", text="And more.", mode=mode))
     engine.flush(sid, "turn")
-    foreseen, decoded = [], []
+    foreseen, happened = [], []
     while engine.has_work():
-        foreseen.append(engine.queue_state().next_step_decodes)
-        decoded.append(engine.step().audio_seconds > 0)
-    assert foreseen == decoded
-    assert sum(decoded) >= (3 if mode == "stream" else 1)
+        state = engine.queue_state()
+        foreseen.append((state.next_step_decodes, state.next_step_starts))
+        stats = engine.step()
+        happened.append((stats.audio_seconds > 0, stats.started > 0))
+    assert foreseen == happened
+    assert sum(decoded for decoded, _ in happened) >= (3 if mode == "stream" else 2)
+    assert sum(started for _, started in happened) == 2
