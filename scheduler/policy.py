@@ -16,7 +16,8 @@ A unit runs to its end once started, so the one ASR waits behind adds its whole 
 to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit would still
 be running when the next chunk is due, and it would fit in the gap after that chunk's
 step, the GPU waits for the chunk instead (``hold_for``), running meanwhile another
-model's work that ends before the chunk is due, if there is any (``plan``). Urgent units
+model's work that ends before the chunk is due, or as many LLM tokens as fit, if there
+is any (``plan``). Urgent units
 wait only for a chunk due very soon: they are the latency the user hears too.
 
 The mechanism that runs the units and measures them is ``scheduler.worker``.
@@ -137,20 +138,26 @@ class Decision:
     """What to run now (None: nothing)."""
     wait_s: float = 0.0
     """With no unit: how long to leave the GPU idle for a due ASR chunk (0: until work comes)."""
+    budget_s: float | None = None
+    """For an LLM unit: the time it has before a due ASR chunk (it generates what fits)."""
 
 
 def plan(state: QueueState, expected_s: Mapping[Unit, float], targets: Targets = Targets()) -> Decision:
     """``choose``'s unit, unless it waits for a due ASR chunk (``hold_for``): then another
-    model's work that ends before the chunk is due, or nothing until the chunk."""
+    model's work that ends before the chunk is due, else LLM tokens until the chunk (an LLM
+    unit can stop after any token; its first, with the prompt, cannot), else nothing."""
     unit = choose(state, targets)
     if unit is None:
         return Decision(None)
     hold = hold_for(unit, state, expected_s, targets)
     if not hold:
         return Decision(unit)
-    for other in _pending(state):
-        if other.model != unit.model and expected_s.get(other, math.inf) <= hold:
+    others = [u for u in _pending(state) if u.model != unit.model]
+    for other in others:
+        if expected_s.get(other, math.inf) <= hold:
             return Decision(other)
+    if Unit.LLM in (unit, *others):
+        return Decision(Unit.LLM, budget_s=hold)
     return Decision(None, hold)
 
 

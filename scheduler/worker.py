@@ -178,10 +178,14 @@ class GpuScheduler:
         else:
             self._asr_waited += int(state.asr_ready)
         started = time.monotonic()
-        stats = attached.engine.step()
+        if decision.budget_s is None:
+            stats = attached.engine.step()
+        else:
+            stats = attached.engine.step(budget_s=decision.budget_s)
         seconds = time.monotonic() - started
         self.history.append(UnitRecord(unit, started, seconds))
-        self._durations[self._kind(unit, state)].append(seconds)
+        if decision.budget_s is None:  # a unit cut short says nothing of a whole one
+            self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
         if unit is Unit.ASR:
             period = attached.engine.geometry.chunk_ms / 1000.0

@@ -206,8 +206,12 @@ class LLMEngine(WorkSignal):
             first = (active is not None and not active.tokens) or (active is None and bool(self._queue))
             return LlmQueueState(first_pending=first, generating=active is not None or bool(self._queue))
 
-    def step(self) -> LlmStepStats | None:
-        """One unit of work for the current request (None if there was nothing to do)."""
+    def step(self, budget_s: float | None = None) -> LlmStepStats | None:
+        """One unit of work for the current request (None if there was nothing to do).
+
+        ``budget_s``: generate only as many of the segment's tokens as fit in this long (at
+        least one), judged by the unit's own tokens so far; a scheduler fills a gap with it.
+        """
         started = time.perf_counter()
         with self._lock:
             if self._active is None:
@@ -230,7 +234,9 @@ class LLMEngine(WorkSignal):
             elif generation.todo:
                 evaluated = self._prefill(generation)
             if self._active is generation and not generation.todo:
-                produced = self._generate(generation, self.first_segment_tokens if first else self.segment_tokens)
+                count = self.first_segment_tokens if first else self.segment_tokens
+                deadline = None if budget_s is None else started + budget_s
+                produced = self._generate(generation, count, deadline)
         except Exception as e:  # noqa: BLE001 - one failed request must not stop the engine
             logger.exception("LLM step failed")
             self._finish(generation, "error", error=f"{type(e).__name__}: {e}")
@@ -347,14 +353,20 @@ class LLMEngine(WorkSignal):
                 self._snapshot = take_snapshot(llm)
         return evaluated
 
-    def _generate(self, generation: _Generation, count: int) -> int:
+    def _generate(self, generation: _Generation, count: int, deadline: float | None = None) -> int:
+        """Up to ``count`` tokens; with a ``deadline`` (``time.perf_counter()``), no token
+        that would, at this unit's pace so far, end after it (the first always runs)."""
         from llama_cpp import llama_vocab_is_eog
 
         llm = self._llm
         budget = generation.request.max_tokens or self.default_max_tokens
         budget = min(budget, self.context_size - len(generation.prompt))
         produced = 0
+        started = time.perf_counter()
         for _ in range(count):
+            now = time.perf_counter()
+            if deadline is not None and produced and now + (now - started) / produced > deadline:
+                return produced
             if generation.cancelled:
                 self._finish(generation, "cancelled")
                 return produced

@@ -157,3 +157,17 @@ def test_deltas_stream_before_the_request_finishes(tiny_llm_path):
     engine.submit(ChatRequest(QUESTION, max_tokens=40), events.append)
     engine.step()
     assert events and all(isinstance(e, LlmDelta) for e in events)
+
+
+def test_a_unit_with_a_time_budget_generates_what_fits_and_the_text_goes_on_exactly(tiny_llm_path):
+    """A scheduler may hand the LLM a gap before a due ASR chunk: the unit stops early (one
+    token at the least) and the next unit continues the same text."""
+    engine = make_engine(tiny_llm_path, first_segment_tokens=4, segment_tokens=16)
+    events: list = []
+    engine.submit(ChatRequest(QUESTION, max_tokens=40), events.append)
+    assert engine.step().tokens == 4
+    assert engine.step(budget_s=0.0).tokens == 1
+    assert engine.step(budget_s=60.0).tokens == 16
+    engine.run_until_idle()
+    content = "".join(e.content for e in events if isinstance(e, LlmDelta))
+    assert content == reference_content(tiny_llm_path, engine, QUESTION, 40)

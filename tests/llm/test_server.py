@@ -73,11 +73,11 @@ async def test_a_stream_that_fails_midway_raises_in_the_client_and_the_server_go
     engine = type(server.engine)
     generate, calls = engine._generate, []
 
-    def fail_on_the_second_segment(self, generation, count):
+    def fail_on_the_second_segment(self, generation, count, *rest):
         calls.append(count)
         if len(calls) == 2:
             raise RuntimeError("injected fault")
-        return generate(self, generation, count)
+        return generate(self, generation, count, *rest)
 
     monkeypatch.setattr(engine, "_generate", fail_on_the_second_segment)
     llm = client(server)

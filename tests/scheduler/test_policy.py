@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -73,7 +73,7 @@ def test_no_unit_waits_for_asr_that_is_not_streaming_or_for_a_gap_it_cannot_fit(
     assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), too_long) == 0.0
 
 
-def test_while_a_unit_waits_for_asr_another_models_work_that_ends_in_time_runs():
+def test_while_a_unit_waits_for_asr_other_work_that_ends_in_time_runs():
     state = QueueState(
         asr_due_s=0.04,
         asr_period_s=0.16,
@@ -83,9 +83,15 @@ def test_while_a_unit_waits_for_asr_another_models_work_that_ends_in_time_runs()
         llm_generating=True,
     )
     assert choose(state) is Unit.TTS
-    assert plan(state, {**EXPECTED, Unit.LLM: 0.03}) == Decision(Unit.LLM)
-    assert plan(state, {**EXPECTED, Unit.LLM: 0.05}) == Decision(None, wait_s=0.04), "no time for the LLM either"
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.03}) == Decision(Unit.LLM), "a whole LLM unit ends in time"
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.05}) == Decision(Unit.LLM, budget_s=0.04), "as many tokens as fit"
+    assert plan(replace(state, llm_generating=False), EXPECTED) == Decision(None, wait_s=0.04), "nothing fits"
     assert plan(QueueState(tts_has_work=True), EXPECTED) == Decision(Unit.TTS), "no ASR to wait for"
+
+
+def test_an_llm_unit_that_would_delay_a_due_asr_chunk_stops_in_time():
+    state = QueueState(asr_due_s=0.03, asr_period_s=0.16, llm_generating=True)
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.07}) == Decision(Unit.LLM, budget_s=0.03)
 
 
 @dataclass
@@ -162,10 +168,10 @@ class _Simulation:
                 self.now += self.asr_step
                 self.asr_ready_since = None
             elif unit in (Unit.LLM_FIRST, Unit.LLM):
-                self.now += self.llm_unit
-                turn.text_s = min(
-                    turn.speech_s, turn.text_s + (turn.llm_first_s if unit is Unit.LLM_FIRST else turn.llm_chunk_s)
-                )
+                share = min(1.0, (decision.budget_s or self.llm_unit) / self.llm_unit)  # tokens that fit
+                self.now += share * self.llm_unit
+                text = turn.llm_first_s if unit is Unit.LLM_FIRST else share * turn.llm_chunk_s
+                turn.text_s = min(turn.speech_s, turn.text_s + text)
             else:
                 self.now += self.tts_step
                 if turn.first_audio_at is not None:
@@ -196,9 +202,9 @@ def test_with_unit_durations_known_asr_chunks_seldom_wait_at_all():
     turn, unplanned_turn = _Turn(start=1.0, speech_s=6.0), _Turn(start=1.0, speech_s=6.0)
     planned.run(turn, until=10.0)
     unplanned.run(unplanned_turn, until=10.0)
-    waited = [w for w in unplanned.asr_waits_s if w > 0]
+    waited = [w for w in unplanned.asr_waits_s if w > 1e-9]
     assert len(waited) >= len(unplanned.asr_waits_s) / 4, "without planning, chunks wait behind units"
-    waited = [w for w in planned.asr_waits_s if w > 0]
+    waited = [w for w in planned.asr_waits_s if w > 1e-9]
     assert len(waited) <= 1 and max(waited, default=0.0) <= planned.tts_step
     assert turn.underrun_s == 0.0
     assert turn.synthesized_s == pytest.approx(6.0)
