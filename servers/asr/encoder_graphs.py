@@ -16,9 +16,10 @@ matrix products at 512 rows. The pool keeps them in the autocast dtype, which is
 conformer reads of them (they only feed linear layers and a convolution).
 
 A call is a steady chunk wide, or, for the final rows longer than a chunk that a step
-runs in a call of their own (``batch_step``), up to the longest final wide. Few sessions
-finish in the same step, so those buckets stop at ``max_final_batch`` rows; more run
-eagerly.
+runs in a call of their own (``batch_step``), up to the longest final wide. Fewer
+sessions finish in a step than stream in it (at 160 ms chunks and utterances of a few
+seconds, about one in twenty), so those buckets stop at an eighth of the steady ones (at
+least 8 rows); more run eagerly.
 
 All buckets are captured while the engine warms up: a capture on first use would stall
 every stream for up to a second when load grows, and while one is under way no other
@@ -81,12 +82,11 @@ class GraphedEncoderStep:
         final_out_frames: int,
         autocast_dtype: torch.dtype | None,
         max_batch: int,
-        max_final_batch: int = 8,
     ):
         if not pool.fixed:
             raise ValueError("CUDA graphs need a state pool made at its full size")
         self._step = functools.partial(encoder_step, encoder, autocast_dtype, pool)
-        self._limits = {final_out_frames: min(max_batch, max_final_batch)}
+        self._limits = {final_out_frames: min(max_batch, max(8, max_batch // 8))}
         self._limits[out_frames] = max_batch
         """Most rows per step run in a bucket, by width (steady chunks win if finals are no wider)."""
         self._device = next(encoder.parameters()).device

@@ -99,3 +99,13 @@ def test_a_bucketed_step_copies_no_cache_into_or_out_of_graph_buffers(model, spe
     moves = [e.name for e in profile.events() if any(is_cache(shape) for shape in e.input_shapes)]
     assert moves.count("aten::index_select") == 1 and moves.count("aten::index_copy_") == 1, moves
     assert not {"aten::copy_", "aten::_to_copy"} & set(moves), moves
+
+
+@pytest.mark.parametrize(("max_batch", "finals"), [(16, 8), (512, 64)])
+def test_final_buckets_grow_with_the_steady_ones(model, max_batch, finals):
+    """About one stream in twenty finishes in a given step: at hundreds of streams more than
+    8 finals share a step, and an eager call for them would stall every stream."""
+    step = BatchedStreamingStep(model, read_geometry(model, 1), max_sessions=max_batch, graph_max_batch=max_batch)
+    widest = step._longest_final_out_frames()
+    assert step.encoder_graphs.bucket_for(finals, widest) is not None
+    assert step.encoder_graphs.bucket_for(finals + 1, widest) is None
