@@ -23,7 +23,7 @@ from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.encoder_graphs import GraphedEncoderStep
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
-from servers.common.engine import EngineFull, WorkSignal
+from servers.common.engine import SessionEngine
 from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
@@ -97,7 +97,7 @@ class StepStats:
     """Per streamed chunk: seconds from its last audio arriving to its result."""
 
 
-class StreamingASREngine(WorkSignal):
+class StreamingASREngine(SessionEngine):
     """Batched cache-aware streaming transcription for many sessions of one model."""
 
     def __init__(
@@ -115,7 +115,6 @@ class StreamingASREngine(WorkSignal):
         """``graph_max_batch``: steps of up to this many sessions replay CUDA graphs
         (``servers.asr.encoder_graphs``), captured in ``warm_up``; 0 runs every step eagerly."""
         self.geometry: StreamingGeometry = read_geometry(model, right_context)
-        self.max_sessions = max_sessions
         self._max_buffered = int(max_buffered_s * self.geometry.sample_rate)
         self._max_utterance = int(max_utterance_s * self.geometry.sample_rate)
         self._pieces = token_pieces(model)
@@ -128,12 +127,10 @@ class StreamingASREngine(WorkSignal):
             graph_max_batch=graph_max_batch,
         )
         self._pool = self._step.pool
-        super().__init__()
-        self._sessions: dict[int, _Session] = {}
+        super().__init__(max_sessions)
         self._ready: set[int] = set()
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
-        self._next_sid = 0
 
     @property
     def encoder_graphs(self) -> GraphedEncoderStep | None:
@@ -142,19 +139,11 @@ class StreamingASREngine(WorkSignal):
 
     # ------------------------------------------------------------------ sessions (any thread)
 
-    @property
-    def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
     def open_session(self, sink: Sink) -> int:
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise EngineFull(f"all {self.max_sessions} sessions are in use")
-            sid = self._next_sid
-            self._next_sid += 1
-            self._sessions[sid] = _Session(sid=sid, slot=self._pool.acquire(), sink=sink, audio=self._new_audio())
-            return sid
+            return self._add_session_locked(
+                lambda sid: _Session(sid=sid, slot=self._pool.acquire(), sink=sink, audio=self._new_audio())
+            )
 
     def close_session(self, sid: int) -> None:
         """Forget the session now; its slot is reused once any step running it is done."""

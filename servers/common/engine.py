@@ -71,3 +71,27 @@ class WorkSignal:
         while self.has_work():
             stats.append(self.step())
         return stats
+
+
+class SessionEngine(WorkSignal):
+    """A ``WorkSignal`` engine that serves sessions, up to ``max_sessions`` at once."""
+
+    def __init__(self, max_sessions: int) -> None:
+        super().__init__()
+        self.max_sessions = max_sessions
+        self._sessions: dict[int, Any] = {}
+        self._next_sid = 0
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def _add_session_locked(self, make: Callable[[int], Any]) -> int:
+        """Register ``make(sid)`` under a new session id; ``EngineFull`` if none is left."""
+        if len(self._sessions) >= self.max_sessions:
+            raise EngineFull(f"all {self.max_sessions} sessions are in use")
+        sid = self._next_sid
+        self._next_sid += 1
+        self._sessions[sid] = make(sid)
+        return sid

@@ -31,7 +31,7 @@ from pipecat_nvidia.protocol import (
     TtsServerMessage,
     TtsSpeak,
 )
-from servers.common.engine import EngineFull, WorkSignal
+from servers.common.engine import SessionEngine
 from servers.common.precision import autocast_dtype
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -146,7 +146,7 @@ class TtsStepStats:
     first_audio_latencies: tuple[float, ...]
 
 
-class TTSEngine(WorkSignal):
+class TTSEngine(SessionEngine):
     """Batched Magpie synthesis for many sessions of one model."""
 
     def __init__(
@@ -172,7 +172,6 @@ class TTSEngine(WorkSignal):
         self.voices = voices(model, voice_names)
         self.languages = languages(model)
         self.sample_rate = int(model.output_sample_rate)
-        self.max_sessions = max_sessions
         self._max_batch = max_batch
         self._max_frames_per_token = max_frames_per_token
         self._min_frames = min_frames
@@ -188,11 +187,9 @@ class TTSEngine(WorkSignal):
         self.frame_ms = 1000.0 * self._codec.samples_per_frame / self.sample_rate
         self._step_seconds = _Average()
         self._decode_seconds = _Average()
-        super().__init__()
-        self._sessions: dict[int, _Session] = {}
+        super().__init__(max_sessions)
         self._busy: deque[_Context] = deque()
         """Contexts with segments to speak, oldest first (the order segments get a row)."""
-        self._next_sid = 0
 
     @property
     def presets(self) -> dict[str, TtsPreset]:
@@ -200,19 +197,9 @@ class TTSEngine(WorkSignal):
 
     # ------------------------------------------------------------------ sessions (any thread)
 
-    @property
-    def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
     def open_session(self, sink: Sink) -> int:
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise EngineFull(f"all {self.max_sessions} sessions are in use")
-            sid = self._next_sid
-            self._next_sid += 1
-            self._sessions[sid] = _Session(sid, sink)
-            return sid
+            return self._add_session_locked(lambda sid: _Session(sid, sink))
 
     def close_session(self, sid: int) -> None:
         with self._lock:

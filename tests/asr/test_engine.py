@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from servers.asr.engine import AudioOverflow, EngineFull
+from servers.asr.engine import AudioOverflow
+from servers.common.engine import EngineFull
 from tests.asr.helpers import make_engine, offline_text, stepping_in_background, stream, transcribe
 
 
