@@ -29,7 +29,8 @@ from servers.common.precision import autocast_dtype
 Sink = Callable[[AsrServerMessage], None]
 
 STREAMING_GAP_S = 0.1
-"""A session whose last audio is older than this is not streaming (for ``due_in_s``)."""
+"""A session whose last audio is older than this, and than two of its frames, is not
+streaming (for ``due_in_s``)."""
 
 
 class AudioOverflow(RuntimeError):
@@ -213,7 +214,7 @@ class StreamingASREngine(SessionEngine):
                 if session.last_push is None or session.in_flight or session.reset is not None:
                     continue
                 pushed_at, frame = session.last_push
-                if now - pushed_at > STREAMING_GAP_S or frame == 0:
+                if frame == 0 or now - pushed_at > max(STREAMING_GAP_S, 2 * frame / g.sample_rate):
                     continue
                 needed = g.samples_for_frames(session.audio.next_frame + self._chunk_frames(session))
                 frames = math.ceil((needed - session.audio.total_samples) / frame)

@@ -274,5 +274,20 @@ def test_the_engine_says_when_a_streaming_sessions_next_chunk_will_be_complete(t
     engine.push_audio(sid, speech_int16[pushed : pushed + frames_left * frame].tobytes())
     assert engine.due_in_s() == 0.0, "a step can run now"
     engine.run_until_idle()
-    time.sleep(0.15)
+    time.sleep(0.25)
     assert engine.due_in_s() is None, "the client stopped streaming"
+
+
+def test_a_client_sending_large_frames_still_counts_as_streaming(tiny_asr_path, speech_int16):
+    """Clients that send 100 ms at a time leave longer gaps than a 20 ms client's: the
+    engine still expects their next chunk, whole frames after their last."""
+    engine = make_engine(tiny_asr_path)
+    sid = engine.open_session(lambda message: None)
+    frame, g = engine.geometry.ms_to_samples(100), engine.geometry
+    pushed = time.monotonic()
+    engine.push_audio(sid, speech_int16[:frame].tobytes())
+    engine.run_until_idle()  # the first chunk
+    time.sleep(max(0.0, 0.15 - (time.monotonic() - pushed)))  # longer than a 20 ms client's gap
+    frames_left = -(-(g.samples_for_frames(g.first_chunk_frames + g.chunk_frames) - frame) // frame)
+    due, elapsed = engine.due_in_s(), time.monotonic() - pushed
+    assert due is not None and due == pytest.approx(frames_left * 0.1 - elapsed, abs=0.01)
