@@ -1,4 +1,4 @@
-"""The scheduler's mechanism plans around the ASR clock (stand-in units of known length:
+"""The scheduler's mechanism times units and plans around the ASR clock (stand-in units of known length:
 what is tested is the worker's timing, not any model)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from scheduler.policy import QueueState, Unit
 from scheduler.worker import GpuScheduler
 
 
@@ -67,3 +68,38 @@ def test_a_unit_that_would_delay_a_due_asr_chunk_is_cut_to_fit_before_it():
     assert len(settled) >= 8
     assert max(settled) < 0.03, [round(w, 3) for w in asr.waits]
     assert llm.budgets and max(llm.budgets) < 0.06, "LLM units were cut to the time before a chunk"
+
+
+class _AlternatingTts:
+    """Every other step also decodes audio, and takes six times as long; it says so ahead."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def queue_state(self):
+        return SimpleNamespace(
+            has_work=True,
+            first_audio_pending=False,
+            min_ahead_s=None,
+            text_ahead_s=None,
+            next_step_decodes=self.steps % 2 == 1,
+            next_step_starts=False,
+        )
+
+    def step(self) -> None:
+        time.sleep(0.03 if self.steps % 2 == 1 else 0.005)
+        self.steps += 1
+
+
+def test_tts_steps_that_decode_audio_are_expected_to_take_longer():
+    """One estimate for all TTS steps would be wrong both ways: too long for most steps
+    (needless waits) and too short for the decoding ones (chunks delayed behind them)."""
+    scheduler = GpuScheduler()
+    tts = _AlternatingTts()
+    scheduler.driver("tts")(tts, lambda stats: None)
+    time.sleep(0.5)
+    scheduler.stop()
+    assert tts.steps >= 10
+    plain = scheduler.expected_seconds(QueueState(tts_next_decodes=False))[Unit.TTS]
+    decoding = scheduler.expected_seconds(QueueState(tts_next_decodes=True))[Unit.TTS]
+    assert plain < 0.015 < 0.025 < decoding
