@@ -17,8 +17,8 @@ to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit wou
 be running when the next chunk is due, and it would fit in the gap after that chunk's
 step, the GPU waits for the chunk instead (``hold_for``), running meanwhile another
 model's work that ends before the chunk is due, or as many LLM tokens as fit, if there
-is any (``plan``). Urgent units
-wait only for a chunk due very soon: they are the latency the user hears too.
+is any (``plan``). Urgent units wait only for a chunk due very soon: they are the
+latency the user hears too.
 
 The mechanism that runs the units and measures them is ``scheduler.worker``.
 """

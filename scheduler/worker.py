@@ -188,8 +188,7 @@ class GpuScheduler:
             self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
         if unit is Unit.ASR:
-            period = attached.engine.geometry.chunk_ms / 1000.0
-            misses = sum(latency > period for latency in stats.chunk_latencies)
+            misses = sum(latency > state.asr_period_s for latency in stats.chunk_latencies)
             if misses:
                 self.metrics.deadline_misses.labels(model="asr").inc(misses)
         attached.on_step(stats)

@@ -164,8 +164,8 @@ def _graph_sized(request: DecodeRequest) -> list[DecodeRequest]:
     """The request as pieces of at most ``GRAPH_MAX_FRAMES`` frames, context included;
     every piece after the first has a receptive field of context (or all there is since
     the request's first frame), so each decodes what one decode of the whole would."""
-    first, start, context = _first(request), request.start, request.start - _first(request)
-    pieces = []
+    first, start = _first(request), request.start
+    context, pieces = start - first, []
     while True:
         end = min(request.end, start + GRAPH_MAX_FRAMES - context)
         pieces.append(DecodeRequest(request.codes, start, end, context))
