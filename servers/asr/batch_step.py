@@ -200,9 +200,8 @@ class BatchedStreamingStep:
             else:
                 index = torch.tensor(keep, device=self.device)
                 self.pool.scatter(slots[index], new_state, rows=index)
-        transcript = hyps.transcript.cpu()
-        counts = hyps.current_lengths.cpu().tolist()
-        tokens = [transcript[i, : counts[i]].tolist() for i in range(len(rows))]
+        counts = hyps.current_lengths.tolist()
+        tokens = [row[:count] for row, count in zip(hyps.transcript.tolist(), counts)]
         return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
 
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, narrow: int):

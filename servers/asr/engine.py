@@ -132,6 +132,9 @@ class StreamingASREngine(SessionEngine):
         self._ready: set[int] = set()
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
+        self._ended_slots: list[int] = []
+        """Slots of utterances that ended under the lock now held, reset together before
+        it is released."""
 
     @property
     def encoder_graphs(self) -> GraphedEncoderStep | None:
@@ -252,6 +255,7 @@ class StreamingASREngine(SessionEngine):
                     else:
                         self._after_row(row, tokens[i], events)
                         self._mark_if_ready(session)
+                self._reset_ended_slots()
         done = time.monotonic()
         for sink, message in events:
             sink(message)
@@ -314,6 +318,7 @@ class StreamingASREngine(SessionEngine):
                 rows.append(self._row(session, chunk, False, reset.received, padding))
         for row in rows:
             row.session.in_flight = True
+        self._reset_ended_slots()
         return rows
 
     def _row(self, session: _Session, count: int, final: bool, ready_at: float, padding: int | None = None) -> _Row:
@@ -359,9 +364,14 @@ class StreamingASREngine(SessionEngine):
         session.utterance_id += 1
         session.text = session.sent_text = ""
 
+    def _reset_ended_slots(self) -> None:
+        self._pool.reset(self._ended_slots)
+        self._ended_slots.clear()
+
     def _end_utterance(self, session: _Session) -> None:
-        """Start the next utterance: fresh state, then whatever arrived after the reset."""
-        self._pool.reset(session.slot)
+        """Start the next utterance: fresh state (see ``_ended_slots``), then whatever
+        arrived after the reset."""
+        self._ended_slots.append(session.slot)
         self._next_segment(session)
         session.started = False
         session.segment_start_samples = 0

@@ -10,6 +10,7 @@ what ``ready`` says, and what each client message does.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -74,6 +75,37 @@ class Outbox:
         return self._items.popleft()
 
 
+class Deliveries:
+    """Hands messages from engine threads to the event loop's outboxes, a burst at a time.
+
+    A step may produce a message for each of hundreds of sessions: waking the loop once
+    per message would cost the engine thread a system call each (milliseconds per step),
+    so the first message of a burst schedules one hand-over and the rest join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._pending: list[tuple[Outbox, BaseModel]] = []
+        self._lock = threading.Lock()
+
+    def post(self, outbox: Outbox, message: BaseModel) -> None:
+        """Any thread: queue ``message`` for ``outbox`` (dropped once the loop is closed)."""
+        with self._lock:
+            self._pending.append((outbox, message))
+            if len(self._pending) > 1:
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for outbox, message in pending:
+            outbox.put(message)
+
+
 @dataclass
 class Connection:
     """One client's session: its engine session id and its outbox."""
@@ -98,6 +130,7 @@ class EngineServer(ABC, Generic[E]):
         self.metrics = metrics
         self._loading = BackgroundLoad(self.kind, settings.model, self.load_engine, metrics.observe_step, driver)
         self._server: Server | None = None
+        self._deliveries: Deliveries | None = None
 
     # ------------------------------------------------------------------ what a server says
 
@@ -129,6 +162,7 @@ class EngineServer(ABC, Generic[E]):
     async def start(self) -> None:
         """Listen at once; load the model in the background (``/health`` shows progress)."""
         s = self.settings
+        self._deliveries = Deliveries(asyncio.get_running_loop())
         self._server = await serve(
             self._handle,
             s.host,
@@ -177,9 +211,9 @@ class EngineServer(ABC, Generic[E]):
                 )
                 await sender
                 return
-            loop = asyncio.get_running_loop()
+            deliveries = self._deliveries
             try:
-                sid = engine.open_session(lambda message: _deliver(loop, outbox, message))
+                sid = engine.open_session(lambda message: deliveries.post(outbox, message))
             except EngineFull as e:
                 self._fatal(outbox, ErrorCode.SERVER_FULL, str(e), CLOSE_TRY_AGAIN_LATER)
                 await sender
@@ -237,10 +271,3 @@ class EngineServer(ABC, Generic[E]):
         except ConnectionClosed:
             pass
 
-
-def _deliver(loop: asyncio.AbstractEventLoop, outbox: Outbox, message: BaseModel) -> None:
-    """Hand a message from the engine thread to the event loop (dropped once it is closed)."""
-    try:
-        loop.call_soon_threadsafe(outbox.put, message)
-    except RuntimeError:
-        pass
