@@ -270,4 +270,3 @@ class EngineServer(ABC, Generic[E]):
                 self.observe_sent(message)
         except ConnectionClosed:
             pass
-
