@@ -127,10 +127,9 @@ class MagpieDecoder:
         if self.sampler_graphs is not None:
             self.sampler_graphs.prepare_all()
 
-    @torch.inference_mode()
-    def start(self, sequences: list[Sequence]) -> None:
+    def _start(self, sequences: list[Sequence]) -> None:
         """Encode the text of new sequences (one batched call), give each its cache rows and
-        set its BOS frames; their prefix goes through the decoder in their first ``step``."""
+        set its BOS frames; their prefix goes through the decoder in this step."""
         m, fs = self.model, self.frames_per_step
         lengths = torch.tensor([len(s.tokens) for s in sequences], device=self.device)
         text = torch.nn.utils.rnn.pad_sequence([s.tokens.to(self.device) for s in sequences], batch_first=True)
@@ -151,14 +150,19 @@ class MagpieDecoder:
 
     @torch.inference_mode()
     def step(self, sequences: list[Sequence]) -> None:
-        """Advance each sequence by one decoder step (its codes grow by a frame stack).
+        """Advance each sequence by one decoder step (its codes grow by a frame stack),
+        starting those it has not seen yet.
 
-        Sequences started but not passed in leave: their cache rows are freed.
+        Sequences seen before but not passed in leave first, so their cache rows go to the
+        new ones: the cache then never outgrows what was reserved (and captured in graphs).
         """
         m, ip, fs, batch = self.model, self.model.inference_parameters, self.frames_per_step, len(sequences)
         self._release_absent(sequences)
         if not sequences:
             return
+        new = [s for s in sequences if not s.rows]
+        if new:
+            self._start(new)
         ongoing = [s for s in sequences if s.cached]
         fresh = [s for s in sequences if not s.cached]
         sequences = ongoing + fresh

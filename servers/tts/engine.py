@@ -318,10 +318,7 @@ class TTSEngine(SessionEngine):
         new = [s for s in segments if s.sequence is None and self._start(s, events)]
         running = [s for s in segments if s.sequence is not None]
         with torch.autocast(self._device.type, dtype=self._autocast, enabled=self._autocast is not None):
-            if new:
-                self._decoder.start([s.sequence for s in new])
-            if running:
-                self._decoder.step([s.sequence for s in running])
+            self._decoder.step([s.sequence for s in running])
         decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
         decode_started = time.perf_counter()
         audio = self._codec.decode([r for _, r in decoding]) if decoding else []

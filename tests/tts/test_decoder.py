@@ -54,9 +54,6 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         decoder.prepare_graphs()
     sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=24) for t, v, _ in texts]
     for step in range(20):
-        joining = [s for s, (_, _, start) in zip(sequences, texts) if start == step]
-        if joining:
-            decoder.start(joining)
         running = [s for s, (_, _, start) in zip(sequences, texts) if start <= step and not s.done]
         if running:
             decoder.step(running)
@@ -73,7 +70,6 @@ def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):
     floating-point operations, not timed."""
     decoder = MagpieDecoder(model)
     sequence = Sequence(tokens=_tokens(model, "A sentence to speak for a while."), voice=0, max_frames=200)
-    decoder.start([sequence])
     flops = []
     for _ in range(60):
         with FlopCounterMode(display=False) as counter:
@@ -88,12 +84,26 @@ def test_sequences_that_leave_give_their_cache_rows_to_the_next(model):
     decoder = MagpieDecoder(model)
     for _ in range(3):
         pair = [Sequence(tokens=_tokens(model, text), voice=0, max_frames=8) for text in ("One.", "Two.")]
-        decoder.start(pair)
         for _ in range(3):
             decoder.step(pair)
         decoder.step([])
         assert decoder.transformer.pool.rows_in_use == 0
     assert decoder.transformer.pool.rows == 2 * 2 + 1  # two sequences, two rows each (CFG), a scratch row
+
+
+def test_a_sequence_joining_as_another_leaves_takes_its_rows_and_keeps_the_graphs(model):
+    """The decoder graphs hold the reserved cache's addresses: a cache that grew because a
+    new sequence was given rows before a finished one gave its back would drop them."""
+    decoder = MagpieDecoder(model, graph_max_batch=2)
+    decoder.reserve(sequences=2, max_frames=16, max_text_tokens=64)
+    decoder.prepare_graphs()
+    reserved = decoder.transformer.pool.rows
+    first, second, third = (Sequence(tokens=_tokens(model, t), voice=0, max_frames=8) for t in ("One.", "Two.", "Three."))
+    for _ in range(2):
+        decoder.step([first, second])
+    decoder.step([second, third])
+    assert decoder.transformer.pool.rows == reserved
+    assert decoder.advance_graphs.covers(2)
 
 
 def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_path):
