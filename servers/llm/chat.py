@@ -13,6 +13,10 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+class PromptRejected(ValueError):
+    """The model's chat template cannot render these messages (it raised, or they do not fit it)."""
+
+
 class ChatTemplate:
     """Renders messages (and tools) with the model's own Jinja chat template."""
 
@@ -30,9 +34,14 @@ class ChatTemplate:
         enable_thinking: bool = False,
         add_generation_prompt: bool = True,
     ) -> str:
+        import jinja2
+
         # The formatter reads add_generation_prompt from itself, not from its arguments.
         self._formatter.add_generation_prompt = add_generation_prompt
-        return self._formatter(messages=messages, tools=tools, enable_thinking=enable_thinking).prompt
+        try:
+            return self._formatter(messages=messages, tools=tools, enable_thinking=enable_thinking).prompt
+        except (ValueError, TypeError, jinja2.TemplateError) as e:  # raise_exception() in a template is a ValueError
+            raise PromptRejected(f"the model's chat template refused these messages: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -222,13 +222,13 @@ class LLMEngine(WorkSignal):
                 self._active = self._queue.popleft()
             generation = self._active
         waited = None
-        if not generation.started:
-            waited = time.monotonic() - generation.submitted
-            self._begin(generation)
         first = not generation.tokens
         evaluated = 0
         produced = 0
         try:
+            if not generation.started:
+                waited = time.monotonic() - generation.submitted
+                self._begin(generation)
             if generation.cancelled:
                 self._finish(generation, "cancelled")
             elif generation.todo:

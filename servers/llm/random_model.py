@@ -93,6 +93,7 @@ def write_random_llama_gguf(
     context_length: int = 4096,
     init_std: float = 0.5,
     seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by default)."""
     import gguf
@@ -122,7 +123,7 @@ def write_random_llama_gguf(
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from servers.common.http import bearer_token_matches
 from servers.common.loading import BackgroundLoad, Driver
+from servers.llm.chat import PromptRejected
 from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
 from servers.llm.metrics import LlmMetrics
@@ -77,7 +78,8 @@ class LlmServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A client that goes away cancels its handler, and with it the request's generation.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         await self._site.start()
@@ -119,6 +121,10 @@ class LlmServer:
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         engine = self.engine
         if engine is None:
+            if self._loading.error is not None:
+                return self._refuse(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal", f"the model failed to load: {self._loading.error}"
+                )
             return self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "the model is still loading")
         try:
             body = ChatCompletionRequest.model_validate(json.loads(await request.read()))
@@ -134,6 +140,8 @@ class LlmServer:
             )
         except ContextOverflow as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
+        except PromptRejected as e:
+            return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", str(e))
         except OverflowError as e:
             return self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "busy", str(e))
         self.metrics.active.inc()

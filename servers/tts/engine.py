@@ -317,13 +317,16 @@ class TTSEngine(SessionEngine):
             segments = [context.segments[0] for context in list(self._busy)[: self._max_batch]]
         new = [s for s in segments if s.sequence is None and self._start(s, events)]
         running = [s for s in segments if s.sequence is not None]
-        with torch.autocast(self._device.type, dtype=self._autocast, enabled=self._autocast is not None):
-            self._decoder.step([s.sequence for s in running])
-        decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
-        decode_started = time.perf_counter()
-        audio = self._codec.decode([r for _, r in decoding]) if decoding else []
-        if decoding:
-            self._decode_seconds.add(time.perf_counter() - decode_started)
+        try:
+            decoding, audio = self._advance(running)
+        except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
+            # Which segment broke the batch is unknown: each gets the error and its turn
+            # goes on with its next segment; retrying would fail every step the same way.
+            logger.exception("TTS step failed")
+            with self._lock:
+                for segment in running:
+                    self._refuse(segment, ErrorCode.INTERNAL, f"synthesis failed: {e}", events)
+            running, decoding, audio = [], [], []
         now = self._clock()
         latencies = []
         with self._lock:
@@ -351,6 +354,18 @@ class TTSEngine(SessionEngine):
             first_audio_latencies=tuple(latencies),
         )
 
+    def _advance(self, running: list[_Segment]) -> tuple[list[tuple[_Segment, DecodeRequest]], list[np.ndarray]]:
+        """One decoder step for the running segments, then the audio that is due."""
+        with torch.autocast(self._device.type, dtype=self._autocast, enabled=self._autocast is not None):
+            self._decoder.step([s.sequence for s in running])
+        decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
+        if not decoding:
+            return [], []
+        decode_started = time.perf_counter()
+        audio = self._codec.decode([r for _, r in decoding])
+        self._decode_seconds.add(time.perf_counter() - decode_started)
+        return decoding, audio
+
     # ------------------------------------------------------------------ segments
 
     def _start(self, segment: _Segment, events: list) -> bool:
@@ -360,8 +375,12 @@ class TTSEngine(SessionEngine):
                 segment.chunks = self._text.prepare(segment.text, segment.language)
             except TextRejected as e:
                 with self._lock:
-                    self._error(segment, e.code, str(e), events)
-                    self._finish(segment, events, sent=False)
+                    self._refuse(segment, e.code, str(e), events)
+                return False
+            except Exception as e:  # noqa: BLE001 - one text must not stop the engine
+                logger.exception("TTS text preparation failed")
+                with self._lock:
+                    self._refuse(segment, ErrorCode.INTERNAL, f"text preparation failed: {e}", events)
                 return False
         chunk = segment.chunks[segment.chunk_index]
         spoken_tokens = len(chunk.tokens) - 1  # EOS excluded
@@ -511,7 +530,11 @@ class TTSEngine(SessionEngine):
             context.session.contexts.pop(context.context_id, None)
             events.append((context.session.sink, TtsDone(context_id=context.context_id)))
 
-    def _error(self, segment: _Segment, code: ErrorCode, message: str, events: list) -> None:
+    def _refuse(self, segment: _Segment, code: ErrorCode, message: str, events: list) -> None:
+        """Report the segment's error and go on with its turn's next segment (nothing for a
+        cancelled turn)."""
+        if segment.context.cancelled:
+            return
         logger.debug(f"TTS segment {segment.segment_id} of {segment.context.context_id} refused: {message}")
         events.append(
             (
@@ -521,6 +544,7 @@ class TTSEngine(SessionEngine):
                 ),
             )
         )
+        self._finish(segment, events, sent=False)
 
 
 class _Average:

@@ -4,6 +4,7 @@ import pytest
 
 from servers.llm.chat import OutputSplitter
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LlmFinished
+from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, run
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world, what is the weather?"}]
@@ -171,3 +172,18 @@ def test_a_unit_with_a_time_budget_generates_what_fits_and_the_text_goes_on_exac
     engine.run_until_idle()
     content = "".join(e.content for e in events if isinstance(e, LlmDelta))
     assert content == reference_content(tiny_llm_path, engine, QUESTION, 40)
+
+
+def test_a_request_that_fails_before_its_prompt_is_evaluated_ends_with_an_error_and_the_next_runs(tmp_path):
+    """Some chat templates refuse a conversation that does not end with the user. Here that
+    fails only where the engine renders the cached conversation (ending with the reply) to
+    reuse its tokens: the request must end with an error, not hold the engine forever."""
+    strict = "{%- if messages[-1].role == 'assistant' %}{{ raise_exception('end with the user') }}{% endif %}"
+    engine = make_engine(write_random_llama_gguf(tmp_path / "strict.gguf", chat_template=strict + CHAT_TEMPLATE))
+    reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=4))
+    follow_up = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and tomorrow?"}]
+    content, finished = run(engine, ChatRequest(follow_up, max_tokens=4))
+    assert finished.finish_reason == "error" and "end with the user" in finished.error
+    assert not engine.has_work()
+    _, finished = run(engine, ChatRequest(QUESTION, max_tokens=4))
+    assert finished.finish_reason == "length"

@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 from openai import APIError, AsyncOpenAI
 
+from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world"}]
@@ -105,6 +106,49 @@ async def test_a_client_that_disconnects_cancels_its_request(start_llm_server):
     assert not server.engine.has_work()
     metrics = await _get(server, "/metrics")
     assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+
+
+async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(start_llm_server):
+    server = await start_llm_server(context_size=4096)
+    async with aiohttp.ClientSession() as http:
+        body = {"messages": QUESTION, "max_tokens": 4000}
+        with pytest.raises(asyncio.TimeoutError):
+            await http.post(
+                f"http://127.0.0.1:{server.port}/v1/chat/completions",
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=0.1),
+            )
+    for _ in range(100):
+        if not server.engine.has_work():
+            break
+        await asyncio.sleep(0.02)
+    assert not server.engine.has_work()
+    metrics = await _get(server, "/metrics")
+    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+
+
+async def test_messages_the_chat_template_refuses_get_a_typed_error(start_llm_server, tmp_path):
+    strict = "{%- if messages[-1].role == 'assistant' %}{{ raise_exception('end with the user') }}{% endif %}"
+    path = write_random_llama_gguf(tmp_path / "strict.gguf", chat_template=strict + CHAT_TEMPLATE)
+    server = await start_llm_server(model=str(path))
+    async with aiohttp.ClientSession() as http:
+        body = {"messages": [*QUESTION, {"role": "assistant", "content": "hi"}]}
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response:
+            assert response.status == 400
+            error = (await response.json())["error"]
+    assert error["code"] == "invalid_request" and "end with the user" in error["message"]
+    ok = await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=3)
+    assert ok.usage.completion_tokens == 3
+
+
+async def test_a_model_that_failed_to_load_is_reported_not_awaited(start_llm_server, tmp_path):
+    server = await start_llm_server(wait=False, model=str(tmp_path / "missing.gguf"))
+    with pytest.raises(RuntimeError):
+        await server.wait_loaded()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json={"messages": QUESTION}) as r:
+            assert r.status == 500
+            assert "failed to load" in (await r.json())["error"]["message"]
 
 
 async def test_tool_choice_none_drops_the_tools(start_llm_server):

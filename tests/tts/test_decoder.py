@@ -98,7 +98,9 @@ def test_a_sequence_joining_as_another_leaves_takes_its_rows_and_keeps_the_graph
     decoder.reserve(sequences=2, max_frames=16, max_text_tokens=64)
     decoder.prepare_graphs()
     reserved = decoder.transformer.pool.rows
-    first, second, third = (Sequence(tokens=_tokens(model, t), voice=0, max_frames=8) for t in ("One.", "Two.", "Three."))
+    first, second, third = (
+        Sequence(tokens=_tokens(model, t), voice=0, max_frames=8) for t in ("One.", "Two.", "Three.")
+    )
     for _ in range(2):
         decoder.step([first, second])
     decoder.step([second, third])

@@ -189,6 +189,28 @@ def test_unspeakable_text_is_refused_and_the_context_goes_on(engine, text, code)
     assert len(pcm(messages)) > 0
 
 
+def test_a_step_that_fails_ends_its_segments_with_an_error_and_the_engine_serves_on(engine):
+    """A batch that cannot be computed (here the model's output layer no longer fits, as
+    in a broken checkpoint) must not be retried forever with every turn stalled behind it."""
+    messages = []
+    sid = engine.open_session(messages.append)
+    working = engine.model.final_proj
+    engine.model.final_proj = torch.nn.Linear(working.in_features + 1, working.out_features)
+    try:
+        engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT))
+        engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT))
+        engine.flush(sid, "turn")
+        engine.step()
+    finally:
+        engine.model.final_proj = working
+    engine.run_until_idle()
+    engine.close_session(sid)
+    error = next(m for m in messages if m.type == "error")
+    assert (error.code, error.context_id, error.segment_id) == (ErrorCode.INTERNAL, "turn", "0")
+    assert [m.type for m in messages if m.type != "audio"] == ["error", "segment_done", "done"]
+    assert np.array_equal(pcm(messages), pcm(synthesize(engine, TEXT)))
+
+
 def test_characters_the_tokenizer_lacks_are_skipped(engine):
     assert np.array_equal(pcm(synthesize(engine, "h\u00e9llo \u2603 world")), pcm(synthesize(engine, "hello  world")))
 
