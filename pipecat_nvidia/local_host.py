@@ -7,6 +7,7 @@ models download and load, and stops it when the bot exits.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,7 +50,12 @@ class LocalHost:
 
     def start(self) -> None:
         logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")
-        self._process = subprocess.Popen(self._args)
+        # The host asks for the token the bot sends (through the environment: arguments
+        # are visible to every user of the machine), and for none when the bot sends none.
+        env = {k: v for k, v in os.environ.items() if k != "HOST_AUTH_TOKEN"}
+        if self._settings.auth_token:
+            env["HOST_AUTH_TOKEN"] = self._settings.auth_token
+        self._process = subprocess.Popen(self._args, env=env)
 
     def wait_ready(self, timeout_s: float = 3600.0, report_every_s: float = 10.0) -> None:
         """Block until every endpoint is ready (model downloads can take many minutes)."""

@@ -8,7 +8,7 @@ from servers.asr.config import AsrServerSettings
 from servers.common.cli import run_server
 from servers.common.settings import EnvDefaultsParser
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
-from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, TtsServerSettings
+from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
 
 
 def parse_settings(argv: list[str] | None = None) -> HostSettings:
@@ -43,6 +43,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         f"TTS: {MAX_FRAMES_PER_TOKEN_HELP}",
         type=float,
     )
+    p.add_setting("--tts-voice-names", ",".join(tts.voice_names), f"TTS: {VOICE_NAMES_HELP}", type=voice_names)
     p.add_setting(
         "--tts-max-batch", tts.max_batch, "TTS: segments per decoder step (bounds its key/value cache)", type=int
     )
@@ -82,6 +83,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             codec=a.tts_codec,
             port=a.tts_port,
             max_frames_per_token=a.tts_max_frames_per_token,
+            voice_names=a.tts_voice_names,
             max_batch=a.tts_max_batch,
             cuda_graph_max_batch=a.tts_cuda_graph_max_batch,
             device=a.device,

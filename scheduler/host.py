@@ -65,5 +65,7 @@ class LocalGpuHost:
         await asyncio.gather(*(server.wait_loaded() for server in self.servers))
 
     async def stop(self) -> None:
-        for server in self.servers:
+        """The LLM first: its open requests end only through steps, so the scheduler (which
+        the first server to stop stops) must still run while it closes."""
+        for server in reversed(self.servers):
             await server.stop()

@@ -53,7 +53,7 @@ class SchedulerMetrics:
         )
         self.deadline_misses = Counter(
             "scheduler_deadline_misses",
-            "ASR chunks transcribed later than one chunk period; TTS turns whose playout ran dry",
+            "ASR chunks transcribed later than one chunk period; TTS steps run while a turn's playout had run dry",
             ["model"],
             registry=r,
         )
@@ -98,7 +98,8 @@ class GpuScheduler:
 
         def attach(engine, on_step: Callable[[Any], None]) -> Callable[[], None]:
             with self._lock:
-                self._engines[model] = _Attached(engine, on_step)
+                # A new dict, not a changed one: the scheduler thread reads it without the lock.
+                self._engines = {**self._engines, model: _Attached(engine, on_step)}
                 engine.on_work = self._wake.set
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="gpu-scheduler", daemon=True)

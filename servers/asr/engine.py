@@ -93,7 +93,6 @@ class StepStats:
     first_rows: int
     final_rows: int
     seconds: float
-    events: int
     chunk_latencies: tuple[float, ...]
     """Per streamed chunk: seconds from its last audio arriving to its result."""
 
@@ -264,7 +263,6 @@ class StreamingASREngine(SessionEngine):
             first_rows=sum(r.step.first for r in rows),
             final_rows=sum(r.step.final for r in rows),
             seconds=time.perf_counter() - started,
-            events=len(events),
             chunk_latencies=tuple(done - r.ready_at for r in rows if not r.step.final),
         )
 

@@ -77,9 +77,6 @@ class UtteranceAudio:
         self._offset = keep_from
         return FeatureRequest(audio=audio, start=first - begin // g.hop, count=count)
 
-    def audio_ms(self) -> float:
-        return 1000.0 * self.total_samples / self._g.sample_rate
-
 
 @dataclass(frozen=True)
 class FeatureBatch:

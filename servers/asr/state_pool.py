@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from servers.common.engine import EngineFull
+
 SCRATCH_SLOT = 0
 """A row of every tensor that no session owns: padding rows of fixed-size steps use it."""
 
@@ -77,7 +79,8 @@ class StatePool:
         with self._lock:
             if not self._free:
                 if self.fixed:
-                    raise RuntimeError("state pool is full")
+                    # Sessions closed during a step hold their slots until it ends.
+                    raise EngineFull(f"all {self._max_capacity} session slots are in use")
                 self._grow(min(2 * self._capacity, self._max_capacity))
             slot = self._free.pop()
             self._reset([slot])

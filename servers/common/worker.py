@@ -35,8 +35,7 @@ class EngineWorker:
                 continue
             try:
                 stats = self._engine.step()
+                if self._on_step is not None:
+                    self._on_step(stats)
             except Exception:  # noqa: BLE001 - the engine thread must outlive any one step
                 logger.exception(f"{self._thread.name} step failed")
-                continue
-            if self._on_step is not None:
-                self._on_step(stats)

@@ -243,17 +243,19 @@ class EngineServer(ABC, Generic[E]):
         while not self._loading.ready.is_set():
             received = asyncio.ensure_future(ws.recv())
             ready = asyncio.ensure_future(self._loading.ready.wait())
-            done, _ = await asyncio.wait({received, ready}, return_when=asyncio.FIRST_COMPLETED)
-            if received in done:
-                received.result()
-                outbox.put(
-                    ErrorMessage(code=ErrorCode.NOT_READY, message="the model is still loading; wait for 'ready'")
-                )
-            else:
-                # recv() is cancel-safe, but the next recv() may start only once this one is over.
-                received.cancel()
-                await asyncio.wait({received})
-            ready.cancel()
+            try:
+                done, _ = await asyncio.wait({received, ready}, return_when=asyncio.FIRST_COMPLETED)
+                if received in done:
+                    received.result()  # raises when the client has gone
+                    outbox.put(
+                        ErrorMessage(code=ErrorCode.NOT_READY, message="the model is still loading; wait for 'ready'")
+                    )
+                else:
+                    # recv() is cancel-safe, but the next recv() may start only once this one is over.
+                    received.cancel()
+                    await asyncio.wait({received})
+            finally:
+                ready.cancel()
 
     def _fatal(self, outbox: Outbox, code: ErrorCode, message: str, close_code: int) -> None:
         outbox.put(ErrorMessage(code=code, message=message, fatal=True))

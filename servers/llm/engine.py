@@ -190,6 +190,12 @@ class LLMEngine(WorkSignal):
             if self._active is not None and self._active.rid == rid:
                 self._active.cancelled = True
 
+    def cancel_all(self) -> None:
+        """Stop every request (shutting down): each ends ``cancelled`` at the next step."""
+        with self._lock:
+            for generation in [*self._queue, *([self._active] if self._active else [])]:
+                generation.cancelled = True
+
     # ------------------------------------------------------------------ stepping (one thread)
 
     def _has_work_locked(self) -> bool:

@@ -90,6 +90,9 @@ class LlmServer:
         await self._loading.wait()
 
     async def stop(self) -> None:
+        """Cancel what is in flight (its clients get their ends at once), then close."""
+        if self.engine is not None:
+            self.engine.cancel_all()
         if self._runner is not None:
             await self._runner.cleanup()
         await self._loading.stop()

@@ -9,10 +9,11 @@ from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server
 DEFAULT_MODEL = "nvidia/magpie_tts_multilingual_357m"
 
 
-def _names(value: str) -> tuple[str, ...]:
+def voice_names(value: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
+VOICE_NAMES_HELP = "names for the baked voices, comma-separated, in order"
 MAX_FRAMES_PER_TOKEN_HELP = "speech is cut after this many codec frames per text token if the model has not ended it"
 
 
@@ -55,9 +56,7 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
         MAX_FRAMES_PER_TOKEN_HELP,
         type=float,
     )
-    p.add_setting(
-        "--voice-names", ",".join(d.voice_names), "names for the baked voices, comma-separated, in order", type=_names
-    )
+    p.add_setting("--voice-names", ",".join(d.voice_names), VOICE_NAMES_HELP, type=voice_names)
     p.add_setting(
         "--temperature", d.temperature, "sampling temperature (0: greedy); default: the checkpoint's", type=float
     )

@@ -68,7 +68,6 @@ class _Segment:
     preset: TtsPreset
     voice: int
     output_rate: int
-    queued_at: float
     started_at: float | None
     """When it became its context's current segment (first-audio latency counts from here)."""
     chunks: list[TextChunk] | None = None
@@ -231,7 +230,6 @@ class TTSEngine(SessionEngine):
                 context = session.contexts[request.context_id] = _Context(session, request.context_id)
             segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
             context.numbered += 1
-            queued_at = self._clock()
             context.segments.append(
                 _Segment(
                     context=context,
@@ -242,8 +240,7 @@ class TTSEngine(SessionEngine):
                     preset=PRESETS[preset_name],
                     voice=self.voices.index(voice),
                     output_rate=request.sample_rate or self.sample_rate,
-                    queued_at=queued_at,
-                    started_at=queued_at if not context.segments else None,
+                    started_at=self._clock() if not context.segments else None,
                 )
             )
             if context not in self._busy:

@@ -1,6 +1,8 @@
 """The bot's settings, and the local GPU host it starts when no servers are configured."""
 
 import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -28,11 +30,24 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def _models_status(settings: AgentSettings, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{settings.llm_url}/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 @pytest.mark.slow
 def test_the_local_host_starts_reports_ready_and_stops(tiny_asr_path, tiny_tts_path, tiny_llm_path):
     asr, tts, llm = free_ports(3)
     settings = AgentSettings(
-        asr_url=f"ws://127.0.0.1:{asr}", tts_url=f"ws://127.0.0.1:{tts}", llm_url=f"http://127.0.0.1:{llm}/v1"
+        asr_url=f"ws://127.0.0.1:{asr}",
+        tts_url=f"ws://127.0.0.1:{tts}",
+        llm_url=f"http://127.0.0.1:{llm}/v1",
+        auth_token="s3cret",
     )
     tiny = ("--asr-model", str(tiny_asr_path), "--tts-model", str(tiny_tts_path), "--llm-model", str(tiny_llm_path))
     host = LocalHost(settings, (*tiny, "--device", "cpu", "--llm-gpu-layers", "0", "--llm-context-size", "1024"))
@@ -40,6 +55,9 @@ def test_the_local_host_starts_reports_ready_and_stops(tiny_asr_path, tiny_tts_p
     try:
         host.wait_ready(timeout_s=300, report_every_s=5)
         assert all(read_health(url)["status"] == "ready" for url in health_urls(settings).values())
+        # The host asks for the token the bot sends.
+        assert _models_status(settings) == 401
+        assert _models_status(settings, "s3cret") == 200
     finally:
         host.stop()
     assert all(read_health(url) is None for url in health_urls(settings).values())

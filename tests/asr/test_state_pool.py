@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from servers.asr.state_pool import PooledTensor, StatePool
+from servers.common.engine import EngineFull
 
 
 def _pool(sessions: int) -> StatePool:
@@ -44,3 +46,13 @@ def test_resetting_many_slots_costs_as_many_ops_as_one():
     one = _ops(lambda: pool.reset(slots[:1]))
     many = _ops(lambda: pool.reset(slots[:24]))
     assert many == one
+
+
+def test_a_full_pool_refuses_a_session_as_a_full_server_does():
+    """A session closed while its step runs keeps its slot until the step ends: a client
+    that comes in meanwhile is told the server is full, like any other over the limit."""
+    pool = _pool(2)
+    for _ in range(2):
+        pool.acquire()
+    with pytest.raises(EngineFull):
+        pool.acquire()

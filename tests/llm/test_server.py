@@ -6,6 +6,7 @@ import json
 import aiohttp
 import pytest
 from openai import APIError, AsyncOpenAI
+from prometheus_client import generate_latest
 
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM
@@ -149,6 +150,15 @@ async def test_a_model_that_failed_to_load_is_reported_not_awaited(start_llm_ser
         async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json={"messages": QUESTION}) as r:
             assert r.status == 500
             assert "failed to load" in (await r.json())["error"]["message"]
+
+
+async def test_stopping_the_server_cancels_requests_in_flight(start_llm_server):
+    server = await start_llm_server(context_size=4096)
+    stream = await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=4000, stream=True)
+    await anext(aiter(stream))
+    await server.stop()
+    metrics = generate_latest(server.metrics.registry).decode()
+    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
 
 
 async def test_tool_choice_none_drops_the_tools(start_llm_server):

@@ -37,3 +37,10 @@ def test_the_host_sizes_the_tts_for_a_few_sessions_not_a_servers_dozens(monkeypa
     monkeypatch.setenv("HOST_TTS_MAX_BATCH", "32")
     assert parse_settings(["--tts-cuda-graph-max-batch", "0"]).tts.cuda_graph_max_batch == 0
     assert parse_settings([]).tts.max_batch == 32
+
+
+def test_the_hosts_tts_voices_can_be_named_so_the_bot_can_ask_for_one_by_name(monkeypatch):
+    assert parse_settings([]).tts.voice_names == ()
+    assert parse_settings(["--tts-voice-names", "Aria, Jason"]).tts.voice_names == ("Aria", "Jason")
+    monkeypatch.setenv("HOST_TTS_VOICE_NAMES", "Leo,Sofia")
+    assert parse_settings([]).tts.voice_names == ("Leo", "Sofia")
