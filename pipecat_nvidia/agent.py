@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import wave
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -152,7 +153,8 @@ def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
 
 def write_wav(directory: Path, pcm: bytes, sample_rate: int, channels: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"session-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    # Sessions may end within the same second: the name carries a random part too.
+    path = directory / f"session-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.wav"
     with wave.open(str(path), "wb") as f:
         f.setnchannels(channels)
         f.setsampwidth(2)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from scheduler.host import HostSettings, LocalGpuHost
 from scheduler.policy import Targets
-from servers.asr.config import AsrServerSettings
+from servers.asr.config import RIGHT_CONTEXTS, AsrServerSettings
 from servers.common.cli import run_server
 from servers.common.settings import EnvDefaultsParser
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
 from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
+
+
+def gpu_index(device: str) -> int | None:
+    """The GPU a torch device string names (cuda, auto: the first); None for the CPU."""
+    if device == "cpu":
+        return None
+    _, _, index = device.partition(":")
+    return int(index or 0)
 
 
 def parse_settings(argv: list[str] | None = None) -> HostSettings:
@@ -20,11 +28,19 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         env_prefix="HOST_",
     )
     p.add_setting("--host", "127.0.0.1", "address every endpoint binds; 0.0.0.0 exposes them to the network")
-    p.add_setting("--device", "auto", "GPU for ASR and TTS: cuda, cuda:N, cpu or auto")
+    p.add_setting(
+        "--device", "auto", "the GPU (cuda, cuda:N, cpu or auto); the LLM's too unless --llm-main-gpu says otherwise"
+    )
     p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
     p.add_setting("--asr-model", asr.model, "ASR: Hugging Face name or .nemo path")
     p.add_setting("--asr-port", asr.port, "ASR WebSocket port", type=int)
-    p.add_setting("--right-context", asr.right_context, "ASR encoder right context (0, 1, 6, 13)", type=int)
+    p.add_setting(
+        "--right-context",
+        asr.right_context,
+        "ASR encoder right context (0, 1, 6, 13)",
+        type=int,
+        choices=RIGHT_CONTEXTS,
+    )
     p.add_setting(
         "--asr-max-sessions", asr.max_sessions, "ASR streams at once (their state is reserved at start-up)", type=int
     )
@@ -89,7 +105,12 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             device=a.device,
             **common,
         ),
-        llm=LlmServerSettings(port=a.llm_port, **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS}, **common),
+        llm=LlmServerSettings(
+            port=a.llm_port,
+            **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS if k != "main_gpu"},
+            main_gpu=a.llm_main_gpu if a.llm_main_gpu is not None else gpu_index(a.device),
+            **common,
+        ),
         targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s, urgent_hold_s=a.urgent_hold_s),
         log_level=a.log_level,
     )

@@ -28,6 +28,9 @@ class EnvDefaultsParser(argparse.ArgumentParser):
             value = cast(raw) if raw not in (None, "") else default
         except ValueError as e:
             self.error(f"${env_name}={raw!r} is not valid: {e}")
+        choices = kwargs.get("choices")
+        if raw not in (None, "") and choices is not None and value not in choices:
+            self.error(f"${env_name}={raw!r} is not one of {', '.join(map(str, choices))}")
         self.add_argument(flag, default=value, type=type, help=f"{help} [${env_name}]", **kwargs)
 
 

@@ -16,6 +16,8 @@ class LlmServerSettings:
     port: int = 8082
     context_size: int = 8192
     gpu_layers: int = -1
+    main_gpu: int | None = None
+    """Run on this GPU alone; None: llama.cpp's default, layers spread over every visible GPU."""
     threads: int | None = None
     first_segment_tokens: int = 8
     segment_tokens: int = 16
@@ -31,6 +33,7 @@ LLM_FLAGS = (
     "quant",
     "context_size",
     "gpu_layers",
+    "main_gpu",
     "threads",
     "first_segment_tokens",
     "segment_tokens",
@@ -51,6 +54,12 @@ def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "
     )
     p.add_setting(f"--{prefix}context-size", d.context_size, "tokens of context (prompt plus answer)", type=int)
     p.add_setting(f"--{prefix}gpu-layers", d.gpu_layers, "layers offloaded to the GPU (-1: all)", type=int)
+    p.add_setting(
+        f"--{prefix}main-gpu",
+        d.main_gpu,
+        "run on this GPU index alone (default: spread over every visible GPU)",
+        type=int,
+    )
     p.add_setting(f"--{prefix}threads", d.threads, "CPU threads for llama.cpp (default: its own choice)", type=int)
     p.add_setting(
         f"--{prefix}first-segment-tokens",

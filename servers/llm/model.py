@@ -47,11 +47,13 @@ def load_llama(
     *,
     context_size: int = 8192,
     gpu_layers: int = -1,
+    main_gpu: int | None = None,
     flash_attention: bool = True,
     threads: int | None = None,
 ):
-    """A ``llama_cpp.Llama`` for the source (downloaded to the HF cache with progress)."""
-    from llama_cpp import Llama
+    """A ``llama_cpp.Llama`` for the source (downloaded to the HF cache with progress);
+    ``main_gpu``: on that GPU alone, not split over all."""
+    from llama_cpp import LLAMA_SPLIT_MODE_NONE, Llama
 
     options = dict(
         n_ctx=context_size,
@@ -61,6 +63,8 @@ def load_llama(
         n_threads_batch=threads,
         verbose=False,
     )
+    if main_gpu is not None:
+        options.update(split_mode=LLAMA_SPLIT_MODE_NONE, main_gpu=main_gpu)
     if source.path is not None:
         return Llama(model_path=source.path, **options)
     return Llama.from_pretrained(repo_id=source.repo, filename=source.pattern, **options)

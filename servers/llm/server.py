@@ -33,7 +33,11 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
     source = resolve_source(settings.model, settings.quant)
     logger.info(f"Loading LLM {source.describe()}")
     llm = load_llama(
-        source, context_size=settings.context_size, gpu_layers=settings.gpu_layers, threads=settings.threads
+        source,
+        context_size=settings.context_size,
+        gpu_layers=settings.gpu_layers,
+        main_gpu=settings.main_gpu,
+        threads=settings.threads,
     )
     return LLMEngine(
         llm,

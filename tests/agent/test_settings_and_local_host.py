@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from pipecat_nvidia.agent import AgentSettings
+from pipecat_nvidia.agent import AgentSettings, write_wav
 from pipecat_nvidia.local_host import LocalHost, health_urls, read_health
 
 
@@ -77,3 +77,8 @@ def test_a_host_that_cannot_load_is_reported(tmp_path):
             host.wait_ready(timeout_s=120)
     finally:
         host.stop()
+
+
+def test_recordings_of_sessions_that_end_together_are_all_kept(tmp_path):
+    paths = {write_wav(tmp_path, bytes(400), 16000, 2) for _ in range(3)}
+    assert len(paths) == 3 and all(p.exists() for p in paths)

@@ -37,6 +37,13 @@ def test_an_unsupported_right_context_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_an_unsupported_value_from_the_environment_is_refused_too(monkeypatch, capsys):
+    monkeypatch.setenv("ASR_PRECISION", "int8")
+    with pytest.raises(SystemExit):
+        parse_settings([])
+    assert "$ASR_PRECISION='int8' is not one of auto, bf16, fp16, fp32" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_server_runs_from_the_command_line_and_stops_on_sigterm(tiny_asr_path, speech_int16):
     with server_process("servers.asr", "--model", str(tiny_asr_path), "--device", "cpu") as port:

@@ -3,7 +3,8 @@
 import pytest
 
 from servers.llm.chat import OutputSplitter
-from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LlmFinished
+from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
+from servers.llm.model import GgufSource, load_llama
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, run
 
@@ -186,4 +187,11 @@ def test_a_request_that_fails_before_its_prompt_is_evaluated_ends_with_an_error_
     assert finished.finish_reason == "error" and "end with the user" in finished.error
     assert not engine.has_work()
     _, finished = run(engine, ChatRequest(QUESTION, max_tokens=4))
+    assert finished.finish_reason == "length"
+
+
+def test_a_model_placed_on_one_gpu_loads_and_answers(tiny_llm_path):
+    """``main_gpu`` asks llama.cpp for no split across GPUs (a CPU build runs as before)."""
+    engine = LLMEngine(load_llama(GgufSource(path=str(tiny_llm_path)), context_size=1024, gpu_layers=0, main_gpu=0))
+    _, finished = run(engine, ChatRequest(QUESTION, max_tokens=3))
     assert finished.finish_reason == "length"

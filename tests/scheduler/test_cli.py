@@ -1,5 +1,7 @@
 """``python -m scheduler``'s settings."""
 
+import pytest
+
 from scheduler.__main__ import parse_settings
 from servers.asr.config import AsrServerSettings
 from servers.tts.config import TtsServerSettings
@@ -44,3 +46,10 @@ def test_the_hosts_tts_voices_can_be_named_so_the_bot_can_ask_for_one_by_name(mo
     assert parse_settings(["--tts-voice-names", "Aria, Jason"]).tts.voice_names == ("Aria", "Jason")
     monkeypatch.setenv("HOST_TTS_VOICE_NAMES", "Leo,Sofia")
     assert parse_settings([]).tts.voice_names == ("Leo", "Sofia")
+
+
+@pytest.mark.parametrize(("device", "main_gpu"), [("auto", 0), ("cuda", 0), ("cuda:1", 1), ("cpu", None)])
+def test_the_llm_runs_on_the_hosts_gpu_alone(device, main_gpu):
+    """llama.cpp's default spreads the model over every visible GPU; the host is one GPU."""
+    assert parse_settings(["--device", device]).llm.main_gpu == main_gpu
+    assert parse_settings(["--device", device, "--llm-main-gpu", "2"]).llm.main_gpu == 2
