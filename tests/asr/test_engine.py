@@ -5,7 +5,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from pipecat_nvidia.protocol import ErrorCode
 from servers.asr.engine import AudioOverflow
 from servers.common.engine import EngineFull
 from tests.asr.helpers import make_engine, offline_text, stepping_in_background, stream, transcribe
@@ -114,6 +116,30 @@ def test_audio_beyond_the_buffer_limit_is_refused_and_the_session_goes_on(tiny_a
     engine.run_until_idle()
     assert messages[-1].is_final
     assert messages[-1].text == offline_text(engine, speech_int16[16000 : 16000 * 3], 120)
+
+
+def test_a_step_that_fails_ends_its_utterances_with_an_error_and_the_sessions_go_on(tiny_asr_path, speech_int16):
+    """A batch that cannot be computed (here the model's preprocessor no longer takes its
+    input, as in a broken checkpoint): every session in it gets an error and a fresh
+    utterance, and transcribes as before once the model works."""
+    engine = make_engine(tiny_asr_path)
+    utterance = speech_int16[16000 : 16000 * 3]
+    messages = []
+    sid = engine.open_session(messages.append)
+    model = engine._step.model
+    working = model.preprocessor
+    model.preprocessor = torch.nn.Identity()
+    try:
+        stream(engine, sid, utterance)
+    finally:
+        model.preprocessor = working
+    errors = [m for m in messages if m.type == "error"]
+    assert errors and all(e.code == ErrorCode.INTERNAL for e in errors)
+    messages.clear()
+    stream(engine, sid, utterance)
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    engine.run_until_idle()
+    assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, padding_ms=120)
 
 
 def test_sessions_beyond_the_limit_are_refused(tiny_asr_path):
