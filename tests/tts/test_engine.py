@@ -104,6 +104,24 @@ def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_p
     assert graphed._decoder.advance_graphs.covers(3)  # the reserved cache held every segment
 
 
+def test_a_full_batch_turning_over_segments_keeps_its_graphs(tiny_tts_path):
+    """At ``max_batch`` segments the reserved cache is exactly full: a segment that starts
+    as another ends (after warm-up's own segments, too) must reuse its rows, or the cache
+    grows and every later step runs without graphs."""
+    graphed = make_tts_engine(tiny_tts_path, max_batch=2, graph_max_batch=2)
+    graphed.warm_up()
+    pool = graphed._decoder.transformer.pool
+    rows, generation = pool.rows, pool.generation
+    sids = [graphed.open_session(lambda m: None) for _ in range(3)]
+    for sid in sids:
+        for text in ("Good morning.", "The weather is fine today."):
+            graphed.speak(sid, TtsSpeak(context_id="c", text=text, mode="batch"))
+        graphed.flush(sid, "c")
+    assert max(s.batch_size for s in graphed.run_until_idle()) == 2
+    assert (pool.rows, pool.generation) == (rows, generation)
+    assert graphed._decoder.advance_graphs.covers(2)
+
+
 def test_segments_of_a_context_play_in_order_and_end_with_done(engine):
     messages = []
     sid = engine.open_session(messages.append)
