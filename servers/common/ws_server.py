@@ -57,16 +57,27 @@ PutPolicy = Callable[[deque, Any], None]
 class Outbox:
     """What waits to be sent to one client, in order, as the server's ``put_policy`` says:
     a slow reader then gets fresh interims rather than a backlog, and a cancelled turn's
-    unsent audio is dropped."""
+    unsent audio is dropped. Past ``limit`` unsent messages the client is not reading at
+    all: ``on_overflow`` is called, once."""
 
-    def __init__(self, put_policy: PutPolicy = deque.append):
+    def __init__(
+        self,
+        put_policy: PutPolicy = deque.append,
+        limit: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
+    ):
         self._items: deque[BaseModel | CloseRequest] = deque()
         self._nonempty = asyncio.Event()
         self._put_policy = put_policy
+        self._limit = limit
+        self._on_overflow = on_overflow
 
     def put(self, message: BaseModel | CloseRequest) -> None:
         self._put_policy(self._items, message)
         self._nonempty.set()
+        if self._limit is not None and len(self._items) > self._limit and self._on_overflow is not None:
+            on_overflow, self._on_overflow = self._on_overflow, None
+            on_overflow()
 
     async def get(self) -> BaseModel | CloseRequest:
         while not self._items:
@@ -123,6 +134,9 @@ E = TypeVar("E", bound=SteppedEngine)
 class EngineServer(ABC, Generic[E]):
     kind: str
     """"ASR" or "TTS", for logs and the worker thread's name."""
+    max_unsent_messages = 512
+    """A client with this many messages waiting (minutes of TTS audio) has stopped reading:
+    its connection is dropped, which ends its session and the work done for it."""
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics, driver: Driver | None = None):
         """``driver`` starts the loaded engine (default: its own worker thread)."""
@@ -199,7 +213,7 @@ class EngineServer(ABC, Generic[E]):
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: ServerConnection) -> None:
-        outbox = Outbox(self.put_policy)
+        outbox = Outbox(self.put_policy, self.max_unsent_messages, lambda: self._drop_stalled(ws))
         sender = asyncio.create_task(self._send_loop(ws, outbox))
         connection: Connection | None = None
         try:
@@ -237,6 +251,13 @@ class EngineServer(ABC, Generic[E]):
                 engine.close_session(connection.sid)
                 self.metrics.sessions.dec()
             sender.cancel()
+
+    def _drop_stalled(self, ws: ServerConnection) -> None:
+        logger.warning(
+            f"{self.kind} client {ws.remote_address} stopped reading ({self.max_unsent_messages} messages unsent); "
+            "dropping its connection"
+        )
+        ws.transport.abort()
 
     async def _refuse_until_ready(self, ws: ServerConnection, outbox: Outbox) -> None:
         """While the model loads, keep the connection and answer every message not_ready."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -132,3 +133,24 @@ async def test_metrics_report_first_audio_and_realtime_factor(start_tts_server):
     assert float(metrics["tts_audio_seconds_total"]) > 1
     health = json.loads((await asyncio.to_thread(http_get, server_url(server, "/health", "http")))[1])
     assert health["status"] == "ready"
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_work_stops(start_tts_server):
+    """Its audio would pile up in the server for as long as the turn lasts (and the GPU
+    would go on making it): past a limit of unsent messages the connection is dropped."""
+    server = await start_tts_server()
+    server.max_unsent_messages = 4
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once when unread
+    stalled.connect(("127.0.0.1", server.port))
+    async with connect(server_url(server), sock=stalled, max_queue=1) as ws:
+        await recv_message(ws)
+        for _ in range(4):
+            await send(ws, type="speak", context_id="turn", text="A long sentence to speak for a while. " * 4)
+        for _ in range(600):
+            if server.engine.session_count == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert server.engine.session_count == 0
+    assert not server.engine.has_work()
+    assert len(await _speak_and_wait(server_url(server), "next", TEXT)) > 2, "others are served as before"
