@@ -100,13 +100,7 @@ async def test_a_client_that_disconnects_cancels_its_request(start_llm_server):
         body = {"messages": QUESTION, "max_tokens": 900, "stream": True}
         async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response:
             await response.content.readline()
-    for _ in range(100):
-        if not server.engine.has_work():
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.has_work()
-    metrics = await _get(server, "/metrics")
-    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+    await _assert_one_request_was_cancelled(server)
 
 
 async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(start_llm_server):
@@ -119,13 +113,7 @@ async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(star
                 json=body,
                 timeout=aiohttp.ClientTimeout(total=0.1),
             )
-    for _ in range(100):
-        if not server.engine.has_work():
-            break
-        await asyncio.sleep(0.02)
-    assert not server.engine.has_work()
-    metrics = await _get(server, "/metrics")
-    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+    await _assert_one_request_was_cancelled(server)
 
 
 async def test_messages_the_chat_template_refuses_get_a_typed_error(start_llm_server, tmp_path):
@@ -185,6 +173,16 @@ async def test_health_says_loading_then_ready(start_llm_server):
     assert json.loads(await _get(server, "/health"))["status"] in ("loading", "ready")
     await server.wait_loaded()
     assert json.loads(await _get(server, "/health"))["status"] == "ready"
+
+
+async def _assert_one_request_was_cancelled(server) -> None:
+    for _ in range(100):
+        if not server.engine.has_work():
+            break
+        await asyncio.sleep(0.02)
+    assert not server.engine.has_work()
+    metrics = await _get(server, "/metrics")
+    assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
 
 
 async def _get(server, path: str) -> str:
