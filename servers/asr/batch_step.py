@@ -89,6 +89,7 @@ class BatchedStreamingStep:
         self.device = next(model.parameters()).device
         self._autocast_dtype = autocast_dtype
         self._decoder = model.decoding.decoding.decoding_computer
+        self._max_rows = max_sessions
         graph_max_batch = min(graph_max_batch, max_sessions)
         # CUDA graphs hold the pool's addresses: it is made at its full size for them.
         layout = self._state_layout()
@@ -114,6 +115,17 @@ class BatchedStreamingStep:
         )
 
     @torch.inference_mode()
+    def prepare_decoder(self) -> None:
+        """NeMo's CUDA-graph decoder captures its graphs again for any batch larger (or
+        longer) than it has seen, stalling every stream when that first happens while
+        serving: show it the largest step there can be now."""
+        if self.model.decoding.decoding.decoding_computer.cuda_graphs_mode is None:
+            return
+        rows, frames = self._max_rows, max(self.geometry.out_frames, self._longest_final_out_frames())
+        x = torch.zeros(rows, frames, self.model.encoder.d_model, device=self.device)
+        self._decoder(x=x, out_len=torch.full((rows,), frames, device=self.device), prev_batched_state=None)
+
+    @torch.inference_mode()
     def _longest_final_out_frames(self) -> int:
         """Encoder frames of the widest final row, first chunk or not."""
         g = self.geometry
@@ -122,6 +134,7 @@ class BatchedStreamingStep:
         frames = torch.zeros(1, g.n_mels, g.max_final_frames, device=self.device)
         return max(self._pre_encode(_Group(index, first, frames, cache))[0].shape[1] for first in (True, False))
 
+    @torch.no_grad()  # plain tensors (updated outside inference mode too) with no autograd history
     def _state_layout(self) -> dict[str, PooledTensor]:
         g = self.geometry
         channel, time_, channel_len = self.model.encoder.get_initial_cache_state(batch_size=1, device=self.device)
@@ -186,22 +199,29 @@ class BatchedStreamingStep:
         )
         encoded = encoded.float()
         hyps, decoded = self._decoder(x=encoded.transpose(1, 2), out_len=encoded_len, prev_batched_state=previous)
+        # NeMo's CUDA-graph decoder answers for the largest batch it has seen so far: only
+        # the first len(rows) rows of what it returns are this step's.
+        batch = len(rows)
         keep = [i for i, r in enumerate(rows) if not r.final]
         if keep:
-            new_state = {
-                "feature_cache": self._next_feature_cache(groups, state["feature_cache"]),
+            decoder_state = {
                 "predictor_outputs": decoded.predictor_outputs,
                 "labels": decoded.labels,
                 "decoded_lengths": decoded.decoded_lengths,
                 **{f"predictor_state_{i}": s for i, s in enumerate(decoded.predictor_states)},
             }
-            if len(keep) == len(rows):
+            new_state = {
+                "feature_cache": self._next_feature_cache(groups, state["feature_cache"]),
+                **{name: value.narrow(self.pool.batch_dim(name), 0, batch) for name, value in decoder_state.items()},
+            }
+            if len(keep) == batch:
                 self.pool.scatter(slots, new_state)
             else:
                 index = torch.tensor(keep, device=self.device)
                 self.pool.scatter(slots[index], new_state, rows=index)
-        counts = hyps.current_lengths.tolist()
-        tokens = [row[:count] for row, count in zip(hyps.transcript.tolist(), counts)]
+        counts = hyps.current_lengths[:batch].tolist()
+        transcript = hyps.transcript[:batch, : max(counts, default=0)].tolist()
+        tokens = [row[:count] for row, count in zip(transcript, counts)]
         return StepOutput(tokens=tokens, encoded=encoded, encoded_len=encoded_len)
 
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, narrow: int):

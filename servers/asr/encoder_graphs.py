@@ -107,9 +107,11 @@ class GraphedEncoderStep:
             return None
         return bucket_rows(rows), width
 
+    @torch.inference_mode()
     def prepare_all(self) -> None:
         """Capture every bucket now. A step must have run: its inputs set the dtypes and
-        per-row shapes."""
+        per-row shapes. Like steps, without autograd: its records would keep each
+        capture's activations alive in the graphs' memory pool."""
         if not self._buckets:
             raise RuntimeError("run one encoder step before preparing the other buckets")
         example = next(iter(self._buckets.values())).inputs

@@ -199,6 +199,7 @@ class StreamingASREngine(SessionEngine):
             self.run_until_idle()
         finally:
             self.close_session(sid)
+        self._step.prepare_decoder()
         if self._step.encoder_graphs is not None:
             self._step.encoder_graphs.prepare_all()
 

@@ -63,6 +63,9 @@ class StatePool:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self._tensors.values())
 
+    def batch_dim(self, name: str) -> int:
+        return self._layout[name].batch_dim
+
     def _grow(self, capacity: int) -> None:
         for name, spec in self._layout.items():
             sizes = [1] * spec.initial.dim()

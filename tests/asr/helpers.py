@@ -13,6 +13,15 @@ from servers.asr.model import load_streaming_model
 from servers.common.worker import EngineWorker
 
 
+def use_nemo_cuda_graphs_decoder(step) -> None:
+    """Make ``step`` decode with NeMo's CUDA-graph label-looping decoder, run in its own
+    no-graphs mode (the same code, minus the capture) so that it runs on this CPU: it
+    keeps state sized for the largest batch it has seen, as on a GPU."""
+    computer = step.model.decoding.decoding.decoding_computer
+    computer.force_cuda_graphs_mode("no_graphs")
+    step._decoder = lambda x, out_len, prev_batched_state: computer.cuda_graphs_impl(x, out_len, prev_batched_state)
+
+
 def make_engine(path, right_context: int = 1, **kwargs) -> StreamingASREngine:
     model = load_streaming_model(str(path), right_context=right_context, device="cpu")
     return StreamingASREngine(model, right_context=right_context, **kwargs)

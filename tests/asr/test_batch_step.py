@@ -11,6 +11,7 @@ import torch
 from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import load_streaming_model, read_geometry
+from tests.asr.helpers import use_nemo_cuda_graphs_decoder
 
 
 @dataclass
@@ -80,11 +81,15 @@ def test_streamed_encoder_output_equals_full_utterance_pass(tiny_asr_path, speec
     torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-4)
 
 
-def test_batch_rows_equal_each_stream_alone(tiny_asr_path, speech):
+@pytest.mark.parametrize("decoder", ["label_looping", "cuda_graphs_impl"])
+def test_batch_rows_equal_each_stream_alone(tiny_asr_path, speech, decoder):
     """Streams that join at different ticks and end at different ticks (first chunks,
-    steady chunks and finals in the same steps) get exactly what each gets alone."""
+    steady chunks and finals in the same steps, and batches that shrink) get exactly what
+    each gets alone."""
     model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
     step = BatchedStreamingStep(model, read_geometry(model, 1), max_sessions=8, initial_slots=2)
+    if decoder == "cuda_graphs_impl":
+        use_nemo_cuda_graphs_decoder(step)  # it answers for the largest batch it has seen
     utterances = [
         speech[16000 * 1 : 16000 * 5],
         speech[16000 * 6 : 16000 * 8 + 500],

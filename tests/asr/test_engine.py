@@ -10,7 +10,14 @@ import torch
 from pipecat_nvidia.protocol import ErrorCode
 from servers.asr.engine import AudioOverflow
 from servers.common.engine import EngineFull
-from tests.asr.helpers import make_engine, offline_text, stepping_in_background, stream, transcribe
+from tests.asr.helpers import (
+    make_engine,
+    offline_text,
+    stepping_in_background,
+    stream,
+    transcribe,
+    use_nemo_cuda_graphs_decoder,
+)
 
 
 def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_path, speech_int16):
@@ -264,6 +271,33 @@ def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech
     engine.run_until_idle()
     assert graphs.captured == prepared
     assert graphs.eager_steps == 0
+
+
+def test_session_state_carries_no_autograd_history(tiny_asr_path, speech_int16):
+    """Serving never needs gradients: state that required them would chain an autograd
+    record onto every session opened or reset, for as long as the server runs."""
+    engine = make_engine(tiny_asr_path, graph_max_batch=4, max_sessions=8)
+    engine.warm_up()
+    transcribe(engine, speech_int16[16000 : 16000 * 2])
+    engine.open_session(lambda message: None)
+    assert not [name for name, value in engine._step.pool._tensors.items() if value.requires_grad]
+
+
+def test_nemos_graph_decoder_sees_the_largest_step_at_warm_up_not_while_serving(tiny_asr_path, speech_int16):
+    """It captures its graphs again for any batch larger than it has seen (on a GPU, a
+    stall for every stream): warm-up shows it the most rows a step can hold."""
+    engine = make_engine(tiny_asr_path, max_sessions=6)
+    use_nemo_cuda_graphs_decoder(engine._step)
+    engine.warm_up()
+    computer = engine._step.model.decoding.decoding.decoding_computer
+    prepared = computer.state
+    assert prepared.batch_size == 6
+    sessions = [engine.open_session(lambda message: None) for _ in range(6)]
+    for sid in sessions:
+        engine.push_audio(sid, speech_int16[16000 : 16000 * 2].tobytes())
+        engine.reset(sid, finalize=True, trailing_silence_ms=0)
+    assert max(s.batch_size for s in engine.run_until_idle()) == 6
+    assert computer.state is prepared
 
 
 def test_a_final_takes_one_step_while_other_sessions_stream(tiny_asr_path, speech_int16):
