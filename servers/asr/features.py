@@ -25,6 +25,37 @@ class FeatureRequest:
     count: int
 
 
+class _Samples:
+    """A growing run of samples whose front is dropped as it is used: an append costs the
+    same however much is buffered (a client may send up to ``max_buffered_s`` ahead in
+    small frames; copying the backlog on each would be quadratic)."""
+
+    def __init__(self):
+        self._buffer = np.empty(0, dtype=np.float32)
+        self._start = 0
+        self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def view(self) -> np.ndarray:
+        """The samples held. Later appends never write into it (the engine reads a chunk's
+        samples while the client's next frames arrive)."""
+        return self._buffer[self._start : self._end]
+
+    def append(self, samples: np.ndarray) -> None:
+        if self._end + len(samples) > len(self._buffer):
+            held = self.view()
+            grown = np.empty(max(2 * (len(held) + len(samples)), 4096), dtype=np.float32)
+            grown[: len(held)] = held
+            self._buffer, self._start, self._end = grown, 0, len(held)
+        self._buffer[self._end : self._end + len(samples)] = samples
+        self._end += len(samples)
+
+    def drop_front(self, count: int) -> None:
+        self._start = min(self._start + count, self._end)
+
+
 class UtteranceAudio:
     """The audio of one utterance that future frames still need, and the next frame due.
 
@@ -34,14 +65,14 @@ class UtteranceAudio:
 
     def __init__(self, geometry: StreamingGeometry):
         self._g = geometry
-        self._samples = np.empty(0, dtype=np.float32)
+        self._samples = _Samples()
         self._offset = 0
-        """Utterance sample index of ``_samples[0]``."""
+        """Utterance sample index of the first sample held."""
         self.total_samples = 0
         self.next_frame = 0
 
     def append(self, samples: np.ndarray) -> None:
-        self._samples = np.concatenate([self._samples, samples])
+        self._samples.append(samples)
         self.total_samples += len(samples)
 
     @property
@@ -67,13 +98,14 @@ class UtteranceAudio:
         first = self.next_frame
         begin = max(0, first - g.left_context_frames) * g.hop
         end = g.samples_for_frames(first + count)
+        held = self._samples.view()
         if padding_samples is None or end <= self.total_samples:
-            audio = self._samples[begin - self._offset : end - self._offset]
+            audio = held[begin - self._offset : end - self._offset]
         else:
-            audio = np.concatenate([self._samples[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)])
+            audio = np.concatenate([held[begin - self._offset :], np.zeros(padding_samples, dtype=np.float32)])
         self.next_frame = first + count
         keep_from = max(0, self.next_frame - g.left_context_frames) * g.hop
-        self._samples = self._samples[keep_from - self._offset :]
+        self._samples.drop_front(keep_from - self._offset)
         self._offset = keep_from
         return FeatureRequest(audio=audio, start=first - begin // g.hop, count=count)
 

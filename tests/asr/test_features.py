@@ -1,5 +1,8 @@
 """Incremental features equal the preprocessor's pass over the whole utterance."""
 
+import statistics
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +93,19 @@ def test_a_group_of_rows_takes_the_same_frames_as_each_row(starts):
     torch.testing.assert_close(
         batch.frames([2, 0], torch.tensor([2, 0])), torch.stack([batch.row(2), batch.row(0)]), rtol=0, atol=0
     )
+
+
+def test_appending_costs_the_same_however_much_audio_waits(tiny_asr_path):
+    """A client may send up to ``max_buffered_s`` ahead in small frames: an append must not
+    copy what is already waiting (that made sending 30 s ahead in 20 ms frames quadratic).
+    Medians of per-frame times, compared as a ratio."""
+    model = load_streaming_model(str(tiny_asr_path), right_context=1, device="cpu")
+    audio = UtteranceAudio(read_geometry(model, 1))
+    frame = np.zeros(320, np.float32)
+    seconds = []
+    for _ in range(1500):  # 30 s of 20 ms frames, none transcribed
+        started = time.perf_counter()
+        audio.append(frame)
+        seconds.append(time.perf_counter() - started)
+    assert audio.buffered_samples == 1500 * 320
+    assert statistics.median(seconds[-300:]) < 3 * statistics.median(seconds[:300])
