@@ -6,9 +6,28 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pipecat_nvidia.protocol import ErrorMessage
+
 
 class EngineFull(RuntimeError):
     """No session slot is left (``max_sessions``)."""
+
+
+class WarmUpSink:
+    """The sink of an engine's warm-up session. Engines answer a failed step with error
+    messages and go on serving; at warm-up that would pass a model that cannot work."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self._errors: list[str] = []
+
+    def __call__(self, message: Any) -> None:
+        if isinstance(message, ErrorMessage):
+            self._errors.append(message.message)
+
+    def raise_if_failed(self) -> None:
+        if self._errors:
+            raise RuntimeError(f"{self._what} warm-up failed: {self._errors[0]}")
 
 
 class SteppedEngine(Protocol):

@@ -31,7 +31,7 @@ from pipecat_nvidia.protocol import (
     TtsServerMessage,
     TtsSpeak,
 )
-from servers.common.engine import SessionEngine
+from servers.common.engine import SessionEngine, WarmUpSink
 from servers.common.precision import autocast_dtype
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -271,17 +271,20 @@ class TTSEngine(SessionEngine):
             session.sink(TtsCancelled(context_id=context_id))
 
     def warm_up(self) -> None:
-        """Speak one short segment through every kind of step before serving, then capture
-        the CUDA graphs (no other thread may sample on the GPU during a capture)."""
-        sid = self.open_session(lambda message: None)
+        """Capture the CUDA graphs before serving (no other thread may sample on the GPU
+        during a capture), then speak one short segment through every kind of step: it
+        checks the model end to end, on the paths clients will take."""
+        self._decoder.prepare_graphs()
+        self._codec.prepare_graphs()
+        check = WarmUpSink("TTS")
+        sid = self.open_session(check)
         try:
             for mode in ("stream", "batch"):
                 self.speak(sid, TtsSpeak(context_id=mode, text="Warm up.", mode=mode))
             self.run_until_idle()
         finally:
             self.close_session(sid)
-        self._decoder.prepare_graphs()
-        self._codec.prepare_graphs()
+        check.raise_if_failed()
 
     # ------------------------------------------------------------------ stepping (one thread)
 

@@ -149,6 +149,13 @@ def test_a_step_that_fails_ends_its_utterances_with_an_error_and_the_sessions_go
     assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, padding_ms=120)
 
 
+def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_asr_path):
+    engine = make_engine(tiny_asr_path)
+    engine._step.model.preprocessor = torch.nn.Identity()  # as a broken checkpoint would
+    with pytest.raises(RuntimeError, match="ASR warm-up failed: transcription failed"):
+        engine.warm_up()
+
+
 def test_sessions_beyond_the_limit_are_refused(tiny_asr_path):
     engine = make_engine(tiny_asr_path, max_sessions=2)
     a = engine.open_session(lambda m: None)

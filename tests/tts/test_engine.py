@@ -229,6 +229,14 @@ def test_a_step_that_fails_ends_its_segments_with_an_error_and_the_engine_serves
     assert np.array_equal(pcm(messages), pcm(synthesize(engine, TEXT)))
 
 
+def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_tts_path):
+    broken = make_tts_engine(tiny_tts_path)
+    working = broken.model.final_proj
+    broken.model.final_proj = torch.nn.Linear(working.in_features + 1, working.out_features)
+    with pytest.raises(RuntimeError, match="TTS warm-up failed: synthesis failed"):
+        broken.warm_up()
+
+
 def test_characters_the_tokenizer_lacks_are_skipped(engine):
     assert np.array_equal(pcm(synthesize(engine, "h\u00e9llo \u2603 world")), pcm(synthesize(engine, "hello  world")))
 
