@@ -2,11 +2,18 @@
 # The ASR benchmark on a GPU machine (see docs/BENCHMARKS.md). Run from the repository root
 # after bench/gpu/fetch_wheels.sh filled ./.whl, e.g. through the device tool with carry=[".whl"]:
 #   bash bench/gpu/asr.sh
-# Builds a random-weight model of the released shape, serves it, and sweeps concurrent
-# real-time sessions (GRAPH_MAX_BATCH=512 captures CUDA graphs for steps beyond the
-# server default of 128). Results land in $OUT (default /tmp/out).
+# Builds a random-weight model of the released shape, times engine steps in process by
+# batch size (STEP_BATCHES; empty skips), then serves it and sweeps concurrent real-time
+# sessions (GRAPH_MAX_BATCH=512 captures CUDA graphs for steps beyond the server default
+# of 128; FRAME_MS=20 sends audio as Pipecat's transports deliver it, 160 by default).
+# Results land in $OUT (default /tmp/out).
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
+if [ -n "${STEP_BATCHES-1 64 256 512}" ]; then
+  python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches ${STEP_BATCHES-1 64 256 512} \
+    --cuda-graph-max-batch "${GRAPH_MAX_BATCH:-512}" --json "$OUT/asr_steps.json" 2>&1 \
+    | grep -E '^\{|buckets ready|state for|Error' || true
+fi
 python3 -m servers.asr --model /tmp/asr_full.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
   ${GRAPH_MAX_BATCH:+--cuda-graph-max-batch "$GRAPH_MAX_BATCH"} \
   > "$OUT/asr_server.log" 2>&1 &
@@ -14,4 +21,4 @@ server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 wait_healthy http://127.0.0.1:8080
 python3 -m bench.asr_load --url ws://127.0.0.1:8080 --sessions ${SESSIONS:-1 64 256 512 768 1024 1280} \
-  --duration "${DURATION:-20}" --processes 8 --json "$OUT/asr_load.json"
+  --duration "${DURATION:-20}" --frame-ms "${FRAME_MS:-160}" --processes 8 --json "$OUT/asr_load.json"
