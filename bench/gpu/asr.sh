@@ -9,8 +9,9 @@
 # Results land in $OUT (default /tmp/out).
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
-if [ -n "${STEP_BATCHES-1 64 256 512}" ]; then
-  python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches ${STEP_BATCHES-1 64 256 512} \
+STEP_BATCHES=${STEP_BATCHES-1 64 256 512}
+if [ -n "$STEP_BATCHES" ]; then
+  python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches $STEP_BATCHES \
     --cuda-graph-max-batch "${GRAPH_MAX_BATCH:-512}" --json "$OUT/asr_steps.json" 2>&1 \
     | grep -E '^\{|buckets ready|state for|Error' || true
 fi

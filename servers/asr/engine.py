@@ -23,7 +23,7 @@ from servers.asr.batch_step import BatchedStreamingStep, StepRow
 from servers.asr.encoder_graphs import GraphedEncoderStep
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import StreamingGeometry, read_geometry, token_pieces
-from servers.common.engine import SessionEngine, WarmUpSink
+from servers.common.engine import SessionEngine
 from servers.common.precision import autocast_dtype
 
 Sink = Callable[[AsrServerMessage], None]
@@ -192,15 +192,10 @@ class StreamingASREngine(SessionEngine):
         """Run one short utterance through every kind of step before serving, then
         capture the remaining CUDA graphs: it checks the model end to end and moves
         one-time costs (allocations, kernels, captures) out of the clients' way."""
-        check = WarmUpSink("ASR")
-        sid = self.open_session(check)
-        try:
+        with self._warm_up_session("ASR") as sid:
             self.push_audio(sid, bytes(2 * self.geometry.sample_rate))
             self.reset(sid, finalize=True)
             self.run_until_idle()
-        finally:
-            self.close_session(sid)
-        check.raise_if_failed()
         self._step.prepare_decoder()
         if self._step.encoder_graphs is not None:
             self._step.encoder_graphs.prepare_all()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from pipecat_nvidia.protocol import ErrorMessage
@@ -11,23 +12,6 @@ from pipecat_nvidia.protocol import ErrorMessage
 
 class EngineFull(RuntimeError):
     """No session slot is left (``max_sessions``)."""
-
-
-class WarmUpSink:
-    """The sink of an engine's warm-up session. Engines answer a failed step with error
-    messages and go on serving; at warm-up that would pass a model that cannot work."""
-
-    def __init__(self, what: str):
-        self._what = what
-        self._errors: list[str] = []
-
-    def __call__(self, message: Any) -> None:
-        if isinstance(message, ErrorMessage):
-            self._errors.append(message.message)
-
-    def raise_if_failed(self) -> None:
-        if self._errors:
-            raise RuntimeError(f"{self._what} warm-up failed: {self._errors[0]}")
 
 
 class SteppedEngine(Protocol):
@@ -105,6 +89,20 @@ class SessionEngine(WorkSignal):
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    @contextmanager
+    def _warm_up_session(self, what: str) -> Iterator[int]:
+        """A session for warm-up work, closed after it. Engines answer a failed step with
+        error messages and go on serving; here any error raises, since a model that fails
+        its warm-up cannot serve."""
+        errors: list[str] = []
+        sid = self.open_session(lambda m: errors.append(m.message) if isinstance(m, ErrorMessage) else None)
+        try:
+            yield sid
+        finally:
+            self.close_session(sid)
+        if errors:
+            raise RuntimeError(f"{what} warm-up failed: {errors[0]}")
 
     def _add_session_locked(self, make: Callable[[int], Any]) -> int:
         """Register ``make(sid)`` under a new session id; ``EngineFull`` if none is left."""

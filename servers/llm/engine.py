@@ -183,18 +183,17 @@ class LLMEngine(WorkSignal):
 
     def cancel(self, rid: int) -> None:
         """Stop a request now: a queued one never starts, a running one stops at its next token."""
-        with self._lock:
-            for generation in self._queue:
-                if generation.rid == rid:
-                    generation.cancelled = True
-            if self._active is not None and self._active.rid == rid:
-                self._active.cancelled = True
+        self._cancel(lambda generation: generation.rid == rid)
 
     def cancel_all(self) -> None:
         """Stop every request (shutting down): each ends ``cancelled`` at the next step."""
+        self._cancel(lambda generation: True)
+
+    def _cancel(self, which: Callable[[_Generation], bool]) -> None:
         with self._lock:
             for generation in [*self._queue, *([self._active] if self._active else [])]:
-                generation.cancelled = True
+                if which(generation):
+                    generation.cancelled = True
 
     # ------------------------------------------------------------------ stepping (one thread)
 

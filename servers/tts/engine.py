@@ -31,7 +31,7 @@ from pipecat_nvidia.protocol import (
     TtsServerMessage,
     TtsSpeak,
 )
-from servers.common.engine import SessionEngine, WarmUpSink
+from servers.common.engine import SessionEngine
 from servers.common.precision import autocast_dtype
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -276,15 +276,10 @@ class TTSEngine(SessionEngine):
         checks the model end to end, on the paths clients will take."""
         self._decoder.prepare_graphs()
         self._codec.prepare_graphs()
-        check = WarmUpSink("TTS")
-        sid = self.open_session(check)
-        try:
+        with self._warm_up_session("TTS") as sid:
             for mode in ("stream", "batch"):
                 self.speak(sid, TtsSpeak(context_id=mode, text="Warm up.", mode=mode))
             self.run_until_idle()
-        finally:
-            self.close_session(sid)
-        check.raise_if_failed()
 
     # ------------------------------------------------------------------ stepping (one thread)
 
