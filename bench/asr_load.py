@@ -2,7 +2,9 @@
 
 Each session streams real speech in real time, as a voice agent's client would:
 utterances of a few seconds, then the VAD's 200 ms of silence, then
-``reset {trailing_silence_ms: 200}``, then the next utterance at once. Client processes
+``reset {trailing_silence_ms: 200}``, then the next utterance at once. Like
+``NemotronSTTService`` it holds its ``--frame-ms`` frames until the server's next step
+boundary and sends them as one message (``--unaligned`` sends every frame as it comes). Client processes
 share the sessions so the load generator is not the bottleneck.
 
 Reported per N:
@@ -13,6 +15,9 @@ Reported per N:
 - final latency p50/p90/p99: measured by the clients, from sending ``reset`` to
   receiving the final transcript.
 - mean batch size and step time, errors.
+- audio messages the server received per second and the server process's CPU use in cores
+  (its ``process_cpu_seconds_total``, steps included): run the same load with and without
+  ``--unaligned`` to see what per-frame messages cost it.
 The largest N whose p99 chunk latency stays within the chunk period (160 ms at R = 1)
 is what one server sustains.
 
@@ -36,9 +41,23 @@ from websockets.asyncio.client import connect
 
 from bench.common import SPEECH, delta, histogram_quantiles, percentiles_ms, run_clients, scrape
 from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorMessage, parse_asr_server_message
+from pipecat_nvidia.step_audio import StepAlignedAudio
 
 RATE = 16000
 VAD_STOP_MS = 200
+
+
+@dataclass(frozen=True)
+class ClientShape:
+    """How each simulated client streams."""
+
+    seconds: float
+    """How long each session streams."""
+    frame_ms: float = 160.0
+    """Audio per frame the client produces."""
+    utterance_s: float = 3.0
+    aligned: bool = True
+    """Hold frames until the server's next step boundary, as ``NemotronSTTService`` does."""
 
 
 @dataclass
@@ -51,21 +70,22 @@ class ClientResult:
 async def _session(
     url: str,
     speech: np.ndarray,
-    seconds: float,
-    frame_ms: float,
-    utterance_s: float,
+    shape: ClientShape,
     rng: random.Random,
     result: ClientResult,
 ) -> None:
-    frame = int(RATE * frame_ms / 1000)
+    frame = int(RATE * shape.frame_ms / 1000)
+    utterance_samples = int(shape.utterance_s * RATE)
     silence = np.zeros(int(RATE * VAD_STOP_MS / 1000), np.int16)
     reset = json.dumps({"type": "reset", "finalize": True, "trailing_silence_ms": VAD_STOP_MS})
     resets_sent: list[float] = []
     async with connect(url, max_queue=None) as ws:
-        if not isinstance(parse_asr_server_message(await ws.recv()), AsrReady):
+        ready = parse_asr_server_message(await ws.recv())
+        if not isinstance(ready, AsrReady):
             result.errors.append("no ready")
             return
         result.sessions_ready += 1
+        held = StepAlignedAudio.for_server(ready) if shape.aligned else None
 
         async def receive() -> None:
             async for raw in ws:
@@ -76,23 +96,29 @@ async def _session(
                     result.errors.append(message.code.value)
 
         receiver = asyncio.create_task(receive())
-        await asyncio.sleep(rng.random() * frame_ms / 1000)  # spread sessions over a frame
+        await asyncio.sleep(rng.random() * shape.frame_ms / 1000)  # spread sessions over a frame
         start = time.perf_counter()
         sent = 0
-        while time.perf_counter() - start < seconds:
-            offset = rng.randrange(0, len(speech) - int(utterance_s * RATE))
-            utterance = np.concatenate([speech[offset : offset + int(utterance_s * RATE)], silence])
+        while time.perf_counter() - start < shape.seconds:
+            offset = rng.randrange(0, len(speech) - utterance_samples)
+            utterance = np.concatenate([speech[offset : offset + utterance_samples], silence])
             for i in range(0, len(utterance), frame):
                 sent += frame
                 await asyncio.sleep(max(0.0, start + sent / RATE - time.perf_counter()))
-                await ws.send(utterance[i : i + frame].tobytes())
+                pcm = utterance[i : i + frame].tobytes()
+                pcm = held.add(pcm) if held else pcm
+                if pcm:
+                    await ws.send(pcm)
+            rest = held.end_utterance() if held else b""
+            if rest:
+                await ws.send(rest)
             resets_sent.append(time.perf_counter())
             await ws.send(reset)
         await asyncio.sleep(1.0)  # let the last final arrive
         receiver.cancel()
 
 
-def _client_process(sessions: int, seed: int, url: str, seconds: float, frame_ms: float, utterance_s: float) -> dict:
+def _client_process(sessions: int, seed: int, url: str, shape: ClientShape) -> dict:
     speech, rate = sf.read(SPEECH, dtype="int16")
     assert rate == RATE
     result = ClientResult()
@@ -100,10 +126,7 @@ def _client_process(sessions: int, seed: int, url: str, seconds: float, frame_ms
     async def main() -> None:
         rng = random.Random(seed)
         await asyncio.gather(
-            *(
-                _session(url, speech, seconds, frame_ms, utterance_s, random.Random(rng.random()), result)
-                for _ in range(sessions)
-            ),
+            *(_session(url, speech, shape, random.Random(rng.random()), result) for _ in range(sessions)),
             return_exceptions=False,
         )
 
@@ -111,10 +134,12 @@ def _client_process(sessions: int, seed: int, url: str, seconds: float, frame_ms
     return result.__dict__
 
 
-def run_load(url: str, sessions: int, seconds: float, frame_ms: float, utterance_s: float, processes: int) -> dict:
+def run_load(url: str, sessions: int, shape: ClientShape, processes: int) -> dict:
     before = scrape(url)
-    parts = run_clients(_client_process, sessions, processes, url, seconds, frame_ms, utterance_s)
+    started = time.perf_counter()
+    parts = run_clients(_client_process, sessions, processes, url, shape)
     after = scrape(url)
+    wall = time.perf_counter() - started
     finals = [x for p in parts for x in p["final_latencies"]]
     chunk = histogram_quantiles(before, after, "asr_chunk_latency_seconds")
     steps = delta(before, after, "asr_step_seconds_count")
@@ -127,6 +152,8 @@ def run_load(url: str, sessions: int, seconds: float, frame_ms: float, utterance
         "final_ms_p50_p90_p99": percentiles_ms(finals),
         "mean_batch": round(delta(before, after, "asr_batch_size_sum") / steps, 1) if steps else None,
         "mean_step_ms": round(1000 * delta(before, after, "asr_step_seconds_sum") / steps, 2) if steps else None,
+        "audio_messages_per_s": round(delta(before, after, "asr_audio_messages_total") / wall, 1),
+        "server_cpu_cores": round(delta(before, after, "process_cpu_seconds_total") / wall, 3),
         "errors": sorted({e for p in parts for e in p["errors"]}),
         "error_count": sum(len(p["errors"]) for p in parts),
     }
@@ -147,8 +174,9 @@ def main() -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8080")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds each session streams")
-    parser.add_argument("--frame-ms", type=float, default=160.0, help="audio per WebSocket frame")
+    parser.add_argument("--frame-ms", type=float, default=160.0, help="audio per frame the client produces")
     parser.add_argument("--utterance-s", type=float, default=3.0)
+    parser.add_argument("--unaligned", action="store_true", help="send every frame as it comes")
     parser.add_argument("--processes", type=int, default=max(1, min(8, multiprocessing.cpu_count() // 2)))
     parser.add_argument("--budget-ms", type=float, default=160.0, help="p99 chunk latency a load must keep")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -156,7 +184,8 @@ def main() -> None:
 
     results = []
     for n in args.sessions:
-        result = run_load(args.url, n, args.duration, args.frame_ms, args.utterance_s, args.processes)
+        shape = ClientShape(args.duration, args.frame_ms, args.utterance_s, aligned=not args.unaligned)
+        result = run_load(args.url, n, shape, args.processes)
         results.append(result)
         print(json.dumps(result), flush=True)
     sustained = [r["sessions"] for r in results if _within_budget(r, args.budget_ms)]

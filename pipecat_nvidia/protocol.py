@@ -100,6 +100,12 @@ class AsrReady(_Message):
     """Encoder right context R of att_context_size [left, R]."""
     finalize_audio_ms: float
     """Trailing audio after the last word that a finalize needs: (R + 1) x 160 ms."""
+    first_step_samples: int
+    """Samples of an utterance (the session's audio, or the audio after a reset) before
+    its first step can run; later steps run every ``step_samples`` more. A client sending
+    small frames may hold audio back until these points: the server could not use it any
+    sooner, and each message costs it CPU."""
+    step_samples: int
 
 
 class AsrTranscript(_Message):

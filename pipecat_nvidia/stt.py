@@ -1,7 +1,8 @@
 """NemotronSTTService: Pipecat streaming STT on a pipecat-nvidia ASR server.
 
 The service streams the transport's audio to the server (resampled to 16 kHz when the
-pipeline runs at another rate) and turns the server's interim and final transcripts into
+pipeline runs at another rate, and sent at the server's step boundaries rather than
+frame by frame: see ``step_audio``) and turns the server's interim and final transcripts into
 Pipecat frames. When the VAD reports the end of speech it asks the server to finalize,
 saying how much trailing silence the VAD already let through. The server then pads only
 the missing part and answers at once. That final transcript is marked ``finalized``, so
@@ -32,6 +33,7 @@ from pipecat.utils.tracing.service_decorators import traced_stt
 
 from pipecat_nvidia.connection import ServerConnection
 from pipecat_nvidia.protocol import ASR_SAMPLE_RATE, AsrReset, AsrTranscript, parse_asr_server_message
+from pipecat_nvidia.step_audio import StepAlignedAudio
 
 NEMOTRON_TTFS_P99: float = 0.6
 """What Pipecat's turn strategy waits, from the end of speech, for a transcript that is not
@@ -107,6 +109,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._init_connection(url, auth_token, parse_asr_server_message)
         self._resampler = create_stream_resampler()
         self._dropped_before_ready = 0
+        self._held_audio: StepAlignedAudio | None = None
+        """Audio held until the server can step on it (set from each connection's ``ready``)."""
         self._after_final = False
         """A final answered our finalize: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
@@ -137,11 +141,13 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             return
         if self.sample_rate != ASR_SAMPLE_RATE:
             audio = await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
-        try:
-            await self._websocket.send(audio)
-        except Exception as e:
-            yield ErrorFrame(error=f"{self}: sending audio failed: {e}")
-            return
+        audio = self._held_audio.add(audio)
+        if audio:
+            try:
+                await self._websocket.send(audio)
+            except Exception as e:
+                yield ErrorFrame(error=f"{self}: sending audio failed: {e}")
+                return
         yield None
 
     async def _finalize(self, vad_stop_secs: float) -> None:
@@ -150,7 +156,10 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self.request_finalize()
         await self.start_processing_metrics()
         reset = AsrReset(finalize=True, trailing_silence_ms=1000.0 * vad_stop_secs)
+        rest = self._held_audio.end_utterance()
         try:
+            if rest:
+                await self._websocket.send(rest)
             await self._websocket.send(reset.to_json())
         except Exception as e:
             logger.warning(f"{self}: sending finalize failed: {e}")
@@ -158,6 +167,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     # ------------------------------------------------------------------ server messages
 
     async def _on_server_ready(self) -> None:
+        self._held_audio = StepAlignedAudio.for_server(self.ready)
         if self._dropped_before_ready:
             logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")
             self._dropped_before_ready = 0

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from bench.asr_load import run_load
+from bench.asr_load import ClientShape, run_load
 from bench.common import histogram_quantiles
 from tests.asr.client import server_url
 
@@ -29,8 +29,9 @@ def test_no_observations_give_no_quantiles():
 @pytest.mark.slow
 async def test_a_short_load_run_against_a_real_server(start_asr_server):
     server = await start_asr_server()
-    result = await asyncio.to_thread(run_load, server_url(server), 3, 2.0, 160.0, 1.0, 1)
+    result = await asyncio.to_thread(run_load, server_url(server), 3, ClientShape(2.0, utterance_s=1.0), 1)
     assert result["sessions_ready"] == 3 and result["error_count"] == 0
+    assert result["audio_messages_per_s"] > 0 and result["server_cpu_cores"] > 0
     assert result["finals"] >= 3
     assert result["chunks"] >= 3 * 10
     assert all(v is not None and v > 0 for v in result["chunk_ms_p50_p90_p99"])

@@ -40,7 +40,15 @@ def test_bad_client_messages_get_their_error_code(text, code):
 @pytest.mark.parametrize(
     "message",
     [
-        AsrReady(session_id="s", model="m", chunk_ms=160, right_context=1, finalize_audio_ms=320),
+        AsrReady(
+            session_id="s",
+            model="m",
+            chunk_ms=160,
+            right_context=1,
+            finalize_audio_ms=320,
+            first_step_samples=1536,
+            step_samples=2560,
+        ),
         AsrTranscript(text="hi", is_final=True, utterance_id=3, audio_ms=1200, padding_ms=120, latency_ms=9.5),
         ErrorMessage(code=ErrorCode.SERVER_FULL, message="full", fatal=True),
     ],

@@ -5,7 +5,9 @@
 # Builds a random-weight model of the released shape, times engine steps in process by
 # batch size (STEP_BATCHES; empty skips), then serves it and sweeps concurrent real-time
 # sessions (GRAPH_MAX_BATCH=512 captures CUDA graphs for steps beyond the server default
-# of 128; FRAME_MS=20 sends audio as Pipecat's transports deliver it, 160 by default).
+# of 128; FRAME_MS=20 makes audio as Pipecat's transports deliver it, 160 by default; clients
+# send it at the server's step boundaries as NemotronSTTService does, or every frame with
+# UNALIGNED=1).
 # Results land in $OUT (default /tmp/out).
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
@@ -22,4 +24,4 @@ server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 wait_healthy http://127.0.0.1:8080
 python3 -m bench.asr_load --url ws://127.0.0.1:8080 --sessions ${SESSIONS:-1 64 256 512 768 1024 1280} \
-  --duration "${DURATION:-20}" --frame-ms "${FRAME_MS:-160}" --processes 8 --json "$OUT/asr_load.json"
+  --duration "${DURATION:-20}" --frame-ms "${FRAME_MS:-160}" ${UNALIGNED:+--unaligned} --processes 8 --json "$OUT/asr_load.json"

@@ -36,6 +36,9 @@ class AsrMetrics(ServerMetrics):
             registry=r,
         )
         self.audio_seconds = Counter("asr_audio_seconds", "Audio received", registry=r)
+        self.audio_messages = Counter(
+            "asr_audio_messages", "Audio messages received (each costs server CPU, whatever its size)", registry=r
+        )
 
     def observe_step(self, stats: StepStats) -> None:
         if stats.batch_size:

@@ -40,6 +40,16 @@ class StreamingGeometry:
         return 1000.0 * self.chunk_frames * self.hop / self.sample_rate
 
     @property
+    def first_step_samples(self) -> int:
+        """Utterance samples before the first step can run."""
+        return self.samples_for_frames(self.first_chunk_frames)
+
+    @property
+    def step_samples(self) -> int:
+        """Samples each later step adds."""
+        return self.chunk_frames * self.hop
+
+    @property
     def finalize_audio_ms(self) -> float:
         """Trailing audio after the last word that a finalize must give the encoder.
 

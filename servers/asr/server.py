@@ -55,6 +55,8 @@ class AsrServer(EngineServer[StreamingASREngine]):
             chunk_ms=g.chunk_ms,
             right_context=g.right_context,
             finalize_audio_ms=g.finalize_audio_ms,
+            first_step_samples=g.first_step_samples,
+            step_samples=g.step_samples,
         )
 
     def handle_message(self, engine: StreamingASREngine, connection: Connection, message: str | bytes) -> None:
@@ -68,6 +70,7 @@ class AsrServer(EngineServer[StreamingASREngine]):
                 connection.error(ErrorCode.AUDIO_OVERFLOW, f"{e}; this frame was dropped")
                 return
             self.metrics.audio_seconds.inc(len(message) / 2 / engine.geometry.sample_rate)
+            self.metrics.audio_messages.inc()
             return
         try:
             reset = parse_asr_client_message(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 
 LATENCY_BUCKETS = (
     0.002,
@@ -40,6 +40,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 class ServerMetrics:
     def __init__(self, prefix: str, kind: str) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # CPU time and memory: what the I/O costs shows here
         self.sessions = Gauge(f"{prefix}_sessions_active", f"Open {kind} sessions", registry=self.registry)
         self.sessions_total = Counter(f"{prefix}_sessions", f"{kind} sessions opened", registry=self.registry)
         self.errors = Counter(f"{prefix}_errors", "Errors sent to clients", ["code"], registry=self.registry)

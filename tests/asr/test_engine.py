@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipecat_nvidia.protocol import ErrorCode
+from pipecat_nvidia.step_audio import StepAlignedAudio
 from servers.asr.engine import AudioOverflow
 from servers.common.engine import EngineFull
 from tests.asr.helpers import (
@@ -358,3 +359,32 @@ def test_a_client_sending_large_frames_still_counts_as_streaming(tiny_asr_path, 
     frames_left = -(-(g.samples_for_frames(g.first_chunk_frames + g.chunk_frames) - frame) // frame)
     due, elapsed = engine.due_in_s(), time.monotonic() - pushed
     assert due is not None and due == pytest.approx(frames_left * 0.1 - elapsed, abs=0.01)
+
+
+@pytest.mark.parametrize("right_context", [0, 1, 6])
+def test_audio_held_to_the_announced_step_boundaries_is_never_late(tiny_asr_path, speech_int16, right_context):
+    """A client holding 20 ms frames back until ``first_step_samples`` / ``step_samples``
+    (what ``ready`` announces) costs no latency: the audio it held could not make a step,
+    and each frame it sends with that audio makes one possible at once. Also across a reset."""
+    engine = make_engine(tiny_asr_path, right_context=right_context)
+    g = engine.geometry
+    held = StepAlignedAudio(g.first_step_samples, g.step_samples)
+    sid = engine.open_session(lambda message: None)
+    frame = 320
+    sends = 0
+    for utterance in (speech_int16[: 16000 * 3], speech_int16[16000 * 3 : 16000 * 5]):
+        for start in range(0, len(utterance), frame):
+            pcm = utterance[start : start + frame].tobytes()
+            out = held.add(pcm)
+            if not out:
+                continue
+            engine.push_audio(sid, out[: -len(pcm)])
+            assert not engine.has_work(), "the held audio alone could make a step: it was sent late"
+            engine.push_audio(sid, pcm)
+            assert engine.has_work(), "the audio sent makes no step: it was sent early"
+            engine.run_until_idle()
+            sends += 1
+        engine.push_audio(sid, held.end_utterance())
+        engine.reset(sid, finalize=True, trailing_silence_ms=0.0)
+        engine.run_until_idle()
+    assert sends >= 5000 * 16 // g.step_samples

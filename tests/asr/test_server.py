@@ -46,6 +46,8 @@ async def test_ready_describes_the_stream(start_asr_server):
         ready = await recv_message(ws)
     assert isinstance(ready, AsrReady)
     assert (ready.sample_rate, ready.chunk_ms, ready.right_context, ready.finalize_audio_ms) == (16000, 160, 1, 320)
+    # Steps at 96 ms (9 mel frames: 8 plus half a 512-sample window), then every 160 ms.
+    assert (ready.first_step_samples, ready.step_samples) == (1536, 2560)
     assert ready.session_id
 
 

@@ -4,6 +4,7 @@ Smart Turn v3, real speech paced in real time."""
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 
 import numpy as np
@@ -82,6 +83,20 @@ async def test_ttfb_finalize_time_and_usage_are_reported(start_asr_server, speec
     assert len(finalize) == 2 and all(0 < v < 0.4 for v in finalize), finalize
     # Every second streamed counts, reported with each final and the rest at the end.
     assert len(usage) == 3 and sum(usage) == pytest.approx(len(audio) / 16000, abs=0.05)
+
+
+async def test_audio_reaches_the_server_once_per_step_not_once_per_frame(start_asr_server, speech_int16):
+    """Each message costs the server CPU: the service sends 20 ms frames in one message per
+    160 ms step (plus what each finalize flushes), and every sample still arrives."""
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    audio = _speech(speech_int16, TWO_SENTENCES)
+    run = await run_pipeline(stt, audio)
+    messages = float(server.metrics.audio_messages._value.get())
+    received = float(server.metrics.audio_seconds._value.get())
+    assert received == pytest.approx(len(audio) / 16000, abs=0.16)
+    assert messages <= math.ceil(len(audio) / 2560) + len(run.finals()) + 1, messages
+    assert len(run.finals()) == 2 and all(f.text for f in run.finals())
 
 
 async def test_telephone_rate_audio_is_resampled_to_16_khz(start_asr_server, speech):
