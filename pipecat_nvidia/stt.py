@@ -1,12 +1,13 @@
 """NemotronSTTService: Pipecat streaming STT on a pipecat-nvidia ASR server.
 
-The service streams the transport's audio to the server (resampled to 16 kHz when the
-pipeline runs at another rate, and sent at the server's step boundaries rather than
-frame by frame: see ``step_audio``) and turns the server's interim and final transcripts into
-Pipecat frames. When the VAD reports the end of speech it asks the server to finalize,
-saying how much trailing silence the VAD already let through. The server then pads only
-the missing part and answers at once. That final transcript is marked ``finalized``, so
-the user turn closes as soon as Smart Turn agrees, without waiting on a timer.
+The service streams the transport's audio to the server while the user speaks (resampled
+to 16 kHz when the pipeline runs at another rate, and sent at the server's step
+boundaries rather than frame by frame: see ``step_audio``) and turns the server's interim
+and final transcripts into Pipecat frames. When the VAD reports the end of speech it asks
+the server to finalize, saying how much trailing silence the VAD already let through. The
+server then pads only the missing part and answers at once. That final transcript is
+marked ``finalized``, so the user turn closes as soon as Smart Turn agrees, without
+waiting on a timer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
-    ErrorFrame,
     Frame,
     InterimTranscriptionFrame,
     TranscriptionFrame,
@@ -43,6 +43,12 @@ shorter than the VAD stop window plus Smart Turn's inference (~100-150 ms on a C
 strategy checks the timer as soon as inference ends, and a deadline already past would
 close the turn before a final that has arrived, but waits behind that inference in the
 aggregator's queue, is counted (its words would start a turn of their own)."""
+
+PREROLL_SECS: float = 1.0
+"""Audio from before the VAD's start that is sent with it when the service pauses between
+turns. Silero reports a start about half a second into speech (its 0.2 s start window
+and its confidence's rise), and the encoder needs the onset; Pipecat's
+``SegmentedSTTService`` keeps the same second."""
 
 
 @dataclass
@@ -82,6 +88,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         auth_token: str | None = None,
         sample_rate: int | None = None,
         ttfs_p99_latency: float | None = NEMOTRON_TTFS_P99,
+        pause_between_turns: bool = True,
+        preroll_secs: float = PREROLL_SECS,
         settings: Settings | None = None,
         **kwargs,
     ):
@@ -94,6 +102,11 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
                 to the server's 16 kHz when it differs.
             ttfs_p99_latency: P99 latency from end of speech to final transcript, in
                 seconds (see :data:`NEMOTRON_TTFS_P99`). Measure your deployment and pass it.
+            pause_between_turns: Send no audio from the VAD's stop to its next start, then
+                the last ``preroll_secs`` with the start: the server does no work for a
+                user who is silent (while the bot talks, about half of a conversation).
+                It takes effect once a VAD frame passes; without a VAD everything streams.
+            preroll_secs: See :data:`PREROLL_SECS`.
             settings: Runtime-updatable settings.
             **kwargs: Passed to ``WebsocketSTTService`` (e.g. reconnect backoff).
         """
@@ -111,6 +124,11 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._dropped_before_ready = 0
         self._held_audio: StepAlignedAudio | None = None
         """Audio held until the server can step on it (set from each connection's ``ready``)."""
+        self._pause_between_turns = pause_between_turns
+        self._speaking: bool | None = None
+        """What the VAD said last; None before it said anything (then everything streams)."""
+        self._preroll = bytearray()
+        self._preroll_bytes = 2 * round(ASR_SAMPLE_RATE * preroll_secs)
         self._after_final = False
         """A final answered our finalize: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
@@ -128,7 +146,13 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         await super().process_frame(frame, direction)
         if isinstance(frame, VADUserStartedSpeakingFrame):
             self._after_final = False
+            self._speaking = True
+            preroll = bytes(self._preroll)
+            self._preroll.clear()
+            if preroll and self._is_open():
+                await self._send_audio(preroll)
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._speaking = False
             await self._finalize(frame.stop_secs)
 
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
@@ -141,14 +165,21 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             return
         if self.sample_rate != ASR_SAMPLE_RATE:
             audio = await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
-        audio = self._held_audio.add(audio)
-        if audio:
-            try:
-                await self._websocket.send(audio)
-            except Exception as e:
-                yield ErrorFrame(error=f"{self}: sending audio failed: {e}")
-                return
+        if self._pause_between_turns and self._speaking is False:
+            self._preroll += audio
+            del self._preroll[: max(0, len(self._preroll) - self._preroll_bytes)]
+        else:
+            await self._send_audio(audio)
         yield None
+
+    async def _send_audio(self, audio: bytes) -> None:
+        audio = self._held_audio.add(audio)
+        if not audio:
+            return
+        try:
+            await self._websocket.send(audio)
+        except Exception as e:
+            await self.push_error(f"{self}: sending audio failed: {e}", exception=e)
 
     async def _finalize(self, vad_stop_secs: float) -> None:
         if not self._is_open():

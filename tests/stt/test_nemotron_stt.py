@@ -12,6 +12,7 @@ import pytest
 import soxr
 from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, TranscriptionFrame
 from pipecat.metrics.metrics import ProcessingMetricsData, STTUsageMetricsData, TTFBMetricsData
+from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection
 
 from pipecat_nvidia.stt import NemotronSTTService
@@ -87,9 +88,10 @@ async def test_ttfb_finalize_time_and_usage_are_reported(start_asr_server, speec
 
 async def test_audio_reaches_the_server_once_per_step_not_once_per_frame(start_asr_server, speech_int16):
     """Each message costs the server CPU: the service sends 20 ms frames in one message per
-    160 ms step (plus what each finalize flushes), and every sample still arrives."""
+    160 ms step (plus what each finalize flushes), and every sample still arrives (all of
+    them: no pause between turns)."""
     server = await start_asr_server()
-    stt = NemotronSTTService(url=server_url(server))
+    stt = NemotronSTTService(url=server_url(server), pause_between_turns=False)
     audio = _speech(speech_int16, TWO_SENTENCES)
     run = await run_pipeline(stt, audio)
     messages = float(server.metrics.audio_messages._value.get())
@@ -99,9 +101,43 @@ async def test_audio_reaches_the_server_once_per_step_not_once_per_frame(start_a
     assert len(run.finals()) == 2 and all(f.text for f in run.finals())
 
 
-async def test_telephone_rate_audio_is_resampled_to_16_khz(start_asr_server, speech):
+async def test_between_turns_the_server_gets_no_audio_then_a_second_before_the_speech(start_asr_server, speech_int16):
+    """Silence after a VAD stop stays with the client; the VAD's start brings the last
+    second with it, so the utterance still begins before its speech (onsets at 1.3 s and
+    4.42 s of the file, ends at 3.82 s and 6.52 s)."""
     server = await start_asr_server()
     stt = NemotronSTTService(url=server_url(server))
+    gap_s = 4.0
+    audio = np.concatenate(
+        [
+            silence(1.0),
+            speech_int16[16000 : int(4.1 * 16000)],
+            silence(gap_s),
+            speech_int16[int(4.1 * 16000) : int(6.9 * 16000)],
+            silence(gap_s),
+        ]
+    )
+    run = await run_pipeline(stt, audio)
+    finals = run.finals()
+    assert len(finals) == 2 and all(f.text for f in finals)
+    received = float(server.metrics.audio_seconds._value.get())
+    assert received < len(audio) / 16000 - 2 * (gap_s - 1.5), "the silences after the VAD stops were sent"
+    second_speech_s = 6.52 - 4.42
+    assert finals[1].result["audio_ms"] / 1000 > second_speech_s + 0.2, "the second utterance lost its onset"
+
+
+async def test_without_a_vad_every_frame_streams(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    audio = _speech(speech_int16, TWO_SENTENCES)
+    await run_pipeline(stt, audio, user_params=LLMUserAggregatorParams())
+    received = float(server.metrics.audio_seconds._value.get())
+    assert received == pytest.approx(len(audio) / 16000, abs=0.16)
+
+
+async def test_telephone_rate_audio_is_resampled_to_16_khz(start_asr_server, speech):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server), pause_between_turns=False)  # to count every sample
     speech_8k = soxr.resample(speech[: int(6.9 * 16000)], 16000, 8000)
     audio = np.concatenate([(speech_8k * 32767).astype(np.int16), silence(1.5, 8000)])
     run = await run_pipeline(stt, audio, sample_rate=8000)
