@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from loguru import logger
 
 from servers.tts.advance import AdvanceStep, GraphedAdvance, embed_frame_stack
+from servers.tts.bookkeeping import PriorRules, first_eos_frames, inference_prior, most_attended, text_progress
 from servers.tts.kv_cache import CachedDecoder
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
 
@@ -45,8 +47,8 @@ class Sequence:
     """Frames of speech (end of speech or ``max_frames`` reached), once known."""
     last_attended: int = 1
     attention_counter: dict[int, int] = field(default_factory=dict)
-    prior: torch.Tensor | None = None
-    """Attention prior over the text for the next step (on the host)."""
+    prior: np.ndarray | None = None
+    """Attention prior over the text for the next step."""
     unfinished: bool = False
     finished_count: int | None = None
 
@@ -85,7 +87,9 @@ class MagpieDecoder:
         self.use_cfg = use_cfg
         self.device = next(model.parameters()).device
         self.frames_per_step = model.frame_stacking_factor
-        self._eos_method = EOSDetectionMethod(model.inference_parameters.eos_detection_method)
+        ip = model.inference_parameters
+        self._eos_method = EOSDetectionMethod(ip.eos_detection_method)
+        self._prior_rules = PriorRules(ip.attention_prior_epsilon, ip.attention_prior_lookahead_window)
         self._sampler = CodeSampler(model, autocast_dtype)
         self.sampler_graphs = (
             GraphedSampler(self._sampler, model.cfg.decoder.d_model, use_cfg, graph_max_batch)
@@ -186,14 +190,14 @@ class MagpieDecoder:
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
         if alignment is not None:
             self._update_attention(sequences, alignment.wait())
-        # NeMo's per-row EOS search reads single values: on host copies it launches no
-        # GPU work and waits for the GPU once, not twice per row.
-        sampled_host, argmax_host = next_codes.cpu(), argmax_codes.cpu()
-        for i, s in enumerate(sequences):
-            eos_frame = m.detect_eos(sampled_host[i], argmax_host[i], self._eos_method)
+        # On host copies: the GPU is waited for once, not per row.
+        eos_frames = first_eos_frames(
+            next_codes.cpu().numpy(), argmax_codes.cpu().numpy(), m.audio_eos_id, self._eos_method
+        )
+        for s, eos_frame, codes in zip(sequences, eos_frames.tolist(), next_codes):
             if eos_frame != float("inf"):
                 s.end_frame = s.steps * fs + int(eos_frame)
-            s.codes = torch.cat([s.codes, next_codes[i]], dim=-1)
+            s.codes = torch.cat([s.codes, codes], dim=-1)
             s.steps += 1
             if s.end_frame is None and s.frames >= s.max_frames:
                 s.end_frame = s.max_frames
@@ -257,13 +261,12 @@ class MagpieDecoder:
         host and sent in one copy; the unconditional rows' is flat, as NeMo's."""
         if not any(s.prior is not None for s in sequences):
             return None
-        prior = torch.ones(len(sequences), max(len(s.tokens) for s in sequences))
+        prior = np.ones((self._branches * len(sequences), max(len(s.tokens) for s in sequences)), dtype=np.float32)
         for i, s in enumerate(sequences):
             if s.prior is not None:
                 prior[i, : len(s.prior)] = s.prior
-        if self.use_cfg:
-            prior = torch.cat([prior, torch.full_like(prior, self.model.inference_parameters.attention_prior_epsilon)])
-        return prior.to(self.device)
+        prior[len(sequences) :] = self._prior_rules.epsilon
+        return torch.from_numpy(prior).to(self.device)
 
     def _join(self, parts: list[Decoded]) -> Decoded:
         """Outputs of the ongoing and the fresh rows as one batch, conditional rows first,
@@ -297,41 +300,21 @@ class MagpieDecoder:
 
     def _update_attention(self, sequences: list[Sequence], scores: torch.Tensor) -> None:
         """Where each row attends in its text, and the prior that keeps it moving forward
-        (NeMo's own bookkeeping, fed one row at a time from each sequence's state).
-
-        The bookkeeping indexes single values row by row, so it runs on a host copy of the
-        scores ``(B, T_text)`` and keeps the prior there (no kernel launches).
-        """
-        m, ip, batch = self.model, self.model.inference_parameters, len(sequences)
-        text_lens = torch.tensor([len(s.tokens) for s in sequences])
-        attended, counters = m.get_most_attended_text_timestep(
-            alignment_attention_scores=scores,
-            last_attended_timesteps=[[s.last_attended for s in sequences]],
-            text_lens=text_lens,
-            lookahead_window_size=ip.attention_prior_lookahead_window,
-            attended_timestep_counter=[s.attention_counter for s in sequences],
-            batch_size=batch,
+        (``servers.tts.bookkeeping``: NeMo's rules, batched, on a host copy of the scores
+        ``(B, T_text)``)."""
+        ip = self.model.inference_parameters
+        text_lens = [len(s.tokens) for s in sequences]
+        counters = [s.attention_counter for s in sequences]
+        attended = most_attended(
+            scores.numpy(), [s.last_attended for s in sequences], counters, text_lens, self._prior_rules.window
         )
-        unfinished: dict[int, bool] = {}
-        finished = {i: s.finished_count for i, s in enumerate(sequences) if s.finished_count is not None}
-        prior, unfinished, finished = m.construct_inference_prior(
-            prior_epsilon=ip.attention_prior_epsilon,
-            cross_attention_scores=scores,
-            text_lens=text_lens,
-            text_time_step_attended=attended,
-            attended_timestep_counter=counters,
-            unfinished_texts=unfinished,
-            finished_texts_counter=finished,
-            end_indices={},
-            lookahead_window_size=ip.attention_prior_lookahead_window,
-            batch_size=batch,
-        )
+        prior = inference_prior(attended, counters, text_lens, scores.shape[1], self._prior_rules)
+        unfinished, finished = text_progress(attended, text_lens, [s.finished_count for s in sequences])
         for i, s in enumerate(sequences):
             s.last_attended = attended[i]
-            s.attention_counter = counters[i]
-            s.prior = prior[i, 0, : len(s.tokens)]
-            s.unfinished = unfinished.get(i, False) and not ip.ignore_finished_sentence_tracking
-            s.finished_count = finished.get(i)
+            s.prior = prior[i, : text_lens[i]]
+            s.unfinished = unfinished[i] and not ip.ignore_finished_sentence_tracking
+            s.finished_count = finished[i]
 
 
 class _HostCopy:
