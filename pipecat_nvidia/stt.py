@@ -75,7 +75,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     Metrics: TTFB as Pipecat defines it for STT (end of speech to the finalized
     transcript). Processing time is the finalize round trip: from sending the finalize
     request at the VAD's stop to receiving the final transcript. Usage is the audio
-    seconds streamed, reported with each final transcript.
+    seconds the transport delivered (paused ones included), reported with each final
+    transcript.
     """
 
     Settings = NemotronSTTSettings
@@ -106,6 +107,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
                 the last ``preroll_secs`` with the start: the server does no work for a
                 user who is silent (while the bot talks, about half of a conversation).
                 It takes effect once a VAD frame passes; without a VAD everything streams.
+                Speech the VAD misses is then not transcribed either (Pipecat's
+                transcription-based turn start cannot catch it): pass False to keep it.
             preroll_secs: See :data:`PREROLL_SECS`.
             settings: Runtime-updatable settings.
             **kwargs: Passed to ``WebsocketSTTService`` (e.g. reconnect backoff).
@@ -163,14 +166,27 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
                 logger.warning(f"{self}: the ASR server is not ready; dropping audio until it is")
             yield None
             return
-        if self.sample_rate != ASR_SAMPLE_RATE:
-            audio = await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
+        audio = await self._at_server_rate(audio)
         if self._pause_between_turns and self._speaking is False:
             self._preroll += audio
             del self._preroll[: max(0, len(self._preroll) - self._preroll_bytes)]
         else:
             await self._send_audio(audio)
         yield None
+
+    def _is_keepalive_ready(self) -> bool:
+        return self._is_open()
+
+    async def _send_keepalive(self, silence: bytes) -> None:
+        """Only with ``keepalive_timeout`` (the server needs none: WebSocket pings keep an
+        idle connection open). The silence goes the way audio goes, so that the server's
+        step boundaries are still counted right."""
+        await self._send_audio(await self._at_server_rate(silence))
+
+    async def _at_server_rate(self, audio: bytes) -> bytes:
+        if self.sample_rate == ASR_SAMPLE_RATE:
+            return audio
+        return await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
 
     async def _send_audio(self, audio: bytes) -> None:
         audio = self._held_audio.add(audio)
@@ -199,6 +215,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
 
     async def _on_server_ready(self) -> None:
         self._held_audio = StepAlignedAudio.for_server(self.ready)
+        self._preroll.clear()  # from before the connection was lost: not joined to what follows
         if self._dropped_before_ready:
             logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")
             self._dropped_before_ready = 0

@@ -35,7 +35,9 @@ def most_attended(
 ) -> list[int]:
     """Each row's most attended text position ``(B, T)`` within its look-ahead window from
     where it attended last; counts the visit in its counter (NeMo's
-    ``get_most_attended_text_timestep`` for one text chunk)."""
+    ``get_most_attended_text_timestep`` for one text chunk, as for a sequence alone: for a
+    text under 3 tokens the window ends before it starts, which is the text's end; NeMo's
+    batched call slices to a negative index there, into the batch's padding)."""
     attended = []
     for row, (start, counter, length) in enumerate(zip(last, counters, text_lens)):
         if counter.get(start, 0) >= SINK_VISITS:
