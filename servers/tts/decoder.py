@@ -40,8 +40,6 @@ class Sequence:
     """Its rows in the decoder's key/value cache: conditional, then unconditional with CFG."""
     cached: int = 0
     """Decoder positions in the cache (0 until its first step)."""
-    codes: torch.Tensor | None = None
-    """Codes so far ``(codebooks, frames)``, the BOS stack first."""
     steps: int = 0
     end_frame: int | None = None
     """Frames of speech (end of speech or ``max_frames`` reached), once known."""
@@ -57,15 +55,61 @@ class Sequence:
         return self.end_frame is not None
 
     @property
+    def codes(self) -> torch.Tensor | None:
+        """Codes so far ``(codebooks, frames)``, the BOS stack first (a view: read it before
+        the next step)."""
+        return None if self._store is None else self._store.tensor[self._slot, :, : self._length]
+
+    @property
     def frames(self) -> int:
         """Codec frames generated so far, the BOS stack excluded."""
-        return 0 if self.codes is None else self.codes.shape[-1] - self._bos_frames
+        return max(0, self._length - self._bos_frames)
 
     @property
     def speech_frames(self) -> int:
         return self.frames if self.end_frame is None else min(self.frames, self.end_frame)
 
+    _store: CodeStore | None = None
+    _slot: int = 0
+    _length: int = 0
+    """Frames in its codes, the BOS stack included."""
     _bos_frames: int = 0
+
+
+class CodeStore:
+    """Codes of many sequences in one tensor ``(slots, codebooks, frames)``: a step writes
+    every sequence's new frame stack, and reads every newest stack, in one operation each
+    instead of one per sequence (on a GPU, a kernel launch each)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self._codebook_index = torch.arange(tensor.shape[1], device=tensor.device)[None, :, None]
+
+    def ensure(self, slots: int, frames: int) -> None:
+        """Room for this many slots of this many frames (grown by doubling)."""
+        have_slots, codebooks, have_frames = self.tensor.shape
+        if slots <= have_slots and frames <= have_frames:
+            return
+        frames = max(frames, 2 * have_frames) if frames > have_frames else have_frames
+        grown = self.tensor.new_zeros(max(slots, have_slots), codebooks, frames)
+        grown[:have_slots, :, :have_frames] = self.tensor
+        self.tensor = grown
+
+    def _index(self, slots: list[int], starts: list[int], count: int):
+        """Advanced-indexing tensors for ``count`` frames of each slot from its start (sent
+        to the device without waiting for it)."""
+        device = self.tensor.device
+        rows = torch.tensor([slots, starts]).to(device, non_blocking=True)
+        frames = rows[1][:, None] + torch.arange(count, device=device)
+        return rows[0][:, None, None], self._codebook_index, frames[:, None, :]
+
+    def read(self, slots: list[int], starts: list[int], count: int) -> torch.Tensor:
+        """Frames ``start .. start + count - 1`` of each slot, ``(len(slots), codebooks, count)``."""
+        return self.tensor[self._index(slots, starts, count)]
+
+    def write(self, slots: list[int], starts: list[int], codes: torch.Tensor) -> None:
+        """``codes`` ``(len(slots), codebooks, count)`` into each slot from its start."""
+        self.tensor[self._index(slots, starts, codes.shape[-1])] = codes
 
 
 Decoded = tuple[torch.Tensor, torch.Tensor | None]
@@ -107,6 +151,8 @@ class MagpieDecoder:
         )
         self._live: dict[int, Sequence] = {}
         """Started sequences by id, until a step leaves them out."""
+        self._codes = CodeStore(torch.zeros(0, model.num_audio_codebooks, 0, dtype=torch.long, device=self.device))
+        """The live sequences' codes, a slot per sequence (its conditional cache row)."""
         self._context_lengths = [int(n) for n in model.baked_context_embedding_len.tolist()]
         """Per voice, the decoder positions of its baked context (read once: no device reads per sequence)."""
 
@@ -117,6 +163,7 @@ class MagpieDecoder:
         pool.reserve(
             sequences * self._branches, self._cache_positions(max(self._context_lengths), max_frames), max_text_tokens
         )
+        self._codes.ensure(pool.rows, self._code_frames(max_frames))
         logger.info(
             f"TTS key/value cache: {pool.rows} rows of {pool.positions} positions and {pool.text_positions} "
             f"text positions, {pool.nbytes / 2**30:.2f} GiB"
@@ -146,11 +193,21 @@ class MagpieDecoder:
             self.transformer.write_text(
                 torch.tensor(rows[count:], device=self.device), torch.zeros_like(encoded[:, :1])
             )
+        self._codes.ensure(self.transformer.pool.rows, self._code_frames(max(s.max_frames for s in sequences)))
+        self._codes.write(
+            rows[:count],
+            [0] * count,
+            torch.full((count, m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device),
+        )
         for i, s in enumerate(sequences):
             s.rows = rows[i::count]
-            s.codes = torch.full((m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device)
-            s._bos_frames = fs
+            s._store, s._slot, s._length, s._bos_frames = self._codes, rows[i], fs, fs
             self._live[id(s)] = s
+
+    def _code_frames(self, max_frames: int) -> int:
+        """Code frames a sequence may hold: the BOS stack, then up to ``max_frames`` (and
+        one more stack, should a finished sequence be stepped once more)."""
+        return self.frames_per_step + max_frames + self.frames_per_step
 
     @torch.inference_mode()
     def step(self, sequences: list[Sequence]) -> None:
@@ -194,10 +251,13 @@ class MagpieDecoder:
         eos_frames = first_eos_frames(
             next_codes.cpu().numpy(), argmax_codes.cpu().numpy(), m.audio_eos_id, self._eos_method
         )
-        for s, eos_frame, codes in zip(sequences, eos_frames.tolist(), next_codes):
+        lengths = [s._length for s in sequences]
+        self._codes.ensure(self._codes.tensor.shape[0], max(lengths) + fs)
+        self._codes.write([s._slot for s in sequences], lengths, next_codes)
+        for s, eos_frame in zip(sequences, eos_frames.tolist()):
             if eos_frame != float("inf"):
                 s.end_frame = s.steps * fs + int(eos_frame)
-            s.codes = torch.cat([s.codes, codes], dim=-1)
+            s._length += fs
             s.steps += 1
             if s.end_frame is None and s.frames >= s.max_frames:
                 s.end_frame = s.max_frames
@@ -208,15 +268,18 @@ class MagpieDecoder:
         return context_length + 1 + -(-max_frames // self.frames_per_step)
 
     def _release_absent(self, sequences: list[Sequence]) -> None:
+        """Leavers give back their cache rows and code slots (keeping a copy of their codes)."""
         present = {id(s) for s in sequences}
         for key in [key for key in self._live if key not in present]:
-            self.transformer.pool.release(self._live.pop(key).rows)
+            s = self._live.pop(key)
+            s._store, s._slot = CodeStore(s.codes[None].clone()), 0
+            self.transformer.pool.release(s.rows)
 
     def _prefill(self, sequences: list[Sequence]) -> Decoded:
         """Each new sequence's prefix (its voice's context, then the BOS frames) into the cache."""
         m, count = self.model, len(sequences)
         context, _ = m.get_baked_context_embeddings_batch(count, [s.voice for s in sequences])
-        bos = embed_frame_stack(m, torch.stack([s.codes for s in sequences]))
+        bos = embed_frame_stack(m, self._codes.read([s._slot for s in sequences], [0] * count, self.frames_per_step))
         lengths = [self._context_lengths[s.voice] for s in sequences]
         prefixes = [torch.cat([context[i, :length], bos[i : i + 1]]) for i, length in enumerate(lengths)]
         if self.use_cfg:  # NeMo's unconditional context: zeros of the same length
@@ -237,7 +300,8 @@ class MagpieDecoder:
 
     def _advance(self, sequences: list[Sequence]) -> Decoded:
         """Each sequence's newest frame stack, one position, into the cache."""
-        codes = torch.stack([s.codes[:, -self.frames_per_step :] for s in sequences])
+        fs = self.frames_per_step
+        codes = self._codes.read([s._slot for s in sequences], [s._length - fs for s in sequences], fs)
         rows, start, text_lengths = self._row_lists(sequences)
         prior = self._prior(sequences)
         if self.advance_graphs is not None and self.advance_graphs.covers(len(sequences)):

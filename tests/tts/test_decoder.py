@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from servers.tts.decoder import MagpieDecoder, Sequence
@@ -78,6 +80,62 @@ def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):
     assert not sequence.done
     # Positions 22 and 80 (a 20-position voice context, the BOS, then one per step).
     assert flops[59] < 1.1 * flops[1]
+
+
+NO_KERNEL = frozenset(
+    f"aten::{name}"
+    for name in (
+        "alias as_strided as_strided_ detach empty empty_strided expand lift_fresh narrow permute "
+        "reshape select slice squeeze t transpose unbind unsqueeze view"
+    ).split()
+)
+"""Operations that only make views or allocate: on a GPU they launch no kernel (and how
+many of them run can depend on shapes)."""
+
+
+def _launching_operations(events) -> Counter:
+    """The public operations a step called, views and allocations left out; the backend's
+    own (``aten::_*`` and the convolution backends: which one runs on this CPU depends on
+    the batch size) are counted through their public callers."""
+    return Counter(
+        e.name
+        for e in events
+        if e.name.startswith("aten::")
+        and not e.name.startswith(("aten::_", "aten::mkldnn_", "aten::thnn_", "aten::slow_conv"))
+        and e.name not in NO_KERNEL
+    )
+
+
+def test_a_decoder_step_runs_the_same_operations_for_twelve_sequences_as_for_four(model):
+    """Nothing in a step is done once per sequence (on a GPU each such operation would be
+    a kernel launch per sequence): the new codes of all go into one tensor in one write,
+    the newest stacks come out in one read, the bookkeeping runs on the host. Counted with
+    the torch profiler."""
+
+    def operations(batch: int) -> Counter:
+        decoder = MagpieDecoder(model)
+        text = "The quick brown fox jumps over the lazy dog."
+        sequences = [Sequence(tokens=_tokens(model, text), voice=0, max_frames=400) for _ in range(batch)]
+        for _ in range(3):
+            decoder.step(sequences)
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            decoder.step(sequences)
+        return _launching_operations(profiled.events())
+
+    assert operations(12) == operations(4)
+
+
+def test_a_sequence_keeps_its_codes_after_it_leaves_and_its_slot_is_reused(model):
+    decoder = MagpieDecoder(model)
+    first = Sequence(tokens=_tokens(model, "One."), voice=0, max_frames=8)
+    for _ in range(3):
+        decoder.step([first])
+    kept = first.codes.clone()
+    second = Sequence(tokens=_tokens(model, "Two, three."), voice=1, max_frames=8)
+    for _ in range(3):
+        decoder.step([second])
+    assert second.rows == first.rows, "the slot was reused"
+    assert torch.equal(first.codes, kept) and first.frames == 3 * decoder.frames_per_step
 
 
 def test_sequences_that_leave_give_their_cache_rows_to_the_next(model):
