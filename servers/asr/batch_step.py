@@ -90,6 +90,8 @@ class BatchedStreamingStep:
         self._autocast_dtype = autocast_dtype
         self._decoder = model.decoding.decoding.decoding_computer
         self._max_rows = max_sessions
+        self._final_out_frames = self._longest_final_out_frames()
+        """Encoder frames of the widest final row (for the encoder graphs and the decoder's warm-up)."""
         graph_max_batch = min(graph_max_batch, max_sessions)
         # CUDA graphs hold the pool's addresses: it is made at its full size for them.
         layout = self._state_layout()
@@ -103,7 +105,7 @@ class BatchedStreamingStep:
                 model.encoder,
                 self.pool,
                 out_frames=geometry.out_frames,
-                final_out_frames=self._longest_final_out_frames(),
+                final_out_frames=self._final_out_frames,
                 autocast_dtype=autocast_dtype,
                 max_batch=graph_max_batch,
             )
@@ -121,7 +123,7 @@ class BatchedStreamingStep:
         serving: show it the largest step there can be now."""
         if self.model.decoding.decoding.decoding_computer.cuda_graphs_mode is None:
             return
-        rows, frames = self._max_rows, max(self.geometry.out_frames, self._longest_final_out_frames())
+        rows, frames = self._max_rows, max(self.geometry.out_frames, self._final_out_frames)
         x = torch.zeros(rows, frames, self.model.encoder.d_model, device=self.device)
         self._decoder(x=x, out_len=torch.full((rows,), frames, device=self.device), prev_batched_state=None)
 
