@@ -88,9 +88,10 @@ def text_progress(
 def first_eos_frames(sampled: np.ndarray, argmax: np.ndarray, eos_id: int, method) -> np.ndarray:
     """Per row, the first frame of its newest stack ``(B, codebooks, frames)`` that ends
     speech, ``inf`` if none (NeMo's ``detect_eos`` for an ``EOSDetectionMethod``)."""
-    found = _first_eos(argmax, eos_id, method.detection_type(method))
+    detection = method.detection_type(method)
+    found = _first_eos(argmax, eos_id, detection)
     if method.sampling_type(method) == "argmax_or_multinomial":
-        found = np.minimum(found, _first_eos(sampled, eos_id, method.detection_type(method)))
+        found = np.minimum(found, _first_eos(sampled, eos_id, detection))
     return found
 
 

@@ -63,7 +63,7 @@ class Sequence:
     @property
     def frames(self) -> int:
         """Codec frames generated so far, the BOS stack excluded."""
-        return max(0, self._length - self._bos_frames)
+        return self._length - self._bos_frames
 
     @property
     def speech_frames(self) -> int:
@@ -83,7 +83,11 @@ class CodeStore:
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
-        self._codebook_index = torch.arange(tensor.shape[1], device=tensor.device)[None, :, None]
+
+    @functools.cached_property
+    def _codebook_index(self) -> torch.Tensor:
+        """Made on first use: a leaving sequence's store of its own is only ever read whole."""
+        return torch.arange(self.tensor.shape[1], device=self.tensor.device)[None, :, None]
 
     def ensure(self, slots: int, frames: int) -> None:
         """Room for this many slots of this many frames (grown by doubling)."""
