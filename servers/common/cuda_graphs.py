@@ -3,8 +3,10 @@
 Eager PyTorch on a GPU pays a kernel launch (~5–70 µs of host time) per operation; a
 small model's step is all launches. A graph launches a captured sequence at once, but only
 over the same buffers and shapes: callers copy their inputs into ``inputs`` and read
-``outputs`` before the next replay. On a CPU nothing is captured and the function runs
-eagerly on the same buffers, which is how tests check everything but the capture.
+the outputs before the next replay, which writes the same tensors again. On a CPU nothing
+is captured: the function runs eagerly on the same buffers and its results are copied into
+the first call's outputs, so tests check everything but the capture, a caller that keeps
+an output past the next call included.
 
 While a capture is under way no other thread in the process may draw random numbers on
 the GPU (its generator is being recorded): capture before serving.
@@ -52,9 +54,12 @@ class FixedCall:
             self._capture(pool)
 
     def __call__(self) -> Any:
-        if self._graph is None:
-            return self._fn(*self.inputs)
-        self._graph.replay()
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._outputs is None:
+            self._outputs = self._fn(*self.inputs)
+        else:
+            _copy_into(self._outputs, self._fn(*self.inputs))
         return self._outputs
 
     def _capture(self, pool) -> None:
@@ -69,6 +74,18 @@ class FixedCall:
         # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
         with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
             self._outputs = self._fn(*self.inputs)
+
+
+def _copy_into(outputs: Any, results: Any) -> None:
+    """Write a call's ``results`` into the first call's ``outputs`` (tensors, or tuples of
+    them and None), as a replay writes into its captured outputs."""
+    if isinstance(outputs, torch.Tensor):
+        outputs.copy_(results)
+    elif isinstance(outputs, tuple | list):
+        for output, result in zip(outputs, results, strict=True):
+            _copy_into(output, result)
+    elif outputs is not None or results is not None:
+        raise TypeError(f"a graphed function returned {type(results).__name__}: only tensors, tuples or None")
 
 
 class GraphBuckets:
