@@ -24,10 +24,9 @@ class NemotronLLMService(OpenAILLMService):
         settings: OpenAILLMService.Settings | None = None,
         **kwargs,
     ):
-        """``api_key`` is the host's ``--auth-token`` when it has one."""
-        super().__init__(
-            base_url=base_url,
-            api_key=api_key,
-            settings=settings or OpenAILLMService.Settings(model=DEFAULT_MODEL),
-            **kwargs,
-        )
+        """``api_key`` is the host's ``--auth-token`` when it has one. ``settings`` change
+        the defaults field by field: the model stays ``nemotron-3-nano`` unless they name one."""
+        default_settings = OpenAILLMService.Settings(model=DEFAULT_MODEL)
+        if settings is not None:
+            default_settings.apply_update(settings)
+        super().__init__(base_url=base_url, api_key=api_key, settings=default_settings, **kwargs)

@@ -29,3 +29,8 @@ async def test_the_service_streams_what_the_model_generates(start_llm_server, ti
     text = "".join(e.frame.text for e in log.of(LLMTextFrame))
     assert log.of(LLMFullResponseEndFrame)
     assert text == run(make_engine(tiny_llm_path), ChatRequest(QUESTION, max_tokens=24))[0]
+
+
+def test_settings_that_name_no_model_keep_the_nemotron_default():
+    service = NemotronLLMService(settings=NemotronLLMService.Settings(temperature=0.3))
+    assert (service._settings.model, service._settings.temperature) == ("nemotron-3-nano", 0.3)
