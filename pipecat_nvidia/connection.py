@@ -16,7 +16,41 @@ from pipecat.utils.errors import ErrorCategory
 from pydantic import BaseModel
 from websockets.protocol import State
 
-from pipecat_nvidia.protocol import ErrorMessage, ProtocolError
+from pipecat_nvidia.protocol import ErrorCode, ErrorMessage, ProtocolError
+
+ERROR_CATEGORIES: dict[ErrorCode, ErrorCategory] = {
+    **dict.fromkeys(
+        (
+            ErrorCode.BAD_JSON,
+            ErrorCode.UNKNOWN_TYPE,
+            ErrorCode.INVALID_MESSAGE,
+            ErrorCode.BAD_AUDIO,
+            ErrorCode.MESSAGE_TOO_BIG,
+            ErrorCode.UNKNOWN_VOICE,
+            ErrorCode.UNKNOWN_LANGUAGE,
+            ErrorCode.UNKNOWN_PRESET,
+        ),
+        ErrorCategory.INVALID_REQUEST,
+    ),
+    ErrorCode.EMPTY_TEXT: ErrorCategory.APPLICATION,
+    ErrorCode.TEXT_TOO_LONG: ErrorCategory.APPLICATION,
+    ErrorCode.NOT_READY: ErrorCategory.CONNECTIVITY,
+}
+"""Pipecat's category for each server error code; the rest (``internal``, ``server_full``,
+``audio_overflow``) are the server's. Requests the server cannot take as they are (a
+voice it lacks, a malformed message) are permanent for Pipecat: every later one fails
+the same way until the settings change. A sentence with nothing to speak says nothing
+about the service."""
+
+
+class ServerUnreachable(ConnectionError):
+    """A failed connect, naming the server. It keeps the HTTP response of a refused
+    handshake, from which Pipecat reads the error's category: a wrong token is then an
+    authentication error, which no retry can fix, not a connectivity one."""
+
+    def __init__(self, url: str, cause: Exception):
+        super().__init__(f"cannot connect to {url}: {cause}")
+        self.response = getattr(cause, "response", None)
 
 
 class ServerConnection:
@@ -62,12 +96,14 @@ class ServerConnection:
             if message.type == "ready":
                 self._ready = message
                 self._settings.model = message.model
+                self._sync_model_name_to_metrics()
                 logger.debug(f"{self}: ready ({message.model})")
                 await self._on_server_ready()
                 await self._call_event_handler("on_connected")
             elif isinstance(message, ErrorMessage):
                 await self.push_error(
-                    f"{self}: server error {message.code.value}: {message.message}", category=ErrorCategory.SERVER
+                    f"{self}: server error {message.code.value}: {message.message}",
+                    category=ERROR_CATEGORIES.get(message.code, ErrorCategory.SERVER),
                 )
             else:
                 await self._on_server_message(message)
@@ -103,7 +139,7 @@ class ServerConnection:
             self._websocket = await self._websocket_connect(self._url, additional_headers=headers)
         except Exception as e:
             self._websocket = None
-            raise ConnectionError(f"cannot connect to {self._url}: {e}") from e
+            raise ServerUnreachable(self._url, e) from e
         logger.debug(f"{self}: connected to {self._url}, waiting for ready")
 
     async def _disconnect_websocket(self):

@@ -14,6 +14,7 @@ from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, Transcr
 from pipecat.metrics.metrics import ProcessingMetricsData, STTUsageMetricsData, TTFBMetricsData
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.stt import NemotronSTTService
 from tests.asr.client import server_url
@@ -183,3 +184,14 @@ async def test_an_unreachable_server_gives_a_clear_error_not_a_loop(speech_int16
     assert all(f"ws://127.0.0.1:{port}" in e for e in errors[:-1]), errors
     assert run.finals() == []
     assert not stt.is_usable, "after its retries the service gives up for good"
+
+
+async def test_a_refused_token_is_an_authentication_error_and_is_not_retried(start_asr_server, speech_int16):
+    server = await start_asr_server(auth_token="secret")
+    stt = NemotronSTTService(
+        url=server_url(server), auth_token="wrong", reconnect_backoff_min_wait=0.1, reconnect_backoff_max_wait=0.2
+    )
+    run = await run_pipeline(stt, _speech(speech_int16, (1.0, 2.0)), wait_ready=False)
+    errors = [e.frame for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
+    assert [(e.category, "HTTP 401" in e.error) for e in errors] == [(ErrorCategory.AUTHENTICATION, True)], errors
+    assert not stt.is_usable
