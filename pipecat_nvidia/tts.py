@@ -10,12 +10,13 @@ for it is dropped.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from loguru import logger
-from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.services.settings import NOT_GIVEN, NotGiven, TTSSettings
 from pipecat.services.tts_service import WebsocketTTSService
@@ -93,13 +94,14 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         super().__init__(
             sample_rate=sample_rate,
             push_start_frame=True,
-            push_stop_frames=False,
+            push_stop_frames=True,
             settings=default_settings,
             **kwargs,
         )
         self._init_connection(url, auth_token, parse_tts_server_message)
         self._segments_sent: dict[str, int] = {}
-        """Segments sent per open context (turn), for the adaptive mode."""
+        """Segments sent per context (turn) the server still owes audio or its ``done``."""
+        self._keepalive_task: asyncio.Task | None = None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -111,6 +113,23 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)
         await self._connect()
+        self._keepalive_task = self.create_task(self._keep_owed_contexts_open(), "keep_owed_contexts_open")
+
+    async def cleanup(self):
+        if self._keepalive_task:
+            await self.cancel_task(self._keepalive_task)
+            self._keepalive_task = None
+        await super().cleanup()
+
+    async def _keep_owed_contexts_open(self):
+        """Pipecat ends an audio context that gets nothing for ``stop_frame_timeout_s``
+        (3 s) and drops what arrives for it later. A batched segment sends nothing until
+        it is whole, which for a long sentence on a loaded server takes longer: a turn
+        the server still owes audio is kept open."""
+        while True:
+            await asyncio.sleep(self._stop_frame_timeout_s / 2)
+            for context_id in self._segments_sent:
+                self._refresh_audio_context(context_id)
 
     # ------------------------------------------------------------------ text in
 
@@ -148,7 +167,10 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         """The turn's text is complete: the server sends ``done`` after its last audio."""
         context_id = context_id or self.get_active_audio_context_id()
         if context_id in self._segments_sent and self._is_open():
-            await self._websocket.send(TtsFlush(context_id=context_id).to_json())
+            try:
+                await self._websocket.send(TtsFlush(context_id=context_id).to_json())
+            except Exception as e:
+                logger.warning(f"{self}: sending flush failed: {e}")
 
     async def on_audio_context_interrupted(self, context_id: str):
         """Barge-in: stop the turn on the server; its late audio finds no context and is dropped."""
@@ -176,12 +198,12 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             )
 
     async def _on_connection_lost(self) -> None:
-        """Turns still waiting for audio end with what they got: the server is gone."""
-        for context_id in list(self._segments_sent):
-            await self._end_context(context_id)
+        """The server is gone and owes nothing: Pipecat has closed the turns' contexts
+        (``_close_connection_contexts``), which end with what they got."""
+        self._segments_sent.clear()
 
     async def _end_context(self, context_id: str) -> None:
+        """The turn's audio is all here: its context ends (Pipecat pushes its stop frame)."""
         self._segments_sent.pop(context_id, None)
         if self.audio_context_available(context_id):
-            await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
             await self.remove_audio_context(context_id)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from pipecat.frames.frames import (
     EndFrame,
+    ErrorFrame,
     InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
@@ -18,6 +20,8 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.tts import MagpieTTSService
 from tests.asr.client import server_url
@@ -41,13 +45,25 @@ def record_speak(server) -> list:
     return requests
 
 
+def slow_down(server, seconds_per_step: float) -> None:
+    """Make every engine step take ``seconds_per_step`` longer, like a loaded GPU."""
+    step = server.engine.step
+
+    def slow():
+        time.sleep(seconds_per_step)
+        return step()
+
+    server.engine.step = slow
+
+
 def _turn(sentences):
     return [LLMFullResponseStartFrame(), *(LLMTextFrame(text=s) for s in sentences), LLMFullResponseEndFrame()]
 
 
-async def run_turns(tts, *steps, sample_rate: int = 24000) -> FrameLog:
+async def run_turns(tts, *steps, sample_rate: int = 24000, head: FrameLog | None = None) -> FrameLog:
     """Feed each step (a list of frames, or a coroutine function to await) once the
-    previous turn's audio has stopped, then end the pipeline."""
+    previous turn's audio has stopped, then end the pipeline. ``head`` logs what comes
+    upstream out of the service (errors)."""
     clock = Clock()
     sink = FrameLog(clock)
 
@@ -69,7 +85,7 @@ async def run_turns(tts, *steps, sample_rate: int = 24000) -> FrameLog:
         await worker.queue_frame(EndFrame())
 
     params = PipelineParams(audio_out_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True)
-    await run_worker([FrameLog(clock), tts, sink], feed, params)
+    await run_worker([head or FrameLog(clock), tts, sink], feed, params)
     return sink
 
 
@@ -98,11 +114,12 @@ async def test_the_mode_can_be_set_to_batch_or_stream(start_tts_server):
     assert [(r.mode, r.voice) for r in requests] == [("batch", "1"), ("batch", "1")]
 
 
-async def test_ttfb_and_usage_are_reported(start_tts_server):
+async def test_ttfb_and_usage_are_reported_under_the_servers_model(start_tts_server):
     server = await start_tts_server()
     tts = MagpieTTSService(url=server_url(server))
     sink = await run_turns(tts, _turn(SENTENCES[:2]))
     ours = [d for e in sink.of(MetricsFrame)[1:] for d in e.frame.data if d.processor == tts.name]
+    assert {m.model for m in ours} == {server.settings.model}
     ttfb = [m.value for m in ours if isinstance(m, TTFBMetricsData)]
     usage = [m.value for m in ours if isinstance(m, TTSUsageMetricsData)]
     assert len(ttfb) == 1 and 0 < ttfb[0] < 5
@@ -146,3 +163,58 @@ async def test_the_service_reconnects_when_the_server_restarts(start_tts_server)
     sink = await run_turns(tts, _turn(SENTENCES[:1]), restart, _turn(SENTENCES[1:2]))
     contexts = {e.frame.context_id for e in sink.of(TTSAudioRawFrame)}
     assert len(contexts) == 2, "both turns were spoken, before and after the restart"
+
+
+async def test_a_batched_sentence_slower_than_pipecats_context_timeout_is_still_spoken(start_tts_server):
+    """Pipecat ends an audio context that gets nothing for ``stop_frame_timeout_s``; a
+    batched segment sends nothing until it is whole."""
+    server = await start_tts_server()
+    slow_down(server, 0.1)
+    tts = MagpieTTSService(
+        url=server_url(server), settings=MagpieTTSService.Settings(mode="batch"), stop_frame_timeout_s=0.4
+    )
+    head = FrameLog(Clock())
+    sink = await run_turns(tts, _turn(SENTENCES[1:2]), head=head)
+    assert len(sink.of(TTSStartedFrame)) == len(sink.of(TTSStoppedFrame)) == 1
+    audio = sink.of(TTSAudioRawFrame)
+    assert audio and audio[0].t - sink.of(TTSStartedFrame)[0].t > 0.4, "the audio came after the timeout"
+    assert not head.of(ErrorFrame, FrameDirection.UPSTREAM)
+
+
+async def test_a_turn_cut_off_by_the_servers_loss_ends_with_its_stop_frame(start_tts_server):
+    server = await start_tts_server()
+    slow_down(server, 0.05)
+    tts = MagpieTTSService(
+        url=server_url(server),
+        settings=MagpieTTSService.Settings(mode="stream"),
+        reconnect_backoff_min_wait=0.1,
+        reconnect_backoff_max_wait=0.2,
+    )
+    long_turn = _turn(["This is a rather long sentence that the bot will not get to finish. "] * 2)
+
+    async def speak_then_lose_the_server(sink):
+        for frame in long_turn:
+            await tts.queue_frame(frame)
+        while not sink.of(TTSAudioRawFrame):
+            await asyncio.sleep(0.01)
+        await server.stop()
+        for _ in range(250):
+            if sink.of(TTSStoppedFrame):
+                break
+            await asyncio.sleep(0.02)
+
+    sink = await run_turns(tts, speak_then_lose_the_server)
+    cut = sink.of(TTSAudioRawFrame)[0].frame.context_id
+    assert [e.frame.context_id for e in sink.of(TTSStoppedFrame)] == [cut]
+
+
+async def test_an_unknown_voice_is_an_invalid_request_that_retrying_cannot_fix(start_tts_server):
+    server = await start_tts_server()
+    tts = MagpieTTSService(
+        url=server_url(server), settings=MagpieTTSService.Settings(voice="nobody"), stop_frame_timeout_s=0.3
+    )
+    head = FrameLog(Clock())
+    await run_turns(tts, _turn(SENTENCES[:1]), head=head)
+    first = head.of(ErrorFrame, FrameDirection.UPSTREAM)[0].frame
+    assert first.category is ErrorCategory.INVALID_REQUEST and "unknown_voice" in first.error
+    assert not tts.is_usable
