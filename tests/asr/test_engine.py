@@ -1,6 +1,5 @@
 """The streaming engine's sessions: finalisation, padding, resets, limits, cost."""
 
-import statistics
 import time
 
 import numpy as np
@@ -189,22 +188,25 @@ def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_in
 
 
 @pytest.mark.slow
-def test_per_chunk_cost_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr_path, speech_int16):
-    """Features are computed per chunk, never over the whole utterance: the last minute's
-    chunks cost what the first minute's did."""
+def test_per_chunk_work_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr_path, speech_int16):
+    """Features are computed per chunk, never over the whole utterance: the preprocessor
+    reads as much audio per step in the tenth minute as in the first (the time this
+    takes is `bench/asr_long_stream.py`'s to measure), and what a session holds is bounded."""
     engine = make_engine(tiny_asr_path)
+    read = []
+    engine._step.model.preprocessor.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(kwargs["input_signal"].shape[1]), with_kwargs=True
+    )
     chunk = 2560
     ten_minutes = np.tile(speech_int16, int(np.ceil(600 * 16000 / len(speech_int16))))[: 600 * 16000]
     messages = []
     sid = engine.open_session(messages.append)
-    times = []
     for i in range(0, len(ten_minutes), chunk):
         engine.push_audio(sid, ten_minutes[i : i + chunk].tobytes())
-        times += [stats.seconds for stats in engine.run_until_idle()]
+        engine.run_until_idle()
     session = engine._sessions[sid]
-    first_minute, last_minute = times[10:375], times[-365:]
-    ratio = statistics.median(last_minute) / statistics.median(first_minute)
-    assert ratio < 1.5, f"per-chunk time grew {ratio:.2f}x over 10 minutes"
+    assert len(read) > 3700, "a step per 160 ms chunk"
+    assert max(read[-375:]) == max(read[10:375]) < 2 * chunk
     assert session.audio.buffered_samples <= 2 * chunk + 512
     assert len(session.text) < 5000, "the rolling segments bound the text held"
     assert sum(m.is_final for m in messages) >= 4
