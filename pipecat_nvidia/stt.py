@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
@@ -138,6 +139,18 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
 
     def can_generate_metrics(self) -> bool:
         return True
+
+    async def _update_settings(self, delta: STTSettings) -> dict[str, Any]:
+        """The server decides the model and the language it transcribes: a change here
+        cannot take effect, so it is refused with a warning, and transcripts stay
+        labelled with what the server does."""
+        changed = await super()._update_settings(delta)
+        self._warn_unhandled_updated_settings(changed)
+        for name, before in changed.items():
+            setattr(self._settings, name, before)
+        if "model" in changed:
+            self._sync_model_name_to_metrics()
+        return {}
 
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)

@@ -10,10 +10,11 @@ import socket
 import numpy as np
 import pytest
 import soxr
-from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, TranscriptionFrame
+from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame, TranscriptionFrame
 from pipecat.metrics.metrics import ProcessingMetricsData, STTUsageMetricsData, TTFBMetricsData
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.transcriptions.language import Language
 from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.stt import NemotronSTTService
@@ -195,3 +196,14 @@ async def test_a_refused_token_is_an_authentication_error_and_is_not_retried(sta
     errors = [e.frame for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
     assert [(e.category, "HTTP 401" in e.error) for e in errors] == [(ErrorCategory.AUTHENTICATION, True)], errors
     assert not stt.is_usable
+
+
+async def test_a_language_change_is_refused_since_the_server_transcribes_english(start_asr_server, speech_int16):
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+
+    async def ask_for_spanish():
+        await stt.queue_frame(STTUpdateSettingsFrame(delta=NemotronSTTService.Settings(language=Language.ES)))
+
+    run = await run_pipeline(stt, _speech(speech_int16, (1.0, 4.3)), between={0: ask_for_spanish})
+    assert [f.language for f in run.finals()] == [Language.EN]
