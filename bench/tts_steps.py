@@ -84,6 +84,8 @@ def main() -> None:
             "first_quarter_ms_p50": median_ms(times[:quarter]),
             "last_quarter_ms_p50": median_ms(times[-quarter:]),
             "step_audio_ms": round(1000 * steps[0].step_audio_seconds, 1) if steps else None,
+            # After the run: a part that fell back to eager (failed capture, grown cache) shows 0.
+            "graph_batches": engine.graph_batches,
         }
 
     sweep(a.batches, measure, a.json, a.profile)

@@ -71,9 +71,16 @@ class FixedCall:
                 self._fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
-        with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
-            self._outputs = self._fn(*self.inputs)
+        stream = torch.cuda.current_stream(device)
+        try:
+            # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
+            with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
+                self._outputs = self._fn(*self.inputs)
+        except BaseException:
+            # A capture that fails in its end leaves the capture stream current: the eager
+            # fallback would run on it.
+            torch.cuda.set_stream(stream)
+            raise
 
 
 def _copy_into(outputs: Any, results: Any) -> None:

@@ -72,12 +72,18 @@ class GraphedAdvance:
     def captured(self) -> list[int]:
         return self._buckets.captured
 
-    def covers(self, batch: int) -> bool:
+    @property
+    def batch_limit(self) -> int:
+        """Largest batch replayed from the graphs; 0 once a capture failed or the pool grew
+        after them (its tensors moved), for the rest of the process."""
         if self._buckets and self._pool.generation != self._generation:
             logger.warning("TTS key/value pool grew after the decoder graphs were captured; decoder steps run eagerly")
             self._buckets.clear()
             self.max_batch = 0
-        return batch <= self.max_batch
+        return self.max_batch
+
+    def covers(self, batch: int) -> bool:
+        return batch <= self.batch_limit
 
     def prepare_all(self) -> None:
         """Capture every bucket over the pool as it is now (any made on first use may be over

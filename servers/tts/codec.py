@@ -93,6 +93,11 @@ class CodecDecoder:
         """(rows, frames) of each graph."""
         return self._buckets.captured
 
+    @property
+    def graph_batch(self) -> int:
+        """Pieces one replay decodes; 0: every decode runs eagerly."""
+        return GRAPH_MAX_ROWS if self.use_graphs else 0
+
     @torch.inference_mode()
     def prepare_graphs(self) -> None:
         """Capture every bucket now; if a capture fails, decode eagerly."""

@@ -182,6 +182,15 @@ class MagpieDecoder:
         if self.sampler_graphs is not None:
             self.sampler_graphs.prepare_all()
 
+    @property
+    def graph_batches(self) -> dict[str, int]:
+        """Largest batch the decoder step and the code sampler replay from CUDA graphs now
+        (0: eager, from the start, after a failed capture, or after the cache grew)."""
+        return {
+            "decoder_step": self.advance_graphs.batch_limit if self.advance_graphs else 0,
+            "sampler": self.sampler_graphs.max_batch if self.sampler_graphs else 0,
+        }
+
     def _start(self, sequences: list[Sequence]) -> None:
         """Encode the text of new sequences (one batched call), give each its cache rows and
         set its BOS frames; their prefix goes through the decoder in this step."""

@@ -194,6 +194,11 @@ class TTSEngine(SessionEngine):
     def presets(self) -> dict[str, TtsPreset]:
         return PRESETS
 
+    @property
+    def graph_batches(self) -> dict[str, int]:
+        """Largest batch each part of a step replays from CUDA graphs now; 0: eager."""
+        return {**self._decoder.graph_batches, "codec": self._codec.graph_batch}
+
     # ------------------------------------------------------------------ sessions (any thread)
 
     def open_session(self, sink: Sink) -> int:
