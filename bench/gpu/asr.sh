@@ -7,7 +7,7 @@
 # sessions (GRAPH_MAX_BATCH=512 captures CUDA graphs for steps beyond the server default
 # of 128; FRAME_MS=20 makes audio as Pipecat's transports deliver it, 160 by default; clients
 # send it at the server's step boundaries as NemotronSTTService does, or every frame with
-# UNALIGNED=1).
+# UNALIGNED=1). LONG_MINUTES=10 also times one continuous stream minute by minute.
 # Results land in $OUT (default /tmp/out).
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
@@ -16,6 +16,10 @@ if [ -n "$STEP_BATCHES" ]; then
   python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches $STEP_BATCHES \
     --cuda-graph-max-batch "${GRAPH_MAX_BATCH:-512}" --json "$OUT/asr_steps.json" 2>&1 \
     | grep -E '^\{|buckets ready|state for|Error' || true
+fi
+if [ -n "${LONG_MINUTES:-}" ]; then
+  python3 -m bench.asr_long_stream --model /tmp/asr_full.nemo --device cuda --minutes "$LONG_MINUTES" \
+    --json "$OUT/asr_long_stream.json" 2>&1 | grep -E '^\{|Error' || true
 fi
 python3 -m servers.asr --model /tmp/asr_full.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
   ${GRAPH_MAX_BATCH:+--cuda-graph-max-batch "$GRAPH_MAX_BATCH"} \
