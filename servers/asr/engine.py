@@ -52,8 +52,10 @@ class _Session:
     audio: UtteranceAudio
     arrivals: deque = field(default_factory=deque)
     """(utterance sample count after a push, monotonic time of that push)."""
-    last_push: tuple[float, int] | None = None
-    """(monotonic time, samples) of the latest audio the client sent."""
+    pushes: deque = field(default_factory=lambda: deque(maxlen=2))
+    """(monotonic time, samples) of the two latest pieces of audio the client sent: the
+    smaller is its pace, so that a burst (Pipecat's pre-roll as a turn starts: a second at
+    once, then a step at a time) does not stretch the next arrival it expects."""
     backlog: deque = field(default_factory=deque)
     """What arrived after a pending reset: (samples, time) or another ``_Reset``."""
     reset: _Reset | None = None
@@ -170,7 +172,7 @@ class StreamingASREngine(SessionEngine):
                     f"more than {self._max_buffered / self.geometry.sample_rate:.0f} s of audio "
                     "is waiting to be transcribed"
                 )
-            session.last_push = (now, len(samples))
+            session.pushes.append((now, len(samples)))
             if session.reset is None:
                 self._append(session, samples, now)
             else:
@@ -202,7 +204,7 @@ class StreamingASREngine(SessionEngine):
 
     def due_in_s(self) -> float | None:
         """Seconds until the first streaming session's next chunk is complete, its audio
-        arriving in real time in frames like its latest: 0 if a step could run now (or a
+        arriving in real time at its pace (see ``pushes``): 0 if a step could run now (or a
         frame is late), None if no session is streaming. A scheduler plans around it."""
         now = time.monotonic()
         g = self.geometry
@@ -211,9 +213,9 @@ class StreamingASREngine(SessionEngine):
             if self._ready:
                 return 0.0
             for session in self._sessions.values():
-                if session.last_push is None or session.in_flight or session.reset is not None:
+                if not session.pushes or session.in_flight or session.reset is not None:
                     continue
-                pushed_at, frame = session.last_push
+                pushed_at, frame = session.pushes[-1][0], min(samples for _, samples in session.pushes)
                 if frame == 0 or now - pushed_at > max(STREAMING_GAP_S, 2 * frame / g.sample_rate):
                     continue
                 needed = g.samples_for_frames(session.audio.next_frame + self._chunk_frames(session))

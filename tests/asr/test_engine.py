@@ -363,6 +363,20 @@ def test_a_client_sending_large_frames_still_counts_as_streaming(tiny_asr_path, 
     assert due is not None and due == pytest.approx(frames_left * 0.1 - elapsed, abs=0.01)
 
 
+def test_a_burst_of_audio_does_not_stretch_the_pace_the_engine_expects(tiny_asr_path, speech_int16):
+    """NemotronSTTService sends a step's audio at a time, but a second at once (its
+    pre-roll) as a turn starts: the next chunk still comes a step later, not a second."""
+    engine = make_engine(tiny_asr_path)
+    sid = engine.open_session(lambda message: None)
+    step, burst = engine.geometry.step_samples, engine.geometry.sample_rate
+    engine.push_audio(sid, speech_int16[:step].tobytes())
+    pushed = time.monotonic()
+    engine.push_audio(sid, speech_int16[step : step + burst].tobytes())
+    engine.run_until_idle()
+    due, elapsed = engine.due_in_s(), time.monotonic() - pushed
+    assert due is not None and due <= max(0.0, step / engine.geometry.sample_rate - elapsed) + 0.005
+
+
 @pytest.mark.parametrize("right_context", [0, 1, 6])
 def test_audio_held_to_the_announced_step_boundaries_is_never_late(tiny_asr_path, speech_int16, right_context):
     """A client holding 20 ms frames back until ``first_step_samples`` / ``step_samples``
