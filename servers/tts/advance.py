@@ -50,21 +50,21 @@ class AdvanceStep:
         return decoded.hidden, alignment
 
 
-class GraphedAdvance:
-    """``AdvanceStep`` over the whole pool, replayed from one CUDA graph per power-of-two
+class PoolGraphs:
+    """A call over the whole key/value pool, replayed from one CUDA graph per power-of-two
     batch up to ``max_batch``, all captured by ``prepare_all`` once the pool has its final
     size. Rows beyond the batch write to the pool's scratch row. If the pool grows after
-    the capture (longer text than it was reserved for), the graphs are dropped: eager."""
+    the capture (longer text than it was reserved for), the graphs are dropped: eager.
+    Subclasses say what a bucket's inputs are (``_prepare``) and fill them."""
 
-    def __init__(self, step: AdvanceStep, transformer: CachedDecoder, model, branches: int, max_batch: int):
-        self._step = step
+    what = "TTS decoder step"
+
+    def __init__(self, transformer: CachedDecoder, branches: int, max_batch: int):
         self._pool = transformer.pool
         self._branches = branches
-        self._codes_shape = (model.num_audio_codebooks, model.frame_stacking_factor)
-        self._with_prior = model.inference_parameters.apply_attention_prior
         self.max_batch = max_batch
         self._graph_pool = graph_pool(self._pool.device)
-        self._buckets = GraphBuckets("TTS decoder step", self._prepare)
+        self._buckets = GraphBuckets(self.what, self._bucket)
         self._generation = self._pool.generation
         """The pool's generation the buckets were captured over."""
 
@@ -77,7 +77,7 @@ class GraphedAdvance:
         """Largest batch replayed from the graphs; 0 once a capture failed or the pool grew
         after them (its tensors moved), for the rest of the process."""
         if self._buckets and self._pool.generation != self._generation:
-            logger.warning("TTS key/value pool grew after the decoder graphs were captured; decoder steps run eagerly")
+            logger.warning(f"TTS key/value pool grew after the {self.what} graphs were captured; it runs eagerly")
             self._buckets.clear()
             self.max_batch = 0
         return self.max_batch
@@ -87,9 +87,53 @@ class GraphedAdvance:
 
     def prepare_all(self) -> None:
         """Capture every bucket over the pool as it is now (any made on first use may be over
-        a pool that has grown since); if a capture fails, step eagerly."""
+        a pool that has grown since); if a capture fails, run eagerly."""
         if not self._buckets.prepare(buckets_up_to(self.max_batch)):
             self.max_batch = 0
+
+    def _bucket(self, size: int) -> FixedCall:
+        if not self._buckets:
+            self._generation = self._pool.generation
+        return self._prepare(size)
+
+    def _prepare(self, size: int) -> FixedCall:
+        raise NotImplementedError
+
+    def _index_input(self, size: int) -> torch.Tensor:
+        """A bucket's per-row index ``(3, branches·size)``: every row the scratch row, no
+        position, one text position (finite attention for the rows beyond a batch)."""
+        index = torch.zeros(3, size * self._branches, dtype=torch.long, device=self._pool.device)
+        index[0], index[2] = SCRATCH_ROW, 1
+        return index
+
+    def _fill_index(self, index: torch.Tensor, columns: tuple[list[int], list[int], list[int]], batch: int) -> None:
+        """Write per-row lists (conditional rows first, ``batch`` per branch) into a bucket's
+        index, each branch's rows padded as ``_index_input`` made them, in one copy."""
+        padding = index.shape[1] // self._branches - batch
+        lists = [
+            [
+                value
+                for b in range(self._branches)
+                for value in [*column[b * batch : (b + 1) * batch], *[fill] * padding]
+            ]
+            for column, fill in zip(columns, (SCRATCH_ROW, 0, 1))
+        ]
+        index.copy_(torch.tensor(lists), non_blocking=True)
+
+    def _batch_rows(self, output: torch.Tensor, batch: int, size: int) -> torch.Tensor:
+        """The real rows of a bucket's output, conditional first (a copy: the next replay
+        writes the output again)."""
+        return torch.cat([output[b * size : b * size + batch] for b in range(self._branches)])
+
+
+class GraphedAdvance(PoolGraphs):
+    """``AdvanceStep`` over the whole pool from CUDA graphs (see ``PoolGraphs``)."""
+
+    def __init__(self, step: AdvanceStep, transformer: CachedDecoder, model, branches: int, max_batch: int):
+        super().__init__(transformer, branches, max_batch)
+        self._step = step
+        self._codes_shape = (model.num_audio_codebooks, model.frame_stacking_factor)
+        self._with_prior = model.inference_parameters.apply_attention_prior
 
     def __call__(self, codes, rows: list[int], start: list[int], text_lengths: list[int], prior):
         """As ``AdvanceStep`` for ``batch = len(codes)`` ≤ ``max_batch`` sequences; the
@@ -99,32 +143,16 @@ class GraphedAdvance:
         bucket = self._buckets.get(size)
         static_codes, static_index, *static_prior = bucket.inputs
         static_codes[:batch].copy_(codes)
-        padding = size - batch
-        index = [
-            [
-                value
-                for b in range(self._branches)
-                for value in [*column[b * batch : (b + 1) * batch], *[fill] * padding]
-            ]
-            for column, fill in ((rows, SCRATCH_ROW), (start, 0), (text_lengths, 1))
-        ]
-        static_index.copy_(torch.tensor(index), non_blocking=True)
+        self._fill_index(static_index, (rows, start, text_lengths), batch)
         if static_prior:
             for b in range(self._branches):
                 static_prior[0][b * size : b * size + batch, : prior.shape[1]] = prior[b * batch : (b + 1) * batch]
         hidden, alignment = bucket()
-        hidden = torch.cat([hidden[b * size : b * size + batch] for b in range(self._branches)])
-        return hidden, alignment[:batch] if alignment is not None else None
+        return self._batch_rows(hidden, batch, size), alignment[:batch] if alignment is not None else None
 
     def _prepare(self, size: int) -> FixedCall:
-        if not self._buckets:
-            self._generation = self._pool.generation
         rows, device = size * self._branches, self._pool.device
-        inputs = [
-            torch.zeros(size, *self._codes_shape, dtype=torch.long, device=device),
-            torch.zeros(3, rows, dtype=torch.long, device=device),  # rows (scratch), start, text lengths
-        ]
-        inputs[1][2] = 1
+        inputs = [torch.zeros(size, *self._codes_shape, dtype=torch.long, device=device), self._index_input(size)]
         if self._with_prior:
             inputs.append(torch.ones(rows, self._pool.text_positions, device=device))
         span, text_span = self._pool.positions, self._pool.text_positions
@@ -133,3 +161,58 @@ class GraphedAdvance:
             return self._step(codes, *index, prior, span=span, text_span=text_span)
 
         return FixedCall(replayed, tuple(inputs), self._graph_pool)
+
+
+class GraphedPrefill(PoolGraphs):
+    """New sequences' prefixes (their voice's context, then the BOS frames) into the cache
+    from CUDA graphs (see ``PoolGraphs``): a sequence's first step ran the whole decoder
+    eagerly over its ~200 prefix positions, a thousand kernel launches before its first
+    audio. Every bucket is ``width`` positions wide (the longest voice's prefix); a row's
+    padding writes past its end, where its next steps overwrite it before anyone reads it."""
+
+    what = "TTS prefill"
+
+    def __init__(
+        self,
+        transformer: CachedDecoder,
+        width: int,
+        d_model: int,
+        autocast_dtype: torch.dtype | None,
+        branches: int,
+        max_batch: int,
+    ):
+        super().__init__(transformer, branches, max_batch)
+        self._transformer = transformer
+        self._width = width
+        self._d_model = d_model
+        self._autocast_dtype = autocast_dtype
+
+    def __call__(self, prefixes: torch.Tensor, rows: list[int], last: list[int], text_lengths: list[int]):
+        """Hidden state at each row's last prefix position ``(branches·batch, d)`` and the
+        conditional rows' alignment, for ``prefixes`` ``(branches·batch, T, d)``
+        right-padded, conditional rows first, with per-row lists in the same order."""
+        batch = len(rows) // self._branches
+        size = bucket_rows(batch)
+        bucket = self._buckets.get(size)
+        static_x, static_index = bucket.inputs
+        for b in range(self._branches):
+            static_x[b * size : b * size + batch, : prefixes.shape[1]] = prefixes[b * batch : (b + 1) * batch]
+        self._fill_index(static_index, (rows, last, text_lengths), batch)
+        hidden, alignment = bucket()
+        return self._batch_rows(hidden, batch, size), alignment[:batch] if alignment is not None else None
+
+    def _prepare(self, size: int) -> FixedCall:
+        device = self._pool.device
+        x = torch.zeros(size * self._branches, self._width, self._d_model, device=device)
+        return FixedCall(self._prefill, (x, self._index_input(size)), self._graph_pool)
+
+    def _prefill(self, x: torch.Tensor, index: torch.Tensor):
+        rows, last, text_lengths = index
+        # Its own autocast, without the weight-cast cache (as the decoder step's).
+        with torch.autocast(
+            x.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
+        ):
+            decoded = self._transformer.forward(
+                x, rows, torch.zeros_like(rows), last, text_lengths, None, self._width, self._pool.text_positions
+            )
+        return decoded.hidden, decoded.alignment

@@ -21,10 +21,15 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from servers.tts.advance import AdvanceStep, GraphedAdvance, embed_frame_stack
+from servers.tts.advance import AdvanceStep, GraphedAdvance, GraphedPrefill, embed_frame_stack
 from servers.tts.bookkeeping import PriorRules, first_eos_frames, inference_prior, most_attended, text_progress
 from servers.tts.kv_cache import CachedDecoder
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
+
+PREFILL_GRAPH_MAX_BATCH = 8
+"""Most segments whose prefill replays a graph: a step starts the segments that arrived
+since the last one, a few; larger buckets would hold ~200 positions of activations each
+for rare use (more run eagerly)."""
 
 
 @dataclass
@@ -153,12 +158,24 @@ class MagpieDecoder:
             if graph_max_batch > 0
             else None
         )
+        self._context_lengths = [int(n) for n in model.baked_context_embedding_len.tolist()]
+        """Per voice, the decoder positions of its baked context (read once: no device reads per sequence)."""
+        self.prefill_graphs = (
+            GraphedPrefill(
+                self.transformer,
+                width=max(self._context_lengths) + 1,
+                d_model=model.cfg.decoder.d_model,
+                autocast_dtype=autocast_dtype,
+                branches=self._branches,
+                max_batch=min(graph_max_batch, PREFILL_GRAPH_MAX_BATCH),
+            )
+            if graph_max_batch > 0
+            else None
+        )
         self._live: dict[int, Sequence] = {}
         """Started sequences by id, until a step leaves them out."""
         self._codes = CodeStore(torch.zeros(0, model.num_audio_codebooks, 0, dtype=torch.long, device=self.device))
         """The live sequences' codes, a slot per sequence (its conditional cache row)."""
-        self._context_lengths = [int(n) for n in model.baked_context_embedding_len.tolist()]
-        """Per voice, the decoder positions of its baked context (read once: no device reads per sequence)."""
 
     def reserve(self, sequences: int, max_frames: int, max_text_tokens: int) -> None:
         """Allocate the key/value cache for this many sequences at once, of up to these
@@ -175,19 +192,19 @@ class MagpieDecoder:
 
     @torch.inference_mode()
     def prepare_graphs(self) -> None:
-        """Capture the decoder step and the code sampler for every batch size now (before
-        serving, after ``reserve``)."""
-        if self.advance_graphs is not None:
-            self.advance_graphs.prepare_all()
-        if self.sampler_graphs is not None:
-            self.sampler_graphs.prepare_all()
+        """Capture the decoder step, the prefill and the code sampler for every batch size
+        now (before serving, after ``reserve``)."""
+        for graphs in (self.advance_graphs, self.prefill_graphs, self.sampler_graphs):
+            if graphs is not None:
+                graphs.prepare_all()
 
     @property
     def graph_batches(self) -> dict[str, int]:
-        """Largest batch the decoder step and the code sampler replay from CUDA graphs now
-        (0: eager, from the start, after a failed capture, or after the cache grew)."""
+        """Largest batch the decoder step, the prefill and the code sampler replay from CUDA
+        graphs now (0: eager, from the start, after a failed capture, or after the cache grew)."""
         return {
             "decoder_step": self.advance_graphs.batch_limit if self.advance_graphs else 0,
+            "prefill": self.prefill_graphs.batch_limit if self.prefill_graphs else 0,
             "sampler": self.sampler_graphs.max_batch if self.sampler_graphs else 0,
         }
 
@@ -298,16 +315,14 @@ class MagpieDecoder:
         if self.use_cfg:  # NeMo's unconditional context: zeros of the same length
             prefixes += [torch.cat([torch.zeros_like(p[:-1]), p[-1:]]) for p in prefixes]
         rows, _, text_lengths = self._row_lists(sequences)
-        decoded = self.transformer.decode(
-            torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True),
-            rows,
-            start=[0] * len(rows),
-            last=[len(p) - 1 for p in prefixes],
-            text_lengths=text_lengths,
-            prior=None,
-        )
+        x, last = torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True), [len(p) - 1 for p in prefixes]
         for s, length in zip(sequences, lengths):
             s.cached = length + 1
+        if self.prefill_graphs is not None and self.prefill_graphs.covers(count):
+            return self.prefill_graphs(x, rows, last, text_lengths)
+        decoded = self.transformer.decode(
+            x, rows, start=[0] * len(rows), last=last, text_lengths=text_lengths, prior=None
+        )
         alignment = decoded.alignment[:count] if decoded.alignment is not None else None
         return decoded.hidden, alignment
 

@@ -64,7 +64,8 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         ours = sequence.codes[:, -sequence.frames :]
         assert torch.equal(ours, _generate_speech(model, text, 24, voice))
     if graph_max_batch:  # the fixed-shape steps stayed in use (the cache never outgrew them)
-        assert decoder.advance_graphs.captured == [1, 2, 4] and decoder.advance_graphs.covers(3)
+        assert decoder.advance_graphs.captured == decoder.prefill_graphs.captured == [1, 2, 4]
+        assert decoder.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4}
 
 
 def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):

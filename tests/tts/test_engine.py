@@ -82,9 +82,9 @@ def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine
 
 
 def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
-    """The CUDA-graph paths of the decoder step, code sampling and codec decode (on a CPU
-    their fixed buffers run eagerly): three concurrent segments in a batch of four give
-    what the eager engine gives."""
+    """The CUDA-graph paths of the decoder step, the prefill, code sampling and codec decode
+    (on a CPU their fixed buffers run eagerly): three concurrent segments in a batch of four
+    give what the eager engine gives."""
     graphed = make_tts_engine(tiny_tts_path, graph_max_batch=4)
     graphed.warm_up()
     assert graphed._decoder.sampler_graphs.captured == [1, 2, 4]
@@ -101,7 +101,7 @@ def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_p
         alone = pcm(synthesize(engine, text, mode="batch"))
         assert_same_audio(pcm(mine), alone)
     # The reserved cache held every segment: the graphs are all still in use.
-    assert graphed.graph_batches == {"decoder_step": 4, "sampler": 4, "codec": 8}
+    assert graphed.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4, "codec": 8}
 
 
 def test_a_full_batch_turning_over_segments_keeps_its_graphs(tiny_tts_path):
