@@ -6,8 +6,10 @@ models download and load, and stops it when the bot exits.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,10 +30,30 @@ def health_urls(settings: AgentSettings) -> dict[str, str]:
     return {"ASR": health(settings.asr_url), "TTS": health(settings.tts_url), "LLM": health(settings.llm_url)}
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Health is asked of this machine's own ports: never through an ``http_proxy`` the
+environment names (it would answer for them, or not at all)."""
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before it starts: the kernel sends it SIGTERM when the bot dies,
+    however it dies (SIGKILL included), so no host is left holding the GPU and the ports."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``args`` as a process that ends with this one (on Linux; elsewhere only
+    ``LocalHost.stop`` ends it). Call it from the main thread: the kernel ties the child
+    to the thread that started it."""
+    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
 def read_health(url: str) -> dict | None:
     """The endpoint's health report (also for 503 while loading); None if unreachable."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with _DIRECT.open(url, timeout=2) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         try:
@@ -55,7 +77,7 @@ class LocalHost:
         env = {k: v for k, v in os.environ.items() if k != "HOST_AUTH_TOKEN"}
         if self._settings.auth_token:
             env["HOST_AUTH_TOKEN"] = self._settings.auth_token
-        self._process = subprocess.Popen(self._args, env=env)
+        self._process = spawn_child(self._args, env)
 
     def wait_ready(self, timeout_s: float = 3600.0, report_every_s: float = 10.0) -> None:
         """Block until every endpoint is ready (model downloads can take many minutes)."""

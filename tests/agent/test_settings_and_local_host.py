@@ -1,6 +1,9 @@
 """The bot's settings, and the local GPU host it starts when no servers are configured."""
 
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -82,3 +85,35 @@ def test_a_host_that_cannot_load_is_reported(tmp_path):
 def test_recordings_of_sessions_that_end_together_are_all_kept(tmp_path):
     paths = {write_wav(tmp_path, bytes(400), 16000, 2) for _ in range(3)}
     assert len(paths) == 3 and all(p.exists() for p in paths)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_a_child_the_bot_starts_ends_when_the_bot_is_killed():
+    """SIGKILL gives the bot no chance to stop its host: the kernel must."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time; from pipecat_nvidia.local_host import spawn_child; "
+            "child = spawn_child([sys.executable, '-c', 'import time; time.sleep(60)'], dict(os.environ)); "
+            "print(child.pid, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (dead, not yet reaped) is not alive
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
