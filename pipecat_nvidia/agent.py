@@ -72,8 +72,16 @@ class AgentSettings:
         "record_dir": "BOT_RECORD_DIR",
     }
 
+    HOST_PORTS = {
+        "asr_url": ("HOST_ASR_PORT", "ws://127.0.0.1:{}"),
+        "tts_url": ("HOST_TTS_PORT", "ws://127.0.0.1:{}"),
+        "llm_url": ("HOST_LLM_PORT", "http://127.0.0.1:{}/v1"),
+    }
+    """The local host's ports (its own settings): where the bot finds it when the URL is not set."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AgentSettings:
+        """Settings from ``env``; a value that does not parse is an error naming its variable."""
         values: dict = {}
         types = {f.name: f.type for f in fields(cls)}
         for name, var in cls.ENV.items():
@@ -81,17 +89,38 @@ class AgentSettings:
             if raw in (None, ""):
                 continue
             if types[name] == "int":
-                values[name] = int(raw)
+                values[name] = _parse_int(var, raw)
             elif types[name] == "bool":
-                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                values[name] = _parse_bool(var, raw)
             else:
                 values[name] = raw
         remote = tuple(n for n in ("asr_url", "tts_url", "llm_url") if n in values)
-        return cls(**values, remote=remote)
+        local = {
+            name: url.format(_parse_int(var, env[var]))
+            for name, (var, url) in cls.HOST_PORTS.items()
+            if name not in values and env.get(var)
+        }
+        return cls(**values, **local, remote=remote)
 
     @property
     def uses_local_host(self) -> bool:
         return not self.remote
+
+
+def _parse_int(var: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a whole number") from None
+
+
+def _parse_bool(var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{var}={raw!r} is not a yes/no value (true/false, 1/0, yes/no, on/off)")
 
 
 @dataclass

@@ -23,6 +23,22 @@ def test_any_server_url_means_remote_servers():
     assert not settings.uses_local_host and settings.llm_url == "http://gpu-box:8000/v1"
 
 
+def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
+    settings = AgentSettings.from_env({"HOST_ASR_PORT": "9000", "HOST_LLM_PORT": "9002"})
+    assert settings.uses_local_host
+    assert (settings.asr_url, settings.tts_url, settings.llm_url) == (
+        "ws://127.0.0.1:9000",
+        "ws://127.0.0.1:8001",
+        "http://127.0.0.1:9002/v1",
+    )
+
+
+@pytest.mark.parametrize(("var", "raw"), [("BOT_MAX_TOKENS", "300tokens"), ("BOT_GREETING", "ture")])
+def test_a_setting_that_does_not_parse_is_an_error_naming_its_variable(var, raw):
+    with pytest.raises(ValueError, match=var):
+        AgentSettings.from_env({var: raw})
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
