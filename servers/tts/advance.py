@@ -55,9 +55,14 @@ class PoolGraphs:
     batch up to ``max_batch``, all captured by ``prepare_all`` once the pool has its final
     size. Rows beyond the batch write to the pool's scratch row. If the pool grows after
     the capture (longer text than it was reserved for), the graphs are dropped: eager.
-    Subclasses say what a bucket's inputs are (``_prepare``) and fill them."""
+    Subclasses name their work (``what``), say what a bucket's inputs are (``_prepare``)
+    and fill them."""
 
-    what = "TTS decoder step"
+    what: str
+
+    INDEX_PADDING = (SCRATCH_ROW, 0, 1)
+    """A bucket index's value for the rows beyond a batch, per column: the scratch row, no
+    position, one text position (finite attention)."""
 
     def __init__(self, transformer: CachedDecoder, branches: int, max_batch: int):
         self._pool = transformer.pool
@@ -100,15 +105,13 @@ class PoolGraphs:
         raise NotImplementedError
 
     def _index_input(self, size: int) -> torch.Tensor:
-        """A bucket's per-row index ``(3, branches·size)``: every row the scratch row, no
-        position, one text position (finite attention for the rows beyond a batch)."""
-        index = torch.zeros(3, size * self._branches, dtype=torch.long, device=self._pool.device)
-        index[0], index[2] = SCRATCH_ROW, 1
-        return index
+        """A bucket's per-row index ``(3, branches·size)``, every row padding."""
+        padding = torch.tensor(self.INDEX_PADDING, device=self._pool.device)
+        return padding[:, None].repeat(1, size * self._branches)
 
     def _fill_index(self, index: torch.Tensor, columns: tuple[list[int], list[int], list[int]], batch: int) -> None:
         """Write per-row lists (conditional rows first, ``batch`` per branch) into a bucket's
-        index, each branch's rows padded as ``_index_input`` made them, in one copy."""
+        index, each branch's rows padded with ``INDEX_PADDING``, in one copy."""
         padding = index.shape[1] // self._branches - batch
         lists = [
             [
@@ -116,7 +119,7 @@ class PoolGraphs:
                 for b in range(self._branches)
                 for value in [*column[b * batch : (b + 1) * batch], *[fill] * padding]
             ]
-            for column, fill in zip(columns, (SCRATCH_ROW, 0, 1))
+            for column, fill in zip(columns, self.INDEX_PADDING)
         ]
         index.copy_(torch.tensor(lists), non_blocking=True)
 
@@ -128,6 +131,8 @@ class PoolGraphs:
 
 class GraphedAdvance(PoolGraphs):
     """``AdvanceStep`` over the whole pool from CUDA graphs (see ``PoolGraphs``)."""
+
+    what = "TTS decoder step"
 
     def __init__(self, step: AdvanceStep, transformer: CachedDecoder, model, branches: int, max_batch: int):
         super().__init__(transformer, branches, max_batch)
