@@ -9,6 +9,7 @@ Pipecat's examples (credentials from the environment or ``.env``). Settings:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import sys
 
@@ -50,18 +51,42 @@ async def bot(runner_args: RunnerArguments):
     await runner.run()
 
 
+def _runner_address(argv: list[str]) -> tuple[str, int] | None:
+    """Where the Pipecat runner will listen (None with ``--direct``: it will not)."""
+    from pipecat.runner.run import RUNNER_HOST, RUNNER_PORT
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--host", default=RUNNER_HOST)
+    p.add_argument("--port", type=int, default=RUNNER_PORT)
+    p.add_argument("-d", "--direct", action="store_true")
+    args, _ = p.parse_known_args(argv)
+    return None if args.direct else (args.host, args.port)
+
+
+def _start_local_host(settings: AgentSettings) -> None:
+    """Before the minutes of loading: refuse a runner port that is taken, which the
+    runner itself would find only afterwards."""
+    from pipecat_nvidia.local_host import LocalHost, port_in_use
+
+    address = _runner_address(sys.argv[1:])
+    if address is not None and port_in_use(*address):
+        sys.exit(f"Port {address[1]} is taken (another bot?): stop it, or choose another with --port")
+    host = LocalHost(settings)
+    atexit.register(host.stop)
+    try:
+        host.start()
+        host.wait_ready()
+    except (RuntimeError, TimeoutError) as e:
+        sys.exit(f"The local GPU host cannot serve the agent: {e}")
+
+
 def main() -> None:
     from pipecat.runner.run import main as run_runner
 
     settings = AgentSettings.from_env()
     asking_for_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
     if settings.uses_local_host and not asking_for_help:
-        from pipecat_nvidia.local_host import LocalHost
-
-        host = LocalHost(settings)
-        atexit.register(host.stop)
-        host.start()
-        host.wait_ready()
+        _start_local_host(settings)
     run_runner()
 
 

@@ -10,8 +10,10 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -64,13 +66,42 @@ def read_health(url: str) -> dict | None:
         return None
 
 
+def stop_bot_if_it_dies(process: subprocess.Popen, stopping: threading.Event) -> None:
+    """The agent cannot hear or speak without its host: if the host dies unasked, say so
+    and end the bot (SIGINT, as Ctrl-C would) rather than fail every turn quietly."""
+
+    def watch() -> None:
+        code = process.wait()
+        if not stopping.is_set():
+            logger.error(f"The local GPU host exited with code {code}; stopping the bot")
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="local-host-watch", daemon=True).start()
+
+
+class PortTaken(RuntimeError):
+    """Something already listens where the local host would."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 class LocalHost:
     def __init__(self, settings: AgentSettings, extra_args: tuple[str, ...] = ()):
         self._settings = settings
         self._args = [sys.executable, "-m", "scheduler", *_port_args(settings), *extra_args]
         self._process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
+        """Start the host; refuse if one of its ports is taken (a host left running by
+        another bot would otherwise answer in its place)."""
+        self.refuse_taken_ports()
         logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")
         # The host asks for the token the bot sends (through the environment: arguments
         # are visible to every user of the machine), and for none when the bot sends none.
@@ -79,25 +110,46 @@ class LocalHost:
             env["HOST_AUTH_TOKEN"] = self._settings.auth_token
         self._process = spawn_child(self._args, env)
 
-    def wait_ready(self, timeout_s: float = 3600.0, report_every_s: float = 10.0) -> None:
-        """Block until every endpoint is ready (model downloads can take many minutes)."""
+    def refuse_taken_ports(self) -> None:
+        for name, url in health_urls(self._settings).items():
+            parts = urlsplit(url)
+            if not port_in_use(parts.hostname, parts.port):
+                continue
+            report = read_health(url)
+            if report is not None and "status" in report:
+                raise PortTaken(
+                    f"a {name} server ({report['status']}, {report.get('model')}) already runs on port {parts.port}: "
+                    f"stop it (another bot's GPU host?), or set NVIDIA_{name}_URL to use it"
+                )
+            raise PortTaken(
+                f"port {parts.port} (the local {name} server's) is taken by another program: "
+                f"free it, or move the host with HOST_{name}_PORT"
+            )
+
+    def wait_ready(self, timeout_s: float = 600.0, report_every_s: float = 10.0) -> None:
+        """Block until every endpoint is ready, showing progress. Downloading and loading
+        the models may take as long as it takes; ``timeout_s`` bounds only the wait for
+        the host to answer at all."""
         urls = health_urls(self._settings)
         started = time.monotonic()
         reported = started
+        answered = False
         while True:
             if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"the local GPU host exited with code {self._process.returncode}")
             reports = {name: read_health(url) for name, url in urls.items()}
-            statuses = {name: (r or {}).get("status", "starting") for name, r in reports.items()}
+            answered = answered or any(reports.values())
+            statuses = {name: _progress(r) for name, r in reports.items()}
             if all(s == "ready" for s in statuses.values()):
                 logger.info(f"Local GPU host ready in {time.monotonic() - started:.0f} s")
+                stop_bot_if_it_dies(self._process, self._stopping)
                 return
             failed = {n: r.get("error") for n, r in reports.items() if r and r.get("status") == "error"}
             if failed:
                 raise RuntimeError(f"the local GPU host could not load: {failed}")
             now = time.monotonic()
-            if now - started > timeout_s:
-                raise TimeoutError(f"the local GPU host was not ready after {timeout_s:.0f} s: {statuses}")
+            if not answered and now - started > timeout_s:
+                raise TimeoutError(f"the local GPU host did not answer within {timeout_s:.0f} s")
             if now - reported >= report_every_s:
                 reported = now
                 summary = ", ".join(f"{n} {s}" for n, s in statuses.items())
@@ -105,14 +157,22 @@ class LocalHost:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._process is None or self._process.poll() is not None:
             return
+        logger.info("Stopping the local GPU host")
         self._process.terminate()
         try:
             self._process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def _progress(report: dict | None) -> str:
+    if report is None:
+        return "starting"
+    return "queued" if report.get("queued") else report.get("status", "starting")
 
 
 def _port_args(settings: AgentSettings) -> list[str]:

@@ -6,7 +6,7 @@ from scheduler.host import HostSettings, LocalGpuHost
 from scheduler.policy import Targets
 from servers.asr.config import RIGHT_CONTEXTS, AsrServerSettings
 from servers.common.cli import run_server
-from servers.common.settings import EnvDefaultsParser
+from servers.common.settings import EnvDefaultsParser, device_name
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
 from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
 
@@ -29,7 +29,10 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     )
     p.add_setting("--host", "127.0.0.1", "address every endpoint binds; 0.0.0.0 exposes them to the network")
     p.add_setting(
-        "--device", "auto", "the GPU (cuda, cuda:N, cpu or auto); the LLM's too unless --llm-main-gpu says otherwise"
+        "--device",
+        "auto",
+        "the GPU (cuda, cuda:N, cpu or auto); the LLM's too unless --llm-main-gpu says otherwise",
+        type=device_name,
     )
     p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
     p.add_setting("--asr-model", asr.model, "ASR: Hugging Face name or .nemo path")

@@ -58,8 +58,11 @@ class LocalGpuHost:
         return (self.asr, self.tts, self.llm)
 
     async def start(self) -> None:
+        """Every port first: one that is taken ends the host before any model loads."""
         for server in self.servers:
-            await server.start()
+            await server.listen()
+        for server in self.servers:
+            server.start_loading()
 
     async def wait_loaded(self) -> None:
         await asyncio.gather(*(server.wait_loaded() for server in self.servers))

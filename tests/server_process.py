@@ -22,6 +22,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports (held together while picked)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def listening_socket() -> Iterator[int]:
+    """A port some other program holds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def server_process(module: str, *args: str, timeout: float = 180.0) -> Iterator[int]:
     """Start ``python -m module args --port P``, wait until /health says ready, yield P;

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from typing import Protocol
 
 from loguru import logger
+
+from servers.common.loading import unfinished_loads
 
 
 class Server(Protocol):
@@ -25,7 +28,12 @@ async def _serve(server: Server) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        logger.error(f"{server.kind} server cannot listen: {e}")
+        await server.stop()
+        return 1
     try:
         loading = asyncio.ensure_future(server.wait_loaded())
         stopping = asyncio.ensure_future(stop.wait())
@@ -40,7 +48,18 @@ async def _serve(server: Server) -> int:
 
 
 def run_server(server: Server, log_level: str) -> None:
-    """Serve until interrupted; exit 1 if the model cannot be loaded."""
+    """Serve until interrupted; exit 1 if a port cannot be bound or a model cannot be loaded.
+
+    Stopping while a model loads exits at once: the load cannot be interrupted, and a
+    normal exit would tear the interpreter down under it (or wait minutes for a download).
+    """
     logger.remove()
     logger.add(sys.stderr, level=log_level)
-    sys.exit(asyncio.run(_serve(server)))
+    code = asyncio.run(_serve(server))
+    abandoned = unfinished_loads()
+    if abandoned:
+        logger.info(f"Exiting without waiting for the {', '.join(abandoned)} model load to finish")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -7,11 +7,16 @@ the local GPU host hands it to the shared scheduler instead.
 Loads in one process run one at a time: NeMo's ``restore_from`` changes the process's
 working directory to a temporary one it deletes afterwards, so two at once break each
 other (and, on a GPU, the LLM's quantisation is chosen by the memory the others leave).
+
+A load cannot be interrupted (NeMo's and llama.cpp's loaders have no way to), so a server
+that stops meanwhile abandons it: queued loads never start, and the one under way runs
+on a daemon thread that the process does not wait for (see ``unfinished_loads``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from servers.common.worker import EngineWorker
 
 E = TypeVar("E")
 _ONE_LOAD_AT_A_TIME = threading.Lock()
+_UNDER_WAY: set[str] = set()
 StepObserver = Callable[[Any], None]
 Driver = Callable[[Any, StepObserver], Callable[[], None]]
 """Starts driving an engine, reporting each step's stats to the observer; returns how to
@@ -40,6 +46,15 @@ def own_worker(kind: str) -> Driver:
     return drive
 
 
+def unfinished_loads() -> list[str]:
+    """The models whose load is still running in this process (abandoned ones included)."""
+    return sorted(_UNDER_WAY)
+
+
+class LoadAbandoned(Exception):
+    """The server stopped before this load's turn came."""
+
+
 class BackgroundLoad(Generic[E]):
     def __init__(self, kind: str, model: str, load: Callable[[], E], on_step: StepObserver, driver: Driver | None):
         self.kind = kind
@@ -53,6 +68,8 @@ class BackgroundLoad(Generic[E]):
         self._task: asyncio.Task | None = None
         self._stop_driver: Callable[[], None] | None = None
         self._started = time.monotonic()
+        self._loading_now = False
+        self._abandoned = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -64,6 +81,7 @@ class BackgroundLoad(Generic[E]):
             raise RuntimeError(self.error)
 
     async def stop(self) -> None:
+        self._abandoned = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._stop_driver is not None:
@@ -80,18 +98,53 @@ class BackgroundLoad(Generic[E]):
             "uptime_s": round(time.monotonic() - self._started, 1),
             **details,
         }
+        if self.status == "loading":
+            report["queued"] = not self._loading_now  # another model loads first
         if self.error is not None:
             report["error"] = self.error
         return self.status == "ready", report
 
     def _load_alone(self) -> E:
         with _ONE_LOAD_AT_A_TIME:
-            return self._load()
+            if self._abandoned:
+                raise LoadAbandoned(self.kind)
+            self._loading_now = True
+            _UNDER_WAY.add(self.kind)
+            try:
+                return self._load()
+            finally:
+                _UNDER_WAY.discard(self.kind)
+                self._loading_now = False
+
+    async def _load_in_daemon_thread(self) -> E:
+        """Like ``asyncio.to_thread``, but on a thread of its own that neither the event
+        loop's shutdown nor the interpreter's exit waits for."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[E] = loop.create_future()
+
+        def settle(result: E | None, error: BaseException | None) -> None:
+            if outcome.done():
+                return
+            if error is None:
+                outcome.set_result(result)
+            else:
+                outcome.set_exception(error)
+
+        def load() -> None:
+            try:
+                result, error = self._load_alone(), None
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=load, name=f"{self.kind.lower()}-load", daemon=True).start()
+        return await outcome
 
     async def _run(self) -> None:
         started = time.monotonic()
         try:
-            engine = await asyncio.to_thread(self._load_alone)
+            engine = await self._load_in_daemon_thread()
         except Exception as e:  # noqa: BLE001 - reported on /health and to clients
             logger.exception(f"Loading the {self.kind} model failed")
             self.error = f"{type(e).__name__}: {e}"

@@ -26,12 +26,20 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         raw = os.environ.get(env_name)
         try:
             value = cast(raw) if raw not in (None, "") else default
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             self.error(f"${env_name}={raw!r} is not valid: {e}")
         choices = kwargs.get("choices")
         if raw not in (None, "") and choices is not None and value not in choices:
             self.error(f"${env_name}={raw!r} is not one of {', '.join(map(str, choices))}")
         self.add_argument(flag, default=value, type=type, help=f"{help} [${env_name}]", **kwargs)
+
+
+def device_name(value: str) -> str:
+    """A device the servers can run on: auto, cpu, cuda or cuda:N."""
+    kind, colon, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, not {value!r}")
 
 
 class DeviceSetting:
@@ -53,7 +61,7 @@ def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
     p.add_setting("--model", d.model, model_help)
     p.add_setting("--host", d.host, "address to bind; 0.0.0.0 exposes the server to the network")
     p.add_setting("--port", d.port, "port for the WebSocket, /health and /metrics (0 picks a free one)", type=int)
-    p.add_setting("--device", d.device, "cuda, cuda:N, cpu, or auto (cuda when available)")
+    p.add_setting("--device", d.device, "cuda, cuda:N, cpu, or auto (cuda when available)", type=device_name)
     p.add_setting(
         "--precision",
         d.precision,

@@ -175,6 +175,10 @@ class EngineServer(ABC, Generic[E]):
 
     async def start(self) -> None:
         """Listen at once; load the model in the background (``/health`` shows progress)."""
+        await self.listen()
+        self.start_loading()
+
+    async def listen(self) -> None:
         s = self.settings
         self._deliveries = Deliveries(asyncio.get_running_loop())
         self._server = await serve(
@@ -187,7 +191,9 @@ class EngineServer(ABC, Generic[E]):
             max_size=4 * s.max_message_bytes,
             compression=None,  # audio barely deflates; compressing each frame only costs CPU
         )
-        logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port} (model loading)")
+        logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port}")
+
+    def start_loading(self) -> None:
         self._loading.start()
 
     @property

@@ -77,6 +77,11 @@ class LlmServer:
         return self._site._server.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
+        """Listen at once; load the model in the background (``/health`` shows progress)."""
+        await self.listen()
+        self.start_loading()
+
+    async def listen(self) -> None:
         app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._auth])
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
@@ -87,7 +92,9 @@ class LlmServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         await self._site.start()
-        logger.info(f"LLM server listening on http://{self.settings.host}:{self.port}/v1 (model loading)")
+        logger.info(f"LLM server listening on http://{self.settings.host}:{self.port}/v1")
+
+    def start_loading(self) -> None:
         self._loading.start()
 
     async def wait_loaded(self) -> None:

@@ -1,6 +1,7 @@
 """The bot's settings, and the local GPU host it starts when no servers are configured."""
 
-import socket
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ import urllib.request
 import pytest
 
 from pipecat_nvidia.agent import AgentSettings, write_wav
-from pipecat_nvidia.local_host import LocalHost, health_urls, read_health
+from pipecat_nvidia.local_host import LocalHost, PortTaken, health_urls, read_health
+from tests.server_process import ROOT, free_ports, listening_socket, server_process
 
 
 def test_no_server_urls_means_the_local_host():
@@ -37,16 +39,6 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
 def test_a_setting_that_does_not_parse_is_an_error_naming_its_variable(var, raw):
     with pytest.raises(ValueError, match=var):
         AgentSettings.from_env({var: raw})
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _models_status(settings: AgentSettings, token: str | None = None) -> int:
@@ -133,3 +125,71 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _local_settings(asr: int, tts: int, llm: int) -> AgentSettings:
+    return AgentSettings(
+        asr_url=f"ws://127.0.0.1:{asr}", tts_url=f"ws://127.0.0.1:{tts}", llm_url=f"http://127.0.0.1:{llm}/v1"
+    )
+
+
+def test_the_bot_refuses_to_start_a_host_on_a_port_another_program_holds():
+    asr, llm = free_ports(2)
+    with listening_socket() as taken:
+        host = LocalHost(_local_settings(asr, taken, llm))
+        with pytest.raises(PortTaken, match=f"port {taken} .*HOST_TTS_PORT"):
+            host.start()
+
+
+@pytest.mark.slow
+def test_the_bot_refuses_to_start_a_host_where_a_server_already_runs(tiny_asr_path):
+    """A host left running by another bot would otherwise answer for the one never started."""
+    tts, llm = free_ports(2)
+    with server_process("servers.asr", "--model", str(tiny_asr_path), "--device", "cpu") as asr:
+        host = LocalHost(_local_settings(asr, tts, llm))
+        with pytest.raises(PortTaken, match=f"ASR server \\(ready.*port {asr}.*NVIDIA_ASR_URL"):
+            host.start()
+
+
+_WATCHED_CHILD = """
+import os, sys, threading, time
+from pipecat_nvidia.local_host import spawn_child, stop_bot_if_it_dies
+child = spawn_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+stopping = threading.Event()
+stop_bot_if_it_dies(child, stopping)
+if sys.argv[1] == "stop":
+    stopping.set()
+print(child.pid, flush=True)
+try:
+    time.sleep(float(sys.argv[2]))
+    print("still running", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("how", "wait_s", "expected"), [("dies", "30", "interrupted"), ("stop", "3", "still running")])
+def test_the_bot_ends_when_its_host_dies_unasked_only(how, wait_s, expected):
+    bot = subprocess.Popen([sys.executable, "-c", _WATCHED_CHILD, how, wait_s], stdout=subprocess.PIPE, text=True)
+    try:
+        os.kill(int(bot.stdout.readline()), signal.SIGKILL)
+        assert bot.stdout.readline().strip() == expected
+    finally:
+        bot.kill()
+        bot.wait()
+
+
+def test_the_bot_stops_before_loading_anything_when_its_own_port_is_taken():
+    """The runner would find its port taken only after the minutes the models take to load."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NVIDIA_", "HOST_"))}
+    with listening_socket() as taken:
+        result = subprocess.run(
+            [sys.executable, "bot.py", "--host", "127.0.0.1", "--port", str(taken)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"Port {taken} is taken" in result.stderr and "Starting the local GPU host" not in result.stderr

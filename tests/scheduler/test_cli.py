@@ -53,3 +53,10 @@ def test_the_llm_runs_on_the_hosts_gpu_alone(device, main_gpu):
     """llama.cpp's default spreads the model over every visible GPU; the host is one GPU."""
     assert parse_settings(["--device", device]).llm.main_gpu == main_gpu
     assert parse_settings(["--device", device, "--llm-main-gpu", "2"]).llm.main_gpu == 2
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:"])
+def test_a_device_that_is_not_one_is_refused_with_the_forms_that_are(device, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--device", device])
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

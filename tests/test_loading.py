@@ -1,0 +1,91 @@
+"""Background model loads: one at a time, and abandoned (never waited for) when their server stops."""
+
+import asyncio
+import threading
+import time
+
+from servers.common.loading import BackgroundLoad, unfinished_loads
+
+
+def _no_driver(engine, on_step):
+    return lambda: None
+
+
+class SlowLoad:
+    """A load that runs until released, recording that it started."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str:
+        self.started.set()
+        self.release.wait(30)
+        return self.name
+
+    def background(self) -> BackgroundLoad:
+        return BackgroundLoad(self.name, self.name, self, on_step=lambda stats: None, driver=_no_driver)
+
+
+def _wait_for_load_threads_to_end() -> None:
+    for _ in range(500):
+        if not any(thread.name.endswith("-load") for thread in threading.enumerate()):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"loads still under way: {unfinished_loads()}")
+
+
+async def _until(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_a_load_waiting_for_another_reports_queued_then_loads():
+    first, second = SlowLoad("A"), SlowLoad("B")
+
+    async def main():
+        loads = first.background(), second.background()
+        for load in loads:
+            load.start()
+        await _until(first.started)
+        queued = [load.health()[1]["queued"] for load in loads]
+        first.release.set()
+        second.release.set()
+        await asyncio.gather(*(load.wait() for load in loads))
+        return queued, [load.status for load in loads]
+
+    assert asyncio.run(main()) == ([False, True], ["ready", "ready"])
+
+
+def test_a_stopped_server_never_starts_its_queued_load():
+    first, second = SlowLoad("A"), SlowLoad("B")
+
+    async def main():
+        loads = first.background(), second.background()
+        for load in loads:
+            load.start()
+        await _until(first.started)
+        await loads[1].stop()
+
+    asyncio.run(main())
+    first.release.set()
+    _wait_for_load_threads_to_end()
+    assert not second.started.is_set()
+
+
+def test_stopping_does_not_wait_for_the_load_under_way():
+    load = SlowLoad("A")
+
+    async def main():
+        background = load.background()
+        background.start()
+        await _until(load.started)
+        await background.stop()
+
+    asyncio.run(main())  # would take the load's 30 s if the loop's shutdown waited for it
+    try:
+        assert unfinished_loads() == ["A"]
+    finally:
+        load.release.set()
+        _wait_for_load_threads_to_end()
