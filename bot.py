@@ -78,6 +78,8 @@ def _start_local_host(settings: AgentSettings) -> None:
         host.wait_ready()
     except (RuntimeError, TimeoutError) as e:
         sys.exit(f"The local GPU host cannot serve the agent: {e}")
+    except KeyboardInterrupt:
+        sys.exit("Stopped while the local GPU host was starting")
 
 
 def main() -> None:

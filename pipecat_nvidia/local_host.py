@@ -49,7 +49,14 @@ def spawn_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """Start ``args`` as a process that ends with this one (on Linux; elsewhere only
     ``LocalHost.stop`` ends it). Call it from the main thread: the kernel ties the child
     to the thread that started it."""
-    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    return subprocess.Popen(
+        args,
+        env=env,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        # Ctrl-C in the terminal is the bot's alone: the bot stops the host when it exits
+        # (a host that stopped first would look, to the bot, like one that died).
+        start_new_session=True,
+    )
 
 
 def read_health(url: str) -> dict | None:
@@ -66,15 +73,20 @@ def read_health(url: str) -> dict | None:
         return None
 
 
-def stop_bot_if_it_dies(process: subprocess.Popen, stopping: threading.Event) -> None:
+def stop_bot_if_it_dies(process: subprocess.Popen, stopping: threading.Event, force_after_s: float = 5.0) -> None:
     """The agent cannot hear or speak without its host: if the host dies unasked, say so
-    and end the bot (SIGINT, as Ctrl-C would) rather than fail every turn quietly."""
+    and end the bot (SIGINT, as Ctrl-C would) rather than fail every turn quietly. A call
+    in progress holds the runner's graceful shutdown open; a second SIGINT ends it."""
 
     def watch() -> None:
         code = process.wait()
-        if not stopping.is_set():
-            logger.error(f"The local GPU host exited with code {code}; stopping the bot")
-            os.kill(os.getpid(), signal.SIGINT)
+        if stopping.is_set():
+            return
+        logger.error(f"The local GPU host exited with code {code}; stopping the bot")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(force_after_s)
+        logger.warning("The bot is still running without its GPU host; interrupting it again")
+        os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=watch, name="local-host-watch", daemon=True).start()
 
@@ -118,8 +130,8 @@ class LocalHost:
             report = read_health(url)
             if report is not None and "status" in report:
                 raise PortTaken(
-                    f"a {name} server ({report['status']}, {report.get('model')}) already runs on port {parts.port}: "
-                    f"stop it (another bot's GPU host?), or set NVIDIA_{name}_URL to use it"
+                    f"port {parts.port} already serves {name} ({report['status']}, {report.get('model')}): "
+                    f"stop that server (another bot's GPU host?), or set NVIDIA_{name}_URL to use it"
                 )
             raise PortTaken(
                 f"port {parts.port} (the local {name} server's) is taken by another program: "

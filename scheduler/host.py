@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from loguru import logger
+
 from scheduler.policy import Targets
 from scheduler.worker import GpuScheduler
 from servers.asr.config import AsrServerSettings
@@ -71,4 +73,7 @@ class LocalGpuHost:
         """The LLM first: its open requests end only through steps, so the scheduler (which
         the first server to stop stops) must still run while it closes."""
         for server in reversed(self.servers):
-            await server.stop()
+            try:
+                await server.stop()
+            except Exception:  # noqa: BLE001 - the others must still stop (and abandon their loads)
+                logger.exception(f"Stopping the {server.kind} server failed")

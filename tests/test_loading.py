@@ -89,3 +89,24 @@ def test_stopping_does_not_wait_for_the_load_under_way():
     finally:
         load.release.set()
         _wait_for_load_threads_to_end()
+
+
+def test_loads_run_in_the_order_they_were_started():
+    """The host starts the LLM's last: its quantisation is chosen by the memory the others leave."""
+    order: list[str] = []
+
+    def load_of(name: str):
+        def load() -> str:
+            order.append(name)
+            return name
+
+        return BackgroundLoad(name, name, load, on_step=lambda stats: None, driver=_no_driver)
+
+    async def main():
+        loads = [load_of(name) for name in "ABCDEFGH"]
+        for load in loads:
+            load.start()
+        await asyncio.gather(*(load.wait() for load in loads))
+
+    asyncio.run(main())
+    assert order == list("ABCDEFGH")

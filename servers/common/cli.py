@@ -30,8 +30,8 @@ async def _serve(server: Server) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-    except OSError as e:  # the port is taken, or the address is not this machine's
-        logger.error(f"{server.kind} server cannot listen: {e}")
+    except (OSError, OverflowError) as e:  # the port is taken or out of range, or the address is not ours
+        logger.error(f"Cannot listen ({server.kind}): {e}")
         await server.stop()
         return 1
     try:
@@ -55,7 +55,11 @@ def run_server(server: Server, log_level: str) -> None:
     """
     logger.remove()
     logger.add(sys.stderr, level=log_level)
-    code = asyncio.run(_serve(server))
+    code = 1
+    try:
+        code = asyncio.run(_serve(server))
+    except Exception:  # noqa: BLE001 - logged; the exit below must still not wait for a load
+        logger.exception(f"{server.kind} stopped on an error")
     abandoned = unfinished_loads()
     if abandoned:
         logger.info(f"Exiting without waiting for the {', '.join(abandoned)} model load to finish")

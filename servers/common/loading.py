@@ -4,9 +4,10 @@ A server listens at once and reports "loading" on ``/health`` while this runs. O
 engine is built, its driver starts it: standalone servers give it its own worker thread,
 the local GPU host hands it to the shared scheduler instead.
 
-Loads in one process run one at a time: NeMo's ``restore_from`` changes the process's
-working directory to a temporary one it deletes afterwards, so two at once break each
-other (and, on a GPU, the LLM's quantisation is chosen by the memory the others leave).
+Loads in one process run one at a time, in the order they were started: NeMo's
+``restore_from`` changes the process's working directory to a temporary one it deletes
+afterwards, so two at once break each other (and, on a GPU, the LLM's quantisation is
+chosen by the memory the others leave, so it must come last).
 
 A load cannot be interrupted (NeMo's and llama.cpp's loaders have no way to), so a server
 that stops meanwhile abandons it: queued loads never start, and the one under way runs
@@ -27,8 +28,6 @@ from loguru import logger
 from servers.common.worker import EngineWorker
 
 E = TypeVar("E")
-_ONE_LOAD_AT_A_TIME = threading.Lock()
-_UNDER_WAY: set[str] = set()
 StepObserver = Callable[[Any], None]
 Driver = Callable[[Any, StepObserver], Callable[[], None]]
 """Starts driving an engine, reporting each step's stats to the observer; returns how to
@@ -46,9 +45,42 @@ def own_worker(kind: str) -> Driver:
     return drive
 
 
+class _LoadTurns:
+    """Turns handed out first come, first served (a lock's are not ordered)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        self.under_way: str | None = None
+
+    def ticket(self) -> int:
+        with self._changed:
+            self._issued += 1
+            return self._issued - 1
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int, kind: str):
+        """Wait for ``ticket``'s turn; every ticket must pass through here, or later ones wait for good."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._serving == ticket)
+            self.under_way = kind
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.under_way = None
+                self._serving += 1
+                self._changed.notify_all()
+
+
+_TURNS = _LoadTurns()
+
+
 def unfinished_loads() -> list[str]:
-    """The models whose load is still running in this process (abandoned ones included)."""
-    return sorted(_UNDER_WAY)
+    """The model whose load is running in this process now (an abandoned one included)."""
+    under_way = _TURNS.under_way
+    return [under_way] if under_way is not None else []
 
 
 class LoadAbandoned(Exception):
@@ -68,7 +100,7 @@ class BackgroundLoad(Generic[E]):
         self._task: asyncio.Task | None = None
         self._stop_driver: Callable[[], None] | None = None
         self._started = time.monotonic()
-        self._loading_now = False
+        self._queued = False
         self._abandoned = False
 
     def start(self) -> None:
@@ -99,22 +131,17 @@ class BackgroundLoad(Generic[E]):
             **details,
         }
         if self.status == "loading":
-            report["queued"] = not self._loading_now  # another model loads first
+            report["queued"] = self._queued  # another model loads first
         if self.error is not None:
             report["error"] = self.error
         return self.status == "ready", report
 
-    def _load_alone(self) -> E:
-        with _ONE_LOAD_AT_A_TIME:
+    def _load_in_turn(self, ticket: int) -> E:
+        with _TURNS.turn(ticket, self.kind):
+            self._queued = False
             if self._abandoned:
                 raise LoadAbandoned(self.kind)
-            self._loading_now = True
-            _UNDER_WAY.add(self.kind)
-            try:
-                return self._load()
-            finally:
-                _UNDER_WAY.discard(self.kind)
-                self._loading_now = False
+            return self._load()
 
     async def _load_in_daemon_thread(self) -> E:
         """Like ``asyncio.to_thread``, but on a thread of its own that neither the event
@@ -130,15 +157,17 @@ class BackgroundLoad(Generic[E]):
             else:
                 outcome.set_exception(error)
 
-        def load() -> None:
+        def load(ticket: int) -> None:
             try:
-                result, error = self._load_alone(), None
+                result, error = self._load_in_turn(ticket), None
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
                 result, error = None, e
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
                 loop.call_soon_threadsafe(settle, result, error)
 
-        threading.Thread(target=load, name=f"{self.kind.lower()}-load", daemon=True).start()
+        self._queued = True
+        ticket = _TURNS.ticket()
+        threading.Thread(target=load, args=(ticket,), name=f"{self.kind.lower()}-load", daemon=True).start()
         return await outcome
 
     async def _run(self) -> None:

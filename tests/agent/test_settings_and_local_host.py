@@ -147,36 +147,77 @@ def test_the_bot_refuses_to_start_a_host_where_a_server_already_runs(tiny_asr_pa
     tts, llm = free_ports(2)
     with server_process("servers.asr", "--model", str(tiny_asr_path), "--device", "cpu") as asr:
         host = LocalHost(_local_settings(asr, tts, llm))
-        with pytest.raises(PortTaken, match=f"ASR server \\(ready.*port {asr}.*NVIDIA_ASR_URL"):
+        with pytest.raises(PortTaken, match=f"port {asr} already serves ASR \\(ready.*NVIDIA_ASR_URL"):
             host.start()
 
 
 _WATCHED_CHILD = """
-import os, sys, threading, time
+import os, signal, sys, threading, time
 from pipecat_nvidia.local_host import spawn_child, stop_bot_if_it_dies
+how, wait_s, interrupts_to_end = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+interrupts = 0
+
+def on_sigint(*_):
+    global interrupts
+    interrupts += 1
+    print("interrupted", flush=True)
+    if interrupts == interrupts_to_end:
+        sys.exit(0)
+
+signal.signal(signal.SIGINT, on_sigint)
 child = spawn_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
 stopping = threading.Event()
-stop_bot_if_it_dies(child, stopping)
-if sys.argv[1] == "stop":
+stop_bot_if_it_dies(child, stopping, force_after_s=0.5)
+if how == "stop":
     stopping.set()
 print(child.pid, flush=True)
-try:
-    time.sleep(float(sys.argv[2]))
-    print("still running", flush=True)
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
+time.sleep(wait_s)
+print("still running", flush=True)
 """
 
 
-@pytest.mark.parametrize(("how", "wait_s", "expected"), [("dies", "30", "interrupted"), ("stop", "3", "still running")])
-def test_the_bot_ends_when_its_host_dies_unasked_only(how, wait_s, expected):
-    bot = subprocess.Popen([sys.executable, "-c", _WATCHED_CHILD, how, wait_s], stdout=subprocess.PIPE, text=True)
+def _watched_bot(how: str, wait_s: float, interrupts_to_end: int = 1) -> tuple[subprocess.Popen, int]:
+    """A bot (sleeping, or shutting down over as many SIGINTs) whose host is a sleeping child."""
+    bot = subprocess.Popen(
+        [sys.executable, "-c", _WATCHED_CHILD, how, str(wait_s), str(interrupts_to_end)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return bot, int(bot.stdout.readline())
+
+
+@pytest.mark.parametrize(
+    ("how", "wait_s", "interrupts_to_end", "expected"),
+    [
+        ("dies", 30, 1, ["interrupted"]),
+        ("stop", 3, 1, ["still running"]),
+        ("dies", 30, 2, ["interrupted", "interrupted"]),  # a call in progress holds the first one off
+    ],
+)
+def test_the_bot_ends_when_its_host_dies_unasked_only(how, wait_s, interrupts_to_end, expected):
+    bot, host = _watched_bot(how, wait_s, interrupts_to_end)
     try:
-        os.kill(int(bot.stdout.readline()), signal.SIGKILL)
-        assert bot.stdout.readline().strip() == expected
+        os.kill(host, signal.SIGKILL)
+        assert bot.stdout.read().splitlines() == expected
     finally:
         bot.kill()
         bot.wait()
+
+
+def test_ctrl_c_in_the_terminal_reaches_the_bot_not_its_host():
+    """The bot stops its host itself; a host that got Ctrl-C too would stop first and look dead."""
+    bot, host = _watched_bot("dies", 30, interrupts_to_end=2)  # a bot that takes its time to stop
+    try:
+        os.killpg(bot.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+        assert bot.stdout.readline().strip() == "interrupted"
+        time.sleep(1)
+        assert _alive(host)
+    finally:
+        bot.kill()
+        bot.wait()
+        if _alive(host):
+            os.kill(host, signal.SIGKILL)
 
 
 def test_the_bot_stops_before_loading_anything_when_its_own_port_is_taken():

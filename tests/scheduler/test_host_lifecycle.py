@@ -1,17 +1,16 @@
 """``python -m scheduler`` as a process: a taken port or a stop never waits for model loads."""
 
 import http.server
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
+from pipecat_nvidia.local_host import read_health
 from tests.server_process import ROOT, free_ports, listening_socket
 
 pytestmark = pytest.mark.slow
@@ -26,13 +25,7 @@ def host_command(asr: str, tts: str, llm: str, ports: list[int]) -> list[str]:
 
 
 def health(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as e:
-        return json.load(e)
-    except OSError:
-        return None
+    return read_health(f"http://127.0.0.1:{port}/health")
 
 
 def test_a_taken_port_ends_the_host_before_any_model_loads(tiny_asr_path, tiny_tts_path, tiny_llm_path):
@@ -41,7 +34,7 @@ def test_a_taken_port_ends_the_host_before_any_model_loads(tiny_asr_path, tiny_t
         command = host_command(str(tiny_asr_path), str(tiny_tts_path), str(tiny_llm_path), [asr, taken, llm])
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "cannot listen" in result.stderr and str(taken) in result.stderr
+    assert "Cannot listen" in result.stderr and str(taken) in result.stderr
     assert "Loading" not in result.stderr
 
 
