@@ -41,14 +41,19 @@ async def _until(event: threading.Event) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _start_while_first_loads(first: SlowLoad, second: SlowLoad) -> tuple[BackgroundLoad, BackgroundLoad]:
+    loads = first.background(), second.background()
+    for load in loads:
+        load.start()
+    await _until(first.started)
+    return loads
+
+
 def test_a_load_waiting_for_another_reports_queued_then_loads():
     first, second = SlowLoad("A"), SlowLoad("B")
 
     async def main():
-        loads = first.background(), second.background()
-        for load in loads:
-            load.start()
-        await _until(first.started)
+        loads = await _start_while_first_loads(first, second)
         queued = [load.health()[1]["queued"] for load in loads]
         first.release.set()
         second.release.set()
@@ -62,10 +67,7 @@ def test_a_stopped_server_never_starts_its_queued_load():
     first, second = SlowLoad("A"), SlowLoad("B")
 
     async def main():
-        loads = first.background(), second.background()
-        for load in loads:
-            load.start()
-        await _until(first.started)
+        loads = await _start_while_first_loads(first, second)
         await loads[1].stop()
 
     asyncio.run(main())
