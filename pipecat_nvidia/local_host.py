@@ -113,7 +113,7 @@ class LocalHost:
     def start(self) -> None:
         """Start the host; refuse if one of its ports is taken (a host left running by
         another bot would otherwise answer in its place)."""
-        self.refuse_taken_ports()
+        self._refuse_taken_ports()
         logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")
         # The host asks for the token the bot sends (through the environment: arguments
         # are visible to every user of the machine), and for none when the bot sends none.
@@ -122,7 +122,7 @@ class LocalHost:
             env["HOST_AUTH_TOKEN"] = self._settings.auth_token
         self._process = spawn_child(self._args, env)
 
-    def refuse_taken_ports(self) -> None:
+    def _refuse_taken_ports(self) -> None:
         for name, url in health_urls(self._settings).items():
             parts = urlsplit(url)
             if not port_in_use(parts.hostname, parts.port):

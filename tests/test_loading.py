@@ -4,7 +4,7 @@ import asyncio
 import threading
 import time
 
-from servers.common.loading import BackgroundLoad, unfinished_loads
+from servers.common.loading import BackgroundLoad, load_under_way
 
 
 def _no_driver(engine, on_step):
@@ -33,7 +33,7 @@ def _wait_for_load_threads_to_end() -> None:
         if not any(thread.name.endswith("-load") for thread in threading.enumerate()):
             return
         time.sleep(0.01)
-    raise AssertionError(f"loads still under way: {unfinished_loads()}")
+    raise AssertionError(f"a load still under way: {load_under_way()}")
 
 
 async def _until(event: threading.Event) -> None:
@@ -87,7 +87,7 @@ def test_stopping_does_not_wait_for_the_load_under_way():
 
     asyncio.run(main())  # would take the load's 30 s if the loop's shutdown waited for it
     try:
-        assert unfinished_loads() == ["A"]
+        assert load_under_way() == "A"
     finally:
         load.release.set()
         _wait_for_load_threads_to_end()

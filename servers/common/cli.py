@@ -10,7 +10,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from servers.common.loading import unfinished_loads
+from servers.common.loading import load_under_way
 
 
 class Server(Protocol):
@@ -60,9 +60,9 @@ def run_server(server: Server, log_level: str) -> None:
         code = asyncio.run(_serve(server))
     except Exception:  # noqa: BLE001 - logged; the exit below must still not wait for a load
         logger.exception(f"{server.kind} stopped on an error")
-    abandoned = unfinished_loads()
-    if abandoned:
-        logger.info(f"Exiting without waiting for the {', '.join(abandoned)} model load to finish")
+    abandoned = load_under_way()
+    if abandoned is not None:
+        logger.info(f"Exiting without waiting for the {abandoned} model load to finish")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

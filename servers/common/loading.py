@@ -11,7 +11,7 @@ chosen by the memory the others leave, so it must come last).
 
 A load cannot be interrupted (NeMo's and llama.cpp's loaders have no way to), so a server
 that stops meanwhile abandons it: queued loads never start, and the one under way runs
-on a daemon thread that the process does not wait for (see ``unfinished_loads``).
+on a daemon thread that the process does not wait for (see ``load_under_way``).
 """
 
 from __future__ import annotations
@@ -77,10 +77,9 @@ class _LoadTurns:
 _TURNS = _LoadTurns()
 
 
-def unfinished_loads() -> list[str]:
-    """The model whose load is running in this process now (an abandoned one included)."""
-    under_way = _TURNS.under_way
-    return [under_way] if under_way is not None else []
+def load_under_way() -> str | None:
+    """The kind of model whose load is running in this process now (an abandoned one included)."""
+    return _TURNS.under_way
 
 
 class LoadAbandoned(Exception):
