@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -182,3 +183,25 @@ class BackgroundLoad(Generic[E]):
         self.engine = engine
         logger.info(f"{self.kind} ready in {time.monotonic() - started:.1f} s: {self.model}")
         self.ready.set()
+
+
+class LoadingServer(ABC):
+    """A server that listens at once and loads its model in ``_loading`` meanwhile. The
+    local GPU host calls ``listen`` on each of its servers before any ``start_loading``."""
+
+    _loading: BackgroundLoad
+
+    async def start(self) -> None:
+        """Listen at once; load the model in the background (``/health`` shows progress)."""
+        await self.listen()
+        self.start_loading()
+
+    @abstractmethod
+    async def listen(self) -> None: ...
+
+    def start_loading(self) -> None:
+        self._loading.start()
+
+    async def wait_loaded(self) -> None:
+        """Return once the model is ready; raise if loading failed."""
+        await self._loading.wait()

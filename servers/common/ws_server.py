@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from pipecat_nvidia.protocol import ErrorCode, ErrorMessage
 from servers.common.engine import EngineFull, SteppedEngine
 from servers.common.http import make_process_request
-from servers.common.loading import BackgroundLoad, Driver
+from servers.common.loading import BackgroundLoad, Driver, LoadingServer
 from servers.common.metrics import ServerMetrics
 
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -131,7 +131,7 @@ class Connection:
 E = TypeVar("E", bound=SteppedEngine)
 
 
-class EngineServer(ABC, Generic[E]):
+class EngineServer(LoadingServer, Generic[E]):
     kind: str
     """"ASR" or "TTS", for logs and the worker thread's name."""
     max_unsent_messages = 512
@@ -173,11 +173,6 @@ class EngineServer(ABC, Generic[E]):
     def engine(self) -> E | None:
         return self._loading.engine
 
-    async def start(self) -> None:
-        """Listen at once; load the model in the background (``/health`` shows progress)."""
-        await self.listen()
-        self.start_loading()
-
     async def listen(self) -> None:
         s = self.settings
         self._deliveries = Deliveries(asyncio.get_running_loop())
@@ -193,16 +188,9 @@ class EngineServer(ABC, Generic[E]):
         )
         logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port}")
 
-    def start_loading(self) -> None:
-        self._loading.start()
-
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
-
-    async def wait_loaded(self) -> None:
-        """Return once the model is ready; raise if loading failed."""
-        await self._loading.wait()
 
     async def stop(self) -> None:
         if self._server is not None:

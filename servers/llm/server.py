@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from servers.common.http import bearer_token_matches
-from servers.common.loading import BackgroundLoad, Driver
+from servers.common.loading import BackgroundLoad, Driver, LoadingServer
 from servers.llm.chat import PromptRejected
 from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
@@ -56,7 +56,7 @@ def error_response(status: HTTPStatus, code: str, message: str) -> web.Response:
     return web.json_response(error_body(code, message), status=status.value)
 
 
-class LlmServer:
+class LlmServer(LoadingServer):
     kind = "LLM"
 
     def __init__(self, settings: LlmServerSettings, driver: Driver | None = None):
@@ -76,11 +76,6 @@ class LlmServer:
     def port(self) -> int:
         return self._site._server.sockets[0].getsockname()[1]
 
-    async def start(self) -> None:
-        """Listen at once; load the model in the background (``/health`` shows progress)."""
-        await self.listen()
-        self.start_loading()
-
     async def listen(self) -> None:
         app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._auth])
         app.router.add_post("/v1/chat/completions", self._chat_completions)
@@ -93,12 +88,6 @@ class LlmServer:
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         await self._site.start()
         logger.info(f"LLM server listening on http://{self.settings.host}:{self.port}/v1")
-
-    def start_loading(self) -> None:
-        self._loading.start()
-
-    async def wait_loaded(self) -> None:
-        await self._loading.wait()
 
     async def stop(self) -> None:
         """Cancel what is in flight (its clients get their ends at once), then close."""
