@@ -76,8 +76,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     Metrics: TTFB as Pipecat defines it for STT (end of speech to the finalized
     transcript). Processing time is the finalize round trip: from sending the finalize
     request at the VAD's stop to receiving the final transcript. Usage is the audio
-    seconds the transport delivered (paused ones included), reported with each final
-    transcript.
+    seconds the server received (not what was held back between turns or dropped while
+    it loaded), reported with each final transcript.
     """
 
     Settings = NemotronSTTSettings
@@ -187,6 +187,11 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             await self._send_audio(audio)
         yield None
 
+    def _record_stt_audio_usage(self, audio: bytes | bytearray) -> None:
+        """Pipecat's base counts every frame as it arrives, but frames held back between
+        turns or dropped before the server is ready are never transcribed: ``_send_audio``
+        counts what the server receives instead."""
+
     def _is_keepalive_ready(self) -> bool:
         return self._is_open()
 
@@ -206,9 +211,14 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         if not audio:
             return
         try:
-            await self._websocket.send(audio)
+            await self._send_pcm(audio)
         except Exception as e:
             await self.push_error(f"{self}: sending audio failed: {e}", exception=e)
+
+    async def _send_pcm(self, pcm: bytes) -> None:
+        """Server-rate audio to the server, counted as usage once sent."""
+        await self._websocket.send(pcm)
+        self._stt_usage_pending_seconds += len(pcm) / (2 * ASR_SAMPLE_RATE)
 
     async def _finalize(self, vad_stop_secs: float) -> None:
         if not self._is_open():
@@ -219,7 +229,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         rest = self._held_audio.end_utterance()
         try:
             if rest:
-                await self._websocket.send(rest)
+                await self._send_pcm(rest)
             await self._websocket.send(reset.to_json())
         except Exception as e:
             logger.warning(f"{self}: sending finalize failed: {e}")

@@ -73,19 +73,28 @@ async def test_finalize_tells_the_server_the_silence_the_vad_already_streamed(st
     assert [f.result["padding_ms"] for f in run.finals()] == [120.0, 120.0]
 
 
-async def test_ttfb_finalize_time_and_usage_are_reported(start_asr_server, speech_int16):
+async def test_ttfb_and_finalize_time_are_reported(start_asr_server, speech_int16):
     server = await start_asr_server()
     stt = NemotronSTTService(url=server_url(server))
-    audio = _speech(speech_int16, TWO_SENTENCES)
-    run = await run_pipeline(stt, audio)
+    run = await run_pipeline(stt, _speech(speech_int16, TWO_SENTENCES))
     ours = [m for m in run.metrics() if m.processor == stt.name]
     ttfb = [m.value for m in ours if isinstance(m, TTFBMetricsData)]
     finalize = [m.value for m in ours if isinstance(m, ProcessingMetricsData)]
-    usage = [m.value.audio_seconds for m in ours if isinstance(m, STTUsageMetricsData)]
     assert len(ttfb) == 2 and all(0.2 <= v < 0.6 for v in ttfb), ttfb  # the VAD's 200 ms + the finalize
     assert len(finalize) == 2 and all(0 < v < 0.4 for v in finalize), finalize
-    # Every second streamed counts, reported with each final and the rest at the end.
-    assert len(usage) == 3 and sum(usage) == pytest.approx(len(audio) / 16000, abs=0.05)
+
+
+async def test_usage_is_the_audio_the_server_received_not_the_pauses_held_back(start_asr_server, speech_int16):
+    """Reported with each final (and the rest at the end): the seconds the server got,
+    which leave out the 4 s of silence held back after the last VAD stop."""
+    server = await start_asr_server()
+    stt = NemotronSTTService(url=server_url(server))
+    audio = _speech(speech_int16, TWO_SENTENCES, tail_s=4.0)
+    run = await run_pipeline(stt, audio)
+    usage = [m.value.audio_seconds for m in run.metrics() if isinstance(m, STTUsageMetricsData)]
+    received = float(server.metrics.audio_seconds._value.get())
+    assert len(usage) >= 2 and sum(usage) == pytest.approx(received, abs=0.01)
+    assert received < len(audio) / 16000 - 3.0
 
 
 async def test_audio_reaches_the_server_once_per_step_not_once_per_frame(start_asr_server, speech_int16):
