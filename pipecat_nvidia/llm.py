@@ -4,7 +4,13 @@ Pipecat's own ``OpenAILLMService`` does all the work (contexts, tools, interrupt
 subclass only points it at the host and names the model. Anything OpenAI-compatible
 (vLLM, NIM) can stand in for the host by changing ``base_url``. The host decodes a short
 first segment before anything else so the TTS can start speaking early, and reasoning
-is off unless ``extra={"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}``.
+is off unless the settings ask for it::
+
+    NemotronLLMService(
+        settings=NemotronLLMService.Settings(
+            extra={"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}
+        )
+    )
 """
 
 from __future__ import annotations

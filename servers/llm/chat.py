@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from loguru import logger
+
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -24,7 +26,14 @@ class ChatTemplate:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.eos_token = eos_token
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+        # One formatter per add_generation_prompt, which it reads from an attribute of its
+        # own: requests render on the event loop while the engine renders on its thread.
+        self._formatters = {
+            flag: Jinja2ChatFormatter(
+                template=template, eos_token=eos_token, bos_token=bos_token, add_generation_prompt=flag
+            )
+            for flag in (True, False)
+        }
 
     def render(
         self,
@@ -36,10 +45,9 @@ class ChatTemplate:
     ) -> str:
         import jinja2
 
-        # The formatter reads add_generation_prompt from itself, not from its arguments.
-        self._formatter.add_generation_prompt = add_generation_prompt
+        formatter = self._formatters[add_generation_prompt]
         try:
-            return self._formatter(messages=messages, tools=tools, enable_thinking=enable_thinking).prompt
+            return formatter(messages=messages, tools=tools, enable_thinking=enable_thinking).prompt
         except (ValueError, TypeError, jinja2.TemplateError) as e:  # raise_exception() in a template is a ValueError
             raise PromptRejected(f"the model's chat template refused these messages: {e}") from e
 
@@ -59,9 +67,10 @@ _XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.S)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
 
 
-def parse_tool_call(body: str) -> ToolCall | None:
+def parse_tool_call(body: str, tools: list[dict] | None = None) -> ToolCall | None:
     """One call between ``<tool_call>`` tags: JSON ``{"name", "arguments"}`` or the
-    ``<function=NAME><parameter=P>value</parameter></function>`` form; None if neither."""
+    ``<function=NAME><parameter=P>value</parameter></function>`` form; None if neither.
+    The second form's values are bare text, read as the ``tools``' schemas declare them."""
     body = body.strip()
     try:
         obj = json.loads(body)
@@ -73,11 +82,27 @@ def parse_tool_call(body: str) -> ToolCall | None:
     match = _XML_FUNCTION.search(body)
     if match is None:
         return None
-    parameters = {name: _parameter_value(value) for name, value in _XML_PARAMETER.findall(match.group(2))}
-    return ToolCall(match.group(1), json.dumps(parameters))
+    name = match.group(1)
+    types = _parameter_types(tools, name)
+    parameters = {p: _parameter_value(value, types.get(p)) for p, value in _XML_PARAMETER.findall(match.group(2))}
+    return ToolCall(name, json.dumps(parameters))
 
 
-def _parameter_value(text: str) -> Any:
+def _parameter_types(tools: list[dict] | None, name: str) -> dict[str, Any]:
+    """Each parameter's declared JSON-schema ``type`` for the tool called ``name``."""
+    for tool in tools or ():
+        function = tool.get("function") or {}
+        if function.get("name") == name:
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            return {p: schema.get("type") for p, schema in properties.items() if isinstance(schema, dict)}
+    return {}
+
+
+def _parameter_value(text: str, declared: Any) -> Any:
+    """A string parameter keeps its text (``12345`` stays ``"12345"``); any other is read as
+    JSON when it parses, as text when it does not."""
+    if declared == "string":
+        return text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -98,8 +123,10 @@ class OutputSplitter:
     pushes is held back until it is decided.
     """
 
-    def __init__(self, *, in_reasoning: bool = False):
-        """``in_reasoning``: the prompt itself opened a ``<think>`` block."""
+    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None):
+        """``in_reasoning``: the prompt itself opened a ``<think>`` block; ``tools``: the
+        request's, whose schemas type the calls' parameters."""
+        self._tools = tools
         self._pending = ""
         self._mode = "reasoning" if in_reasoning else "content"
         self._call_body = ""
@@ -153,8 +180,9 @@ class OutputSplitter:
             self._mode = "content"
 
     def _close_call(self) -> None:
-        call = parse_tool_call(self._call_body)
+        call = parse_tool_call(self._call_body, self._tools)
         if call is None:
+            logger.warning(f"The model's tool call is malformed and was dropped: {self._call_body!r}")
             self.malformed_calls.append(self._call_body)
         else:
             self.tool_calls.append(call)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from servers.common.engine import WorkSignal
-from servers.llm.chat import ChatTemplate, OutputSplitter, ToolCall
+from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 
 
@@ -99,6 +99,8 @@ class _Generation:
     todo: list[int] = field(default_factory=list)
     """Prompt tokens still to evaluate."""
     cached: int = 0
+    user_turn_end: int | None = None
+    """Where the prompt's messages end and the generation prompt begins, if they split there."""
     snapshot_at: int | None = None
     """Prompt length at which to snapshot the state (models that cannot roll back)."""
     started: bool = False
@@ -112,14 +114,25 @@ class _Generation:
     cancelled: bool = False
 
 
-@dataclass
-class _Conversation:
-    """What the KV cache holds: the tokens, and the messages (with the reply) they render."""
+@dataclass(frozen=True)
+class _Resume:
+    """A point in the cached tokens a later request can continue from: the tokens that
+    render ``messages``, the last one's end included when ``through_reply`` (the reply
+    ends with the end-of-turn token), else to the end of their rendering."""
 
     messages: list[dict]
+    tokens: list[int]
+    through_reply: bool
+
+
+@dataclass
+class _Conversation:
+    """What the KV cache holds: where a request can continue it, latest first (the reply
+    as generated; else the end of the user turn before it, for a reply the client cut)."""
+
     tools: list[dict] | None
     enable_thinking: bool
-    tokens: list[int]
+    resumes: list[_Resume]
 
 
 class LLMEngine(WorkSignal):
@@ -176,7 +189,9 @@ class LLMEngine(WorkSignal):
             rid = self._next_rid
             self._next_rid += 1
             generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic())
-            generation.splitter = OutputSplitter(in_reasoning=prompt_text.rstrip().endswith("<think>"))
+            generation.splitter = OutputSplitter(
+                in_reasoning=prompt_text.rstrip().endswith("<think>"), tools=request.tools
+            )
             self._queue.append(generation)
             self._signal_work()
         return rid
@@ -256,25 +271,50 @@ class LLMEngine(WorkSignal):
     # ------------------------------------------------------------------ the work (stepping thread)
 
     def _prompt_tokens(self, request: ChatRequest, prompt_text: str, whole: list[int]) -> list[int]:
-        """The prompt as tokens: the cached conversation's own tokens plus the new turn
-        when the messages extend it, else ``whole`` (the rendered prompt tokenized)."""
+        """The prompt as tokens: where the messages continue the cached conversation, its
+        own tokens (replies as generated) plus the rest rendered; else ``whole`` (the
+        rendered prompt tokenized). Never at the cost of the answer's room: a cached reply
+        can hold reasoning that the template leaves out of the history."""
         conversation = self._conversation
         if (
-            conversation is not None
-            and conversation.tools == request.tools
-            and conversation.enable_thinking == request.enable_thinking
-            and _same_messages(request.messages[: len(conversation.messages)], conversation.messages)
+            conversation is None
+            or conversation.tools != request.tools
+            or conversation.enable_thinking != request.enable_thinking
         ):
+            return whole
+        room = self._answer_room(request, len(whole))
+        for resume in conversation.resumes:
+            tokens = self._continue(resume, request, prompt_text)
+            if tokens is not None and len(tokens) + room <= self.context_size:
+                return tokens
+        return whole
+
+    def _continue(self, resume: _Resume, request: ChatRequest, prompt_text: str) -> list[int] | None:
+        """``resume``'s tokens plus the rest of ``prompt_text`` tokenized, if the request's
+        messages begin with ``resume``'s."""
+        count = len(resume.messages)
+        if not _same_messages(request.messages[:count], resume.messages):
+            return None
+        try:
             before = self.template.render(
-                request.messages[: len(conversation.messages)],
+                request.messages[:count],
                 tools=request.tools,
                 enable_thinking=request.enable_thinking,
                 add_generation_prompt=False,
             )
+        except PromptRejected:  # some templates refuse a conversation that ends with the reply
+            return None
+        if resume.through_reply:
             end = before.rfind(self.template.eos_token)
-            if end >= 0 and prompt_text.startswith(before[: end + len(self.template.eos_token)]):
-                return conversation.tokens + self._tokenize(prompt_text[end + len(self.template.eos_token) :])
-        return whole
+            if end < 0:
+                return None
+            before = before[: end + len(self.template.eos_token)]
+        if not prompt_text.startswith(before):
+            return None
+        return resume.tokens + self._tokenize(prompt_text[len(before) :])
+
+    def _answer_room(self, request: ChatRequest, prompt_tokens: int) -> int:
+        return min(request.max_tokens or self.default_max_tokens, self.context_size - prompt_tokens)
 
     def _tokenize(self, text: str) -> list[int]:
         # The template writes the special tokens itself.
@@ -293,8 +333,9 @@ class LLMEngine(WorkSignal):
             keep = self._cut_back_to(keep, generation.prompt)
         generation.cached = keep
         generation.todo = generation.prompt[keep:]
-        if not self._roll_back:
-            generation.snapshot_at = self._user_turn_end(generation)
+        generation.user_turn_end = self._user_turn_end(generation)
+        if not self._roll_back and generation.user_turn_end is not None and generation.user_turn_end > keep:
+            generation.snapshot_at = generation.user_turn_end
         request = generation.request
         sampler = LlamaSampler()
         if request.temperature <= 0:
@@ -325,8 +366,9 @@ class LLMEngine(WorkSignal):
         return 0
 
     def _user_turn_end(self, generation: _Generation) -> int | None:
-        """Where the prompt's last message ends and the generation prompt begins: a
-        snapshot there is a prefix of every later request of this conversation."""
+        """Where the prompt's last message ends and the generation prompt begins: every
+        later request of this conversation begins with the prompt up to there, even one
+        whose client cut the reply short."""
         request = generation.request
         before = self.template.render(
             request.messages,
@@ -338,9 +380,7 @@ class LLMEngine(WorkSignal):
             return None
         suffix = self._tokenize(generation.prompt_text[len(before) :])
         at = len(generation.prompt) - len(suffix)
-        if generation.prompt[at:] != suffix or at <= generation.cached:
-            return None
-        return at
+        return at if generation.prompt[at:] == suffix else None
 
     def _prefill(self, generation: _Generation) -> int:
         llm = self._llm
@@ -364,8 +404,7 @@ class LLMEngine(WorkSignal):
         from llama_cpp import llama_vocab_is_eog
 
         llm = self._llm
-        budget = generation.request.max_tokens or self.default_max_tokens
-        budget = min(budget, self.context_size - len(generation.prompt))
+        budget = self._answer_room(generation.request, len(generation.prompt))
         produced = 0
         started = time.perf_counter()
         for _ in range(count):
@@ -382,7 +421,7 @@ class LLMEngine(WorkSignal):
                 self._finish(generation, "stop")
                 return produced
             llm.eval([token])
-            piece = generation.splitter.push(generation.decoder.decode(llm.detokenize([token])))
+            piece = generation.splitter.push(generation.decoder.decode(token_bytes(llm, token)))
             self._send(generation, piece.content, piece.reasoning)
             if len(generation.tokens) >= budget:
                 self._finish(generation, "length")
@@ -422,7 +461,28 @@ class LLMEngine(WorkSignal):
         if calls:
             reply["tool_calls"] = [c.as_openai() for c in calls]
         request = generation.request
-        self._conversation = _Conversation([*request.messages, reply], request.tools, request.enable_thinking, tokens)
+        resumes = [_Resume([*request.messages, reply], tokens, through_reply=True)]
+        if generation.user_turn_end is not None:
+            resumes.append(
+                _Resume(request.messages, generation.prompt[: generation.user_turn_end], through_reply=False)
+            )
+        self._conversation = _Conversation(request.tools, request.enable_thinking, resumes)
+
+
+def token_bytes(llm, token: int) -> bytes:
+    """The token's text. ``Llama.detokenize`` reads at most 32 bytes of a token and returns
+    nothing at all for a longer one (llama.cpp answers with the size it needs)."""
+    import ctypes
+
+    from llama_cpp import llama_token_to_piece
+
+    size = 32
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_token_to_piece(llm._model.vocab, token, buffer, size, 0, False)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n
 
 
 def chat_template(llm) -> ChatTemplate:
@@ -441,8 +501,6 @@ def chat_template(llm) -> ChatTemplate:
 def _normal_message(message: dict) -> tuple:
     """What decides a message's rendering, with whitespace and id differences ignored."""
     content = message.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     calls = tuple(
         (c.get("function", {}).get("name"), _normal_arguments(c.get("function", {}).get("arguments")))
         for c in message.get("tool_calls") or ()

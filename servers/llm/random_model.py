@@ -53,8 +53,9 @@ _WORDS = ["user", "assistant", "system", "tool", "hello", "world", "the", "name"
 END_OF_TURN = 4
 
 
-def _vocabulary():
-    """(pieces, scores, types) of a small SentencePiece vocabulary with byte fallback."""
+def vocabulary(extra: tuple[str, ...] = ()):
+    """(pieces, scores, types) of a small SentencePiece vocabulary with byte fallback, and
+    the ``extra`` pieces (``\u2581`` for a space) last."""
     from gguf import TokenType as T
 
     special = [
@@ -76,6 +77,7 @@ def _vocabulary():
     for word in _WORDS + ["\u2581" + w for w in _WORDS]:
         # SentencePiece merges only into pieces that exist: add every prefix.
         normal += [word[:j] for j in range(2, len(word) + 1) if word[:j] not in normal]
+    normal += [piece for piece in extra if piece not in normal]
     pieces += normal
     types += [T.NORMAL] * len(normal)
     scores = [0.0] * (len(pieces) - len(normal)) + [-1000.0 + 10 * len(p) - 1e-3 * i for i, p in enumerate(normal)]
@@ -96,20 +98,58 @@ def write_random_llama_gguf(
     chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by default)."""
+    pieces, scores, types = vocabulary()
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * init_std).astype(np.float32)
+
+    head_dim = n_embd // n_head
+    tensors = {"token_embd.weight": weight(len(pieces), n_embd), "output.weight": weight(len(pieces), n_embd)}
+    for i in range(n_layer):
+        tensors |= {
+            f"blk.{i}.attn_q.weight": weight(n_embd, n_embd),
+            f"blk.{i}.attn_k.weight": weight(n_head_kv * head_dim, n_embd),
+            f"blk.{i}.attn_v.weight": weight(n_head_kv * head_dim, n_embd),
+            f"blk.{i}.attn_output.weight": weight(n_embd, n_embd),
+            f"blk.{i}.ffn_gate.weight": weight(n_ff, n_embd),
+            f"blk.{i}.ffn_up.weight": weight(n_ff, n_embd),
+            f"blk.{i}.ffn_down.weight": weight(n_embd, n_ff),
+        }
+    vocab = (pieces, scores, types)
+    return write_llama_gguf(
+        path, vocab, tensors, n_head=n_head, context_length=context_length, chat_template=chat_template
+    )
+
+
+def write_llama_gguf(
+    path: str | Path,
+    vocab: tuple[list, list, list],
+    tensors: dict[str, np.ndarray],
+    *,
+    n_head: int,
+    context_length: int = 4096,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Path:
+    """A llama-architecture chat model with these weights (the norms' are ones), its shape
+    read from them, and the vocabulary from :func:`vocabulary`."""
     import gguf
 
     path = Path(path)
-    pieces, scores, types = _vocabulary()
+    pieces, scores, types = vocab
+    n_embd = tensors["token_embd.weight"].shape[1]
+    n_layer = len([name for name in tensors if name.endswith(".attn_q.weight")])
+    head_dim = n_embd // n_head
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("random-llama")
     w.add_context_length(context_length)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
+    w.add_feed_forward_length(tensors["blk.0.ffn_gate.weight"].shape[0])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w.add_head_count_kv(tensors["blk.0.attn_k.weight"].shape[0] // head_dim)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(len(pieces))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -124,25 +164,17 @@ def write_random_llama_gguf(
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
     w.add_chat_template(chat_template)
-    rng = np.random.default_rng(seed)
-
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * init_std).astype(np.float32)
-
-    head_dim = n_embd // n_head
-    w.add_tensor("token_embd.weight", weight(len(pieces), n_embd))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("output.weight", weight(len(pieces), n_embd))
+    ones = np.ones(n_embd, np.float32)
+    w.add_tensor("token_embd.weight", tensors["token_embd.weight"])
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", tensors["output.weight"])
     for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", weight(n_embd, n_embd))
-        w.add_tensor(f"blk.{i}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
-        w.add_tensor(f"blk.{i}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))
-        w.add_tensor(f"blk.{i}.attn_output.weight", weight(n_embd, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        for part in ("ffn_gate", "ffn_up", "ffn_down"):
+            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -2,6 +2,9 @@
 
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
+Known fields asking for what the server cannot do (stop sequences, several choices,
+structured output, forced tool calls, images) are refused rather than ignored, since
+ignoring them would answer something else than was asked.
 """
 
 from __future__ import annotations
@@ -31,16 +34,35 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = 1
+    response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """``{"enable_thinking": true}`` turns reasoning on (off by default), as with vLLM."""
 
     @field_validator("messages")
     @classmethod
-    def _messages_have_roles(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _messages_are_text_chat(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every message has a role; content given as parts becomes the text it holds."""
         for i, message in enumerate(messages):
             if message.get("role") not in ("system", "developer", "user", "assistant", "tool"):
                 raise ValueError(f"message {i} has no valid role")
-        return messages
+        return [
+            {**m, "content": _text_of(m["content"], i)} if isinstance(m.get("content"), list) else m
+            for i, m in enumerate(messages)
+        ]
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _the_model_chooses_its_tools(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice not in (None, "auto", "none"):
+            raise ValueError('only "auto" and "none" are supported (the model cannot be made to call a tool)')
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_responses(cls, response_format: dict[str, Any] | None) -> None:
+        if response_format is not None and response_format.get("type") != "text":
+            raise ValueError("structured output (json_object, json_schema) is not supported")
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -48,3 +70,14 @@ class ChatCompletionRequest(BaseModel):
         if stop:
             raise ValueError("stop sequences are not supported")
         return None
+
+
+def _text_of(parts: list[Any], index: int) -> str:
+    """The text of content given as OpenAI's parts; other kinds of part (images, audio)
+    are refused."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"message {index}: only text content parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)

@@ -48,12 +48,21 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
     )
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"message": message, "type": code, "code": code}}
+_OPENAI_ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "invalid_request_error",
+    HTTPStatus.UNAUTHORIZED: "authentication_error",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "invalid_request_error",
+    HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_error",
+}
+
+
+def error_body(code: str, message: str, status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR) -> dict:
+    """OpenAI's error object: ``type`` is its class of error, ``code`` ours."""
+    return {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(status, "server_error"), "code": code}}
 
 
 def error_response(status: HTTPStatus, code: str, message: str) -> web.Response:
-    return web.json_response(error_body(code, message), status=status.value)
+    return web.json_response(error_body(code, message, status), status=status.value)
 
 
 class LlmServer(LoadingServer):
@@ -131,6 +140,12 @@ class LlmServer(LoadingServer):
             return self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "the model is still loading")
         try:
             body = ChatCompletionRequest.model_validate(json.loads(await request.read()))
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "too_large",
+                f"the body is larger than {self.settings.max_message_bytes} bytes",
+            )
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._refuse(HTTPStatus.BAD_REQUEST, "bad_json", "the body is not JSON")
         except ValidationError as e:
@@ -182,15 +197,17 @@ class LlmServer(LoadingServer):
                     delta["reasoning_content"] = event.reasoning
                 await _send_event(response, completion.chunk(delta))
                 continue
-            if event.finish_reason == "error":
+            failure = self._failure(event)
+            if failure is not None:
                 # OpenAI's way to fail a stream that has begun: its clients raise APIError.
-                await _send_event(response, error_body("internal", event.error or "generation failed"))
+                status, code, message = failure
+                await _send_event(response, error_body(code, message, status))
                 await response.write_eof()
                 return
-            if event.tool_calls:
-                calls = [{"index": i, **call.as_openai()} for i, call in enumerate(event.tool_calls)]
-                await _send_event(response, completion.chunk({"tool_calls": calls}))
-            await _send_event(response, completion.chunk({}, finish_reason=_openai_reason(event)))
+            # One call per chunk, as OpenAI streams them (Pipecat reads each chunk's first).
+            for i, call in enumerate(event.tool_calls):
+                await _send_event(response, completion.chunk({"tool_calls": [{"index": i, **call.as_openai()}]}))
+            await _send_event(response, completion.chunk({}, finish_reason=event.finish_reason))
             if body.stream_options is not None and body.stream_options.include_usage:
                 await _send_event(response, {**completion.chunk_header(), "choices": [], "usage": _usage(event)})
             await response.write(b"data: [DONE]\n\n")
@@ -206,17 +223,30 @@ class LlmServer(LoadingServer):
                 content.append(event.content)
                 reasoning.append(event.reasoning)
                 continue
-            if event.finish_reason == "error":
-                return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "internal", event.error or "generation failed")
+            failure = self._failure(event)
+            if failure is not None:
+                return error_response(*failure)
             message = {"role": "assistant", "content": "".join(content)}
             if any(reasoning):
                 message["reasoning_content"] = "".join(reasoning)
             if event.tool_calls:
                 message["tool_calls"] = [call.as_openai() for call in event.tool_calls]
-            choice = {"index": 0, "message": message, "finish_reason": _openai_reason(event)}
+            choice = {"index": 0, "message": message, "finish_reason": event.finish_reason}
             return web.json_response(
                 {**completion.header("chat.completion"), "choices": [choice], "usage": _usage(event)}
             )
+
+    def _failure(self, event: LlmFinished) -> tuple[HTTPStatus, str, str] | None:
+        """What a client still waiting is told of a request that ended without its answer
+        (one cancelled while its client waits was cancelled by the server stopping)."""
+        if event.finish_reason == "error":
+            failure = (HTTPStatus.INTERNAL_SERVER_ERROR, "internal", event.error or "generation failed")
+        elif event.finish_reason == "cancelled":
+            failure = (HTTPStatus.SERVICE_UNAVAILABLE, "stopping", "the server is stopping")
+        else:
+            return None
+        self.metrics.errors.labels(code=failure[1]).inc()
+        return failure
 
     def _observe_first_text(self, completion: _Completion) -> None:
         if not completion.first_text_seen:
@@ -263,10 +293,6 @@ def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
         seed=body.seed,
         enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
     )
-
-
-def _openai_reason(event: LlmFinished) -> str:
-    return "stop" if event.finish_reason == "cancelled" else event.finish_reason
 
 
 def _usage(event: LlmFinished) -> dict:

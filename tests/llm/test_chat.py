@@ -1,10 +1,13 @@
 """Splitting streamed model output into speech, reasoning and tool calls."""
 
 import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servers.llm.chat import OutputSplitter, parse_tool_call
+from servers.llm.chat import ChatTemplate, OutputSplitter, parse_tool_call
+from servers.llm.random_model import CHAT_TEMPLATE
 
 
 def split(pieces: list[str], **kwargs):
@@ -42,6 +45,54 @@ def test_the_function_parameter_form_is_parsed():
     )
     call = parse_tool_call(body)
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris", "days": 3}
+
+
+def test_function_parameters_are_read_as_the_tool_declares_them():
+    """A string parameter stays text even when it looks like a number or null; the others
+    are read as JSON."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "find_order",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "order_id": {"type": "string"},
+                        "note": {"type": "string"},
+                        "count": {"type": "integer"},
+                    },
+                },
+            },
+        }
+    ]
+    body = (
+        "<function=find_order><parameter=order_id>12345</parameter><parameter=note>null</parameter>"
+        "<parameter=count>2</parameter></function>"
+    )
+    call = parse_tool_call(body, tools)
+    assert json.loads(call.arguments) == {"order_id": "12345", "note": "null", "count": 2}
+
+
+def test_rendering_on_two_threads_keeps_each_ones_generation_prompt():
+    """Requests render on the event loop while the engine renders on its own thread, one
+    with the assistant's generation prompt and one without."""
+    template = ChatTemplate(CHAT_TEMPLATE, bos_token="<s>", eos_token="<|im_end|>")
+    messages = [{"role": "user", "content": "hello"}]
+    expected = {flag: template.render(messages, add_generation_prompt=flag) for flag in (True, False)}
+    assert expected[True] != expected[False]
+
+    def render_many(flag: bool) -> int:
+        return sum(template.render(messages, add_generation_prompt=flag) != expected[flag] for _ in range(3000))
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave within each render
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            wrong = list(pool.map(render_many, [True, False]))
+    finally:
+        sys.setswitchinterval(switching)
+    assert wrong == [0, 0]
 
 
 @pytest.mark.parametrize("body", ["not json", '{"arguments": {}}', ""])

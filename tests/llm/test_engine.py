@@ -7,6 +7,7 @@ from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine
 from servers.llm.model import GgufSource, load_llama
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, run
+from tests.llm.scripted_model import write_scripted_llama_gguf
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world, what is the weather?"}]
 
@@ -175,19 +176,66 @@ def test_a_unit_with_a_time_budget_generates_what_fits_and_the_text_goes_on_exac
     assert content == reference_content(tiny_llm_path, engine, QUESTION, 40)
 
 
-def test_a_request_that_fails_before_its_prompt_is_evaluated_ends_with_an_error_and_the_next_runs(tmp_path):
-    """Some chat templates refuse a conversation that does not end with the user. Here that
-    fails only where the engine renders the cached conversation (ending with the reply) to
-    reuse its tokens: the request must end with an error, not hold the engine forever."""
+def test_a_template_that_refuses_the_cached_conversation_alone_still_answers(tmp_path):
+    """Some chat templates refuse a conversation that does not end with the user. The
+    engine renders the cached one (ending with the reply) only to reuse its tokens: the
+    request goes on from the end of the previous user turn instead."""
     strict = "{%- if messages[-1].role == 'assistant' %}{{ raise_exception('end with the user') }}{% endif %}"
     engine = make_engine(write_random_llama_gguf(tmp_path / "strict.gguf", chat_template=strict + CHAT_TEMPLATE))
-    reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=4))
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=4))
     follow_up = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and tomorrow?"}]
-    content, finished = run(engine, ChatRequest(follow_up, max_tokens=4))
-    assert finished.finish_reason == "error" and "end with the user" in finished.error
-    assert not engine.has_work()
-    _, finished = run(engine, ChatRequest(QUESTION, max_tokens=4))
+    _, finished = run(engine, ChatRequest(follow_up, max_tokens=4))
     assert finished.finish_reason == "length"
+    assert finished.usage.cached_tokens >= first.usage.prompt_tokens - _generation_prompt_tokens(engine, QUESTION)
+
+
+def test_a_model_that_cannot_roll_back_resumes_a_later_cut_reply_from_its_user_turn(tiny_llm_path):
+    """The cache holds earlier replies as generated, which need not be the tokens their text
+    renders to (random ones here): after a barge-in on the second reply, the third turn
+    still continues from the end of the second user turn, where the snapshot was taken."""
+    engine = make_engine(tiny_llm_path, roll_back=False)
+    reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    second_turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+    _, second = run(engine, ChatRequest(second_turn, max_tokens=30))
+    third_turn = [*second_turn, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "the weather"}]
+    _, third = run(engine, ChatRequest(third_turn, max_tokens=12))
+    assert third.usage.cached_tokens == second.usage.prompt_tokens - _generation_prompt_tokens(engine, second_turn)
+
+
+def test_cached_reasoning_never_takes_the_answers_room(tmp_path):
+    """A cached reply holds its reasoning, which the template leaves out of the history:
+    where reusing it would leave the answer less room than the rendered prompt does, the
+    rendered prompt is evaluated instead."""
+    thinking = CHAT_TEMPLATE.replace(
+        "{% if enable_thinking is defined and enable_thinking is false %}",
+        "{% if enable_thinking %}<think>\n{% elif enable_thinking is defined and enable_thinking is false %}",
+    )
+    engine = make_engine(write_random_llama_gguf(tmp_path / "thinking.gguf", chat_template=thinking), context_size=512)
+    events: list = []
+    engine.submit(ChatRequest(QUESTION, max_tokens=200, enable_thinking=True), events.append)
+    engine.run_until_idle()
+    assert any(e.reasoning for e in events if isinstance(e, LlmDelta)), "the random model reasoned"
+    reply = "".join(e.content for e in events if isinstance(e, LlmDelta))
+    turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+    rendered = len(engine._tokenize(engine.template.render(turn, enable_thinking=True)))
+    room = engine.context_size - rendered
+    _, finished = run(engine, ChatRequest(turn, max_tokens=room, enable_thinking=True))
+    assert finished.usage.prompt_tokens == rendered
+    assert finished.finish_reason == "stop" or finished.usage.completion_tokens == room
+
+
+def _generation_prompt_tokens(engine: LLMEngine, messages: list[dict]) -> int:
+    """Tokens of what the template adds after ``messages`` to prompt the reply."""
+    whole, before = engine.template.render(messages), engine.template.render(messages, add_generation_prompt=False)
+    return len(engine._tokenize(whole[len(before) :]))
+
+
+def test_a_token_longer_than_32_bytes_is_said_whole(tmp_path):
+    """llama-cpp-python's ``detokenize`` gives nothing for such a token."""
+    piece = "Certainly, here is the forecast for tomorrow."
+    engine = make_engine(write_scripted_llama_gguf(tmp_path / "long.gguf", ["Well. ", piece]))
+    content, finished = run(engine, ChatRequest(QUESTION))
+    assert content == "Well. " + piece and finished.finish_reason == "stop"
 
 
 def test_a_model_placed_on_one_gpu_loads_and_answers(tiny_llm_path):

@@ -55,6 +55,9 @@ async def test_usage_reports_the_prompt_tokens_reused_from_the_cache(start_llm_s
         (json.dumps({"messages": []}).encode(), "invalid_request"),
         (json.dumps({"messages": [{"content": "hi"}]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "stop": ["x"]}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "tool_choice": "required"}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "response_format": {"type": "json_object"}}).encode(), "invalid_request"),
+        (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), "invalid_request"),
         (json.dumps({"messages": [{"role": "user", "content": "hello " * 2000}]}).encode(), "context_length_exceeded"),
     ],
 )
@@ -141,12 +144,38 @@ async def test_a_model_that_failed_to_load_is_reported_not_awaited(start_llm_ser
 
 
 async def test_stopping_the_server_cancels_requests_in_flight(start_llm_server):
+    """Its client is told, rather than given a cut answer that looks whole."""
     server = await start_llm_server(context_size=4096)
     stream = await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=4000, stream=True)
     await anext(aiter(stream))
-    await server.stop()
+    stopping = asyncio.create_task(server.stop())
+    with pytest.raises(APIError, match="stopping"):
+        async for _ in stream:
+            pass
+    await stopping
     metrics = generate_latest(server.metrics.registry).decode()
     assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
+
+
+async def test_content_given_as_text_parts_is_the_same_prompt_as_text(start_llm_server):
+    server = await start_llm_server()
+    llm = client(server)
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
+    as_parts = await llm.chat.completions.create(
+        model="m", messages=[SYSTEM, {"role": "user", "content": parts}], max_tokens=4
+    )
+    as_text = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=4)
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+
+
+async def test_a_body_over_the_size_limit_gets_a_json_error(start_llm_server):
+    server = await start_llm_server(max_message_bytes=2000)
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", data=body) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["code"] == "too_large"
 
 
 async def test_tool_choice_none_drops_the_tools(start_llm_server):
