@@ -24,23 +24,24 @@ ERROR_CATEGORIES: dict[ErrorCode, ErrorCategory] = {
             ErrorCode.BAD_JSON,
             ErrorCode.UNKNOWN_TYPE,
             ErrorCode.INVALID_MESSAGE,
-            ErrorCode.BAD_AUDIO,
-            ErrorCode.MESSAGE_TOO_BIG,
             ErrorCode.UNKNOWN_VOICE,
             ErrorCode.UNKNOWN_LANGUAGE,
             ErrorCode.UNKNOWN_PRESET,
         ),
         ErrorCategory.INVALID_REQUEST,
     ),
-    ErrorCode.EMPTY_TEXT: ErrorCategory.APPLICATION,
-    ErrorCode.TEXT_TOO_LONG: ErrorCategory.APPLICATION,
+    **dict.fromkeys(
+        (ErrorCode.EMPTY_TEXT, ErrorCode.TEXT_TOO_LONG, ErrorCode.MESSAGE_TOO_BIG, ErrorCode.BAD_AUDIO),
+        ErrorCategory.APPLICATION,
+    ),
     ErrorCode.NOT_READY: ErrorCategory.CONNECTIVITY,
 }
 """Pipecat's category for each server error code; the rest (``internal``, ``server_full``,
 ``audio_overflow``) are the server's. Requests the server cannot take as they are (a
 voice it lacks, a malformed message) are permanent for Pipecat: every later one fails
-the same way until the settings change. A sentence with nothing to speak says nothing
-about the service."""
+the same way until the settings change. What one message held (a sentence with nothing
+to speak or too much, audio too large or not whole samples) says nothing about the
+service, and the server goes on."""
 
 
 class ServerUnreachable(ConnectionError):
@@ -99,6 +100,11 @@ class ServerConnection:
                 self._sync_model_name_to_metrics()
                 logger.debug(f"{self}: ready ({message.model})")
                 await self._on_server_ready()
+                if not self.is_usable:
+                    # Written off while the server was away (a TTS after turns it could
+                    # not speak); a settings error comes back at once if it still holds.
+                    logger.info(f"{self}: the server is ready; the service takes work again")
+                    await self.set_usable(True)
                 await self._call_event_handler("on_connected")
             elif isinstance(message, ErrorMessage):
                 await self.push_error(

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from loguru import logger
-from pipecat.frames.frames import ErrorFrame, Frame, TTSAudioRawFrame
-from pipecat.processors.frame_processor import FrameProcessorSetup
+from pipecat.frames.frames import ErrorFrame, Frame, InterruptionFrame, TTSAudioRawFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.settings import NOT_GIVEN, NotGiven, TTSSettings
 from pipecat.services.tts_service import WebsocketTTSService
 from pipecat.transcriptions.language import Language
@@ -121,6 +121,13 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             self._keepalive_task = None
         await super().cleanup()
 
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        if isinstance(frame, InterruptionFrame):
+            # Pipecat stops every metric on an interruption, which would report a turn cut
+            # before its first audio with the wait until the user spoke as its TTFB.
+            await self.cancel_ttfb_metrics()
+        await super().process_frame(frame, direction)
+
     async def _keep_owed_contexts_open(self):
         """Pipecat ends an audio context that gets nothing for ``stop_frame_timeout_s``
         (3 s) and drops what arrives for it later. A batched segment sends nothing until
@@ -174,7 +181,6 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
 
     async def on_audio_context_interrupted(self, context_id: str):
         """Barge-in: stop the turn on the server; its late audio finds no context and is dropped."""
-        await self.stop_all_metrics()
         if self._segments_sent.pop(context_id, None) is not None and self._is_open():
             try:
                 await self._websocket.send(TtsCancel(context_id=context_id).to_json())

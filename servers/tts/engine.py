@@ -90,6 +90,9 @@ class _Context:
     numbered: int = 0
     flushed: bool = False
     cancelled: bool = False
+    finished: bool = False
+    """Flushed and spoken: its ``done`` is on its way, and a new segment under its id
+    starts a new context."""
     playout_start: float | None = None
     """When the turn's first audio left; the listener plays from then on."""
     sent_seconds: float = 0.0
@@ -231,7 +234,7 @@ class TTSEngine(SessionEngine):
         with self._work:
             session = self._sessions[sid]
             context = session.contexts.get(request.context_id)
-            if context is None:
+            if context is None or context.finished:
                 context = session.contexts[request.context_id] = _Context(session, request.context_id)
             segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
             context.numbered += 1
@@ -312,7 +315,7 @@ class TTSEngine(SessionEngine):
 
     def step(self) -> TtsStepStats:
         started = time.perf_counter()
-        events: list[tuple[Sink, TtsServerMessage]] = []
+        events: list[tuple[_Context, TtsServerMessage]] = []
         with self._lock:
             segments = [context.segments[0] for context in list(self._busy)[: self._max_batch]]
         new = [s for s in segments if s.sequence is None and self._start(s, events)]
@@ -340,9 +343,14 @@ class TTSEngine(SessionEngine):
                 if not segment.context.cancelled and sequence.done and segment.sent_frames >= sequence.speech_frames:
                     self._next_chunk(segment, events)
             # Delivered under the lock: a cancel, which takes the lock, then comes after
-            # every message of this step, and nothing of the cancelled context follows it.
-            for sink, message in events:
-                sink(message)
+            # every message of this step, and nothing of the cancelled context follows it
+            # (a text refused before this step's decoder call could be cancelled during it).
+            for context, message in events:
+                if context.cancelled:
+                    continue
+                if context.finished and context.session.contexts.get(context.context_id) is context:
+                    del context.session.contexts[context.context_id]
+                context.session.sink(message)
         if running:
             self._step_seconds.add(time.perf_counter() - started)
         return TtsStepStats(
@@ -473,7 +481,7 @@ class TTSEngine(SessionEngine):
         for begin in range(0, len(pcm), segment.output_rate):
             events.append(
                 (
-                    segment.context.session.sink,
+                    segment.context,
                     TtsAudio.from_pcm(
                         pcm[begin : begin + segment.output_rate].tobytes(),
                         context_id=segment.context.context_id,
@@ -510,7 +518,7 @@ class TTSEngine(SessionEngine):
         if sent:
             events.append(
                 (
-                    context.session.sink,
+                    context,
                     TtsSegmentDone(
                         context_id=context.context_id,
                         segment_id=segment.segment_id,
@@ -527,8 +535,8 @@ class TTSEngine(SessionEngine):
             return
         self._busy.remove(context)
         if context.flushed:
-            context.session.contexts.pop(context.context_id, None)
-            events.append((context.session.sink, TtsDone(context_id=context.context_id)))
+            context.finished = True
+            events.append((context, TtsDone(context_id=context.context_id)))
 
     def _refuse(self, segment: _Segment, code: ErrorCode, message: str, events: list) -> None:
         """Report the segment's error and go on with its turn's next segment (nothing for a
@@ -538,7 +546,7 @@ class TTSEngine(SessionEngine):
         logger.debug(f"TTS segment {segment.segment_id} of {segment.context.context_id} refused: {message}")
         events.append(
             (
-                segment.context.session.sink,
+                segment.context,
                 ErrorMessage(
                     code=code, message=message, context_id=segment.context.context_id, segment_id=segment.segment_id
                 ),

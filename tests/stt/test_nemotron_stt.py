@@ -180,6 +180,27 @@ async def test_the_service_reconnects_when_the_server_restarts(start_asr_server,
     assert len(run.user_messages()) == 2
 
 
+async def test_a_message_the_server_refuses_costs_that_message_not_the_service(start_asr_server, speech_int16):
+    """A server whose frame limit is below the second of pre-roll sent at a VAD start
+    refuses that message, reports it and goes on; so does the service."""
+    server = await start_asr_server(max_message_bytes=20000)
+    stt = NemotronSTTService(url=server_url(server))
+    audio = np.concatenate(
+        [
+            silence(1.0),
+            speech_int16[16000 : int(4.1 * 16000)],
+            silence(3.0),
+            speech_int16[int(4.1 * 16000) : int(6.9 * 16000)],
+            silence(1.5),
+        ]
+    )
+    run = await run_pipeline(stt, audio)
+    errors = [e.frame for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
+    assert errors and all("message_too_big" in e.error for e in errors)
+    assert stt.is_usable
+    assert len(run.finals()) == 2 and all(f.text for f in run.finals())
+
+
 async def test_an_unreachable_server_gives_a_clear_error_not_a_loop(speech_int16):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

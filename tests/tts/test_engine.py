@@ -185,6 +185,31 @@ def test_cancel_from_another_thread_while_steps_run_sends_nothing_after_cancelle
     assert not engine.has_work()
 
 
+def test_a_cancel_during_the_step_that_refused_a_text_is_the_contexts_last_message(engine, monkeypatch):
+    """A text is refused (nothing to speak) before the step's decoder call, and its
+    client's cancel arrives during that call: the refusal and the turn's ``done`` were
+    still to be delivered."""
+    messages = []
+    other = engine.open_session(lambda message: None)
+    sid = engine.open_session(messages.append)
+    engine.speak(other, TtsSpeak(context_id="busy", text="Another turn keeps the decoder working."))
+    engine.step()
+    engine.speak(sid, TtsSpeak(context_id="turn", text="\U0001f642"))
+    engine.flush(sid, "turn")
+    decoder_step = engine._decoder.step
+
+    def step_then_cancel(sequences):
+        decoder_step(sequences)
+        engine.cancel(sid, "turn")
+
+    monkeypatch.setattr(engine._decoder, "step", step_then_cancel)
+    engine.step()
+    monkeypatch.undo()
+    engine.close_session(other)
+    engine.run_until_idle()
+    assert [m.type for m in messages] == ["cancelled"]
+
+
 @pytest.mark.parametrize(
     ("text", "code"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -24,6 +25,8 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.tts import MagpieTTSService
+from servers.tts.config import TtsServerSettings
+from servers.tts.server import TtsServer
 from tests.asr.client import server_url
 from tests.pipeline import Clock, FrameLog, run_worker
 
@@ -149,6 +152,26 @@ async def test_barge_in_cancels_the_turn_on_the_server_and_drops_its_audio(start
     assert not server.engine.has_work()
 
 
+async def test_a_barge_in_before_the_first_audio_reports_no_ttfb(start_tts_server):
+    """The time until the user interrupted is not a time to first audio."""
+    server = await start_tts_server()
+    slow_down(server, 0.1)
+    tts = MagpieTTSService(url=server_url(server), settings=MagpieTTSService.Settings(mode="stream"))
+
+    async def speak_then_interrupt_at_once(sink):
+        for frame in _turn(["This sentence is interrupted before any of it is heard. "]):
+            await tts.queue_frame(frame)
+        await asyncio.sleep(0.15)
+        assert not sink.of(TTSAudioRawFrame)
+        await tts.queue_frame(InterruptionFrame())
+        await asyncio.sleep(0.5)
+
+    sink = await run_turns(tts, speak_then_interrupt_at_once, _turn(SENTENCES[:1]))
+    reported = [d for e in sink.of(MetricsFrame) for d in e.frame.data if d.model == server.settings.model]
+    ttfb = [d.value for d in reported if isinstance(d, TTFBMetricsData)]
+    assert len(ttfb) == 1, f"only the turn that was heard has a TTFB: {ttfb}"
+
+
 async def test_the_service_reconnects_when_the_server_restarts(start_tts_server):
     server = await start_tts_server()
     port = server.port
@@ -218,3 +241,51 @@ async def test_an_unknown_voice_is_an_invalid_request_that_retrying_cannot_fix(s
     first = head.of(ErrorFrame, FrameDirection.UPSTREAM)[0].frame
     assert first.category is ErrorCategory.INVALID_REQUEST and "unknown_voice" in first.error
     assert not tts.is_usable
+
+
+class _HeldLoad(TtsServer):
+    """A server that listens at once but loads its model only when ``release`` is set,
+    like one restarting with a model that takes a while to load."""
+
+    def __init__(self, settings: TtsServerSettings, release: threading.Event):
+        super().__init__(settings)
+        self._release = release
+
+    def load_engine(self):
+        self._release.wait(30)
+        return super().load_engine()
+
+
+async def test_turns_lost_while_the_server_loads_do_not_silence_the_service_once_it_is_ready(tiny_tts_path):
+    """Pipecat writes a TTS service off after three turns with no audio; the server's
+    ``ready`` puts it back to work."""
+    release = threading.Event()
+    server = _HeldLoad(TtsServerSettings(model=str(tiny_tts_path), port=0, device="cpu", temperature=0.0), release)
+    await server.start()
+    tts = MagpieTTSService(url=server_url(server), stop_frame_timeout_s=0.3)
+    sink = FrameLog(Clock())
+
+    async def feed(worker):
+        for i in range(3):
+            before = len(sink.of(TTSStoppedFrame))
+            for frame in _turn([f"Turn {i} while the model loads. "]):
+                await worker.queue_frame(frame)
+            while len(sink.of(TTSStoppedFrame)) == before:
+                await asyncio.sleep(0.02)
+        assert not tts.is_usable, "Pipecat wrote the service off"
+        release.set()
+        while tts.ready is None:
+            await asyncio.sleep(0.02)
+        before = len(sink.of(TTSStoppedFrame))
+        for frame in _turn(SENTENCES[:1]):
+            await worker.queue_frame(frame)
+        while len(sink.of(TTSStoppedFrame)) == before:
+            await asyncio.sleep(0.02)
+        await worker.queue_frame(EndFrame())
+
+    try:
+        await run_worker([FrameLog(Clock()), tts, sink], feed, PipelineParams(audio_out_sample_rate=24000))
+    finally:
+        release.set()
+        await server.stop()
+    assert tts.is_usable and sink.of(TTSAudioRawFrame), "the turn after the load was spoken"
