@@ -134,7 +134,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._preroll = bytearray()
         self._preroll_bytes = 2 * round(ASR_SAMPLE_RATE * preroll_secs)
         self._after_final = False
-        """A final answered our finalize: interims wait for the next speech, since an
+        """A final came after the VAD's stop: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
 
     def can_generate_metrics(self) -> bool:
@@ -258,7 +258,9 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             return
         self.confirm_finalize()
         await self.stop_processing_metrics()
-        self._after_final = True
+        # Only while the user is silent: a final can come while they speak (a late one,
+        # or the server ending a long utterance), and their words go on.
+        self._after_final = self._speaking is False
         # An empty final is not pushed: a turn strategy takes a transcript's text as the
         # turn's text, and empty text would hold the turn open until its watchdog.
         if not message.text:

@@ -66,6 +66,18 @@ async def test_the_final_carries_the_words_streamed_before_the_stop(start_asr_se
     assert finals == 2
 
 
+async def test_interims_go_on_after_a_final_the_server_sent_while_the_user_speaks(start_asr_server, speech_int16):
+    """A server that ends long utterances (``--max-utterance-s``) sends finals while the
+    user still speaks: the words after one still show as interims."""
+    server = await start_asr_server(max_utterance_s=1.0)
+    stt = NemotronSTTService(url=server_url(server))
+    run = await run_pipeline(stt, _speech(speech_int16, (1.0, 4.3)))
+    vad_stop = run.vad_stops()[0]
+    first_final = run.near.of(TranscriptionFrame)[0].t
+    assert first_final < vad_stop, "the server ended an utterance mid-speech"
+    assert [e for e in run.near.of(InterimTranscriptionFrame) if first_final < e.t < vad_stop]
+
+
 async def test_finalize_tells_the_server_the_silence_the_vad_already_streamed(start_asr_server, speech_int16):
     server = await start_asr_server()
     stt = NemotronSTTService(url=server_url(server))
