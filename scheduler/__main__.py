@@ -6,7 +6,7 @@ from scheduler.host import HostSettings, LocalGpuHost
 from scheduler.policy import Targets
 from servers.asr.config import RIGHT_CONTEXTS, AsrServerSettings
 from servers.common.cli import run_server
-from servers.common.settings import EnvDefaultsParser, device_name
+from servers.common.settings import EnvDefaultsParser, at_least, device_name
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
 from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
 
@@ -45,13 +45,16 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         choices=RIGHT_CONTEXTS,
     )
     p.add_setting(
-        "--asr-max-sessions", asr.max_sessions, "ASR streams at once (their state is reserved at start-up)", type=int
+        "--asr-max-sessions",
+        asr.max_sessions,
+        "ASR streams at once (their state is reserved at start-up)",
+        type=at_least(1),
     )
     p.add_setting(
         "--asr-cuda-graph-max-batch",
         asr.cuda_graph_max_batch,
         "ASR steps of up to this many streams replay CUDA graphs, captured at start-up (0: eager)",
-        type=int,
+        type=at_least(0),
     )
     p.add_setting("--tts-model", tts.model, "TTS: Hugging Face name or .nemo path")
     p.add_setting("--tts-codec", tts.codec, "TTS codec (default: the one the model names)")
@@ -60,17 +63,20 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         "--tts-max-frames-per-token",
         tts.max_frames_per_token,
         f"TTS: {MAX_FRAMES_PER_TOKEN_HELP}",
-        type=float,
+        type=at_least(0.1, float),
     )
     p.add_setting("--tts-voice-names", ",".join(tts.voice_names), f"TTS: {VOICE_NAMES_HELP}", type=voice_names)
     p.add_setting(
-        "--tts-max-batch", tts.max_batch, "TTS: segments per decoder step (bounds its key/value cache)", type=int
+        "--tts-max-batch",
+        tts.max_batch,
+        "TTS: segments per decoder step (bounds its key/value cache)",
+        type=at_least(1),
     )
     p.add_setting(
         "--tts-cuda-graph-max-batch",
         tts.cuda_graph_max_batch,
         "TTS steps of up to this many segments replay CUDA graphs, captured at start-up (0: eager)",
-        type=int,
+        type=at_least(0),
     )
     add_llm_settings(p, llm, prefix="llm-")
     p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server_settings
+from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server_settings, at_least
 
 DEFAULT_MODEL = "nvidia/nemotron-speech-streaming-en-0.6b"
 RIGHT_CONTEXTS = (0, 1, 6, 13)
@@ -46,19 +46,19 @@ def parse_settings(argv: list[str] | None = None) -> AsrServerSettings:
         "--max-buffered-s",
         d.max_buffered_s,
         "audio a session may send ahead of transcription before audio_overflow",
-        type=float,
+        type=at_least(1.0, float),
     )
     p.add_setting(
         "--max-utterance-s",
         d.max_utterance_s,
         "an utterance this long without a reset is finalised as it stands and streaming goes on",
-        type=float,
+        type=at_least(1.0, float),
     )
     p.add_setting(
         "--cuda-graph-max-batch",
         d.cuda_graph_max_batch,
         "on CUDA, steps of up to this many sessions replay CUDA graphs (one per power-of-two batch, "
         "all captured at start-up; 0: eager NeMo)",
-        type=int,
+        type=at_least(0),
     )
     return AsrServerSettings(**vars(p.parse_args(argv)))

@@ -27,8 +27,10 @@ def json_response(status: HTTPStatus, payload: dict) -> Response:
 
 
 def bearer_token_matches(authorization: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header carries ``token`` (compared in constant time)."""
-    return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+    """Whether an ``Authorization`` header carries ``token``: the scheme's name in any case,
+    as HTTP has it; the token compared in constant time."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
 def make_process_request(
@@ -53,7 +55,8 @@ def make_process_request(
             return http_response(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
         if path != WEBSOCKET_PATH:
             return json_response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"})
-        if auth_token and not bearer_token_matches(request.headers.get("Authorization"), auth_token):
+        authorization = request.headers.get_all("Authorization")
+        if auth_token and not (len(authorization) == 1 and bearer_token_matches(authorization[0], auth_token)):
             return json_response(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
         return None
 

@@ -42,6 +42,18 @@ def device_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, not {value!r}")
 
 
+def at_least(minimum: float, cast: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse type for a number no smaller than ``minimum`` (a count, a size, a limit)."""
+
+    def parse(value: str) -> float:
+        number = cast(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return number
+
+    return parse
+
+
 class DeviceSetting:
     """For settings dataclasses with a ``device`` field that may be "auto"."""
 
@@ -68,12 +80,14 @@ def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
         "autocast for the model: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    p.add_setting("--max-sessions", d.max_sessions, "concurrent sessions; more are refused with server_full", type=int)
+    p.add_setting(
+        "--max-sessions", d.max_sessions, "concurrent sessions; more are refused with server_full", type=at_least(1)
+    )
     p.add_setting(
         "--max-message-bytes",
         d.max_message_bytes,
         "largest frame accepted; larger ones get message_too_big (above 4x the connection closes)",
-        type=int,
+        type=at_least(1),
     )
     p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
     p.add_setting("--log-level", d.log_level, "loguru level")

@@ -234,8 +234,9 @@ class EngineServer(LoadingServer, Generic[E]):
             outbox.put(self.ready_message(engine, session_id))
             async for message in ws:
                 limit = self.settings.max_message_bytes
-                if len(message) > limit:
-                    connection.error(ErrorCode.MESSAGE_TOO_BIG, f"frame of {len(message)} bytes exceeds {limit}")
+                size = len(message.encode()) if isinstance(message, str) else len(message)
+                if size > limit:
+                    connection.error(ErrorCode.MESSAGE_TOO_BIG, f"frame of {size} bytes exceeds {limit}")
                 else:
                     self.handle_message(engine, connection, message)
         except ConnectionClosed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from servers.common.settings import EnvDefaultsParser
+from servers.common.settings import EnvDefaultsParser, at_least
 from servers.llm.model import DEFAULT_MODEL
 
 
@@ -52,25 +52,29 @@ def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "
     p.add_setting(
         f"--{prefix}quant", d.quant, "quantisation file in the repo: auto (Q8_0 with >= 64 GiB free GPU, else Q4_K_M)"
     )
-    p.add_setting(f"--{prefix}context-size", d.context_size, "tokens of context (prompt plus answer)", type=int)
-    p.add_setting(f"--{prefix}gpu-layers", d.gpu_layers, "layers offloaded to the GPU (-1: all)", type=int)
+    p.add_setting(
+        f"--{prefix}context-size", d.context_size, "tokens of context (prompt plus answer)", type=at_least(64)
+    )
+    p.add_setting(f"--{prefix}gpu-layers", d.gpu_layers, "layers offloaded to the GPU (-1: all)", type=at_least(-1))
     p.add_setting(
         f"--{prefix}main-gpu",
         d.main_gpu,
         "run on this GPU index alone (default: spread over every visible GPU)",
-        type=int,
+        type=at_least(0),
     )
-    p.add_setting(f"--{prefix}threads", d.threads, "CPU threads for llama.cpp (default: its own choice)", type=int)
+    p.add_setting(
+        f"--{prefix}threads", d.threads, "CPU threads for llama.cpp (default: its own choice)", type=at_least(1)
+    )
     p.add_setting(
         f"--{prefix}first-segment-tokens",
         d.first_segment_tokens,
         "tokens in a turn's first unit of work: short, so the TTS starts speaking early",
-        type=int,
+        type=at_least(1),
     )
-    p.add_setting(f"--{prefix}segment-tokens", d.segment_tokens, "tokens in each later unit of work", type=int)
-    p.add_setting(f"--{prefix}max-tokens", d.max_tokens, "answer length when a request sets none", type=int)
+    p.add_setting(f"--{prefix}segment-tokens", d.segment_tokens, "tokens in each later unit of work", type=at_least(1))
+    p.add_setting(f"--{prefix}max-tokens", d.max_tokens, "answer length when a request sets none", type=at_least(1))
     p.add_setting(
-        f"--{prefix}max-queued", d.max_queued, "requests waiting behind the running one; more get 429", type=int
+        f"--{prefix}max-queued", d.max_queued, "requests waiting behind the running one; more get 429", type=at_least(0)
     )
 
 
@@ -86,7 +90,7 @@ def parse_settings(argv: list[str] | None = None) -> LlmServerSettings:
     p.add_setting(
         "--port", d.port, "port for /v1/chat/completions, /health and /metrics (0 picks a free one)", type=int
     )
-    p.add_setting("--max-message-bytes", d.max_message_bytes, "largest request body", type=int)
+    p.add_setting("--max-message-bytes", d.max_message_bytes, "largest request body", type=at_least(1))
     p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
     p.add_setting("--log-level", d.log_level, "loguru level")
     return LlmServerSettings(**vars(p.parse_args(argv)))

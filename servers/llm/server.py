@@ -112,7 +112,8 @@ class LlmServer(LoadingServer):
     async def _auth(self, request: web.Request, handler):
         token = self.settings.auth_token
         if token and request.path.startswith("/v1/"):
-            if not bearer_token_matches(request.headers.get("Authorization"), token):
+            authorization = request.headers.getall("Authorization", [])
+            if not (len(authorization) == 1 and bearer_token_matches(authorization[0], token)):
                 return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
         return await handler(request)
 

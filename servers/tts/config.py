@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server_settings
+from servers.common.settings import DeviceSetting, EnvDefaultsParser, add_server_settings, at_least
 
 DEFAULT_MODEL = "nvidia/magpie_tts_multilingual_357m"
 
@@ -48,24 +48,27 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
     )
     add_server_settings(p, d, "Hugging Face model name (downloaded on first use) or path to a Magpie .nemo file")
     p.add_setting("--codec", d.codec, "codec .nemo for a local checkpoint whose stored codec path moved")
-    p.add_setting("--max-batch", d.max_batch, "segments advanced by one decoder step at most", type=int)
-    p.add_setting("--max-text-chars", d.max_text_chars, "longest text one segment may carry", type=int)
+    p.add_setting("--max-batch", d.max_batch, "segments advanced by one decoder step at most", type=at_least(1))
+    p.add_setting("--max-text-chars", d.max_text_chars, "longest text one segment may carry", type=at_least(1))
     p.add_setting(
         "--max-frames-per-token",
         d.max_frames_per_token,
         MAX_FRAMES_PER_TOKEN_HELP,
-        type=float,
+        type=at_least(0.1, float),
     )
     p.add_setting("--voice-names", ",".join(d.voice_names), VOICE_NAMES_HELP, type=voice_names)
     p.add_setting(
-        "--temperature", d.temperature, "sampling temperature (0: greedy); default: the checkpoint's", type=float
+        "--temperature",
+        d.temperature,
+        "sampling temperature (0: greedy); default: the checkpoint's",
+        type=at_least(0.0, float),
     )
-    p.add_setting("--topk", d.topk, "sampling top-k; default: the checkpoint's", type=int)
+    p.add_setting("--topk", d.topk, "sampling top-k; default: the checkpoint's", type=at_least(1))
     p.add_setting("--cfg-scale", d.cfg_scale, "classifier-free guidance scale; default: the checkpoint's", type=float)
     p.add_setting(
         "--cuda-graph-max-batch",
         d.cuda_graph_max_batch,
         "on CUDA, steps of up to this many segments sample codes from CUDA graphs (captured at start-up; 0: eager)",
-        type=int,
+        type=at_least(0),
     )
     return TtsServerSettings(**vars(p.parse_args(argv)))

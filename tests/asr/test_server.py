@@ -167,6 +167,9 @@ async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that
         await ws.send(bytes(12_000))
         error = await recv_message(ws)
         assert error.code == ErrorCode.MESSAGE_TOO_BIG
+        await ws.send("\u20ac" * 4_000)  # 12 000 bytes of UTF-8 in 4 000 characters
+        error = await recv_message(ws)
+        assert error.code == ErrorCode.MESSAGE_TOO_BIG
         await ws.send(bytes(50_000))
         with pytest.raises(ConnectionClosed) as closed:
             await recv_message(ws)
@@ -226,6 +229,17 @@ async def test_bearer_token_is_required_when_set(start_asr_server):
         assert isinstance(await recv_message(ws), AsrReady)
     status, _ = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
     assert status == 200
+
+
+async def test_the_bearer_schemes_name_is_case_blind_and_a_repeated_header_is_refused(start_asr_server):
+    server = await start_asr_server(auth_token="s3cret")
+    async with connect(server_url(server), additional_headers={"Authorization": "bearer s3cret"}) as ws:
+        assert isinstance(await recv_message(ws), AsrReady)
+    twice = [("Authorization", "Bearer s3cret"), ("Authorization", "Bearer s3cret")]
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(server_url(server), additional_headers=twice):
+            pass
+    assert refused.value.response.status_code == 401
 
 
 async def test_sessions_beyond_max_sessions_are_refused_until_one_leaves(start_asr_server):
