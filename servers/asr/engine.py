@@ -307,7 +307,7 @@ class StreamingASREngine(SessionEngine):
             padding = self._padding_samples(reset) if reset.finalize else 0
             remaining = session.audio.frames_with_padding(padding) if reset.finalize else 0
             if remaining == 0:
-                events.append((session.sink, self._transcript(session, True, reset.received)))
+                events.append((session.sink, self._transcript(session, True, reset.received, all_audio=True)))
                 self._end_utterance(session)
             elif remaining <= max(chunk, self.geometry.max_final_frames):
                 rows.append(self._row(session, remaining, True, reset.received, padding))
@@ -330,25 +330,28 @@ class StreamingASREngine(SessionEngine):
         session.started = True
         session.text += "".join(self._pieces[t] for t in tokens)
         if row.step.final:
-            events.append((session.sink, self._transcript(session, True, row.ready_at, row.padding_samples)))
+            events.append(
+                (session.sink, self._transcript(session, True, row.ready_at, row.padding_samples, all_audio=True))
+            )
             self._end_utterance(session)
             return
         if session.text.strip() != session.sent_text:
             events.append((session.sink, self._transcript(session, False, row.ready_at)))
-        if session.audio.total_samples - session.segment_start_samples >= self._max_utterance:
+        if self._transcribed(session) - session.segment_start_samples >= self._max_utterance:
             # Bound the text a never-ending utterance holds: the text so far becomes final
             # while the audio streams on through the same encoder state.
             events.append((session.sink, self._transcript(session, True, row.ready_at)))
             self._next_segment(session)
-            session.segment_start_samples = session.audio.total_samples
+            session.segment_start_samples = self._transcribed(session)
 
-    def _transcript(self, session: _Session, final: bool, latency_from: float, padding_samples: int = 0):
+    def _transcript(
+        self, session: _Session, final: bool, latency_from: float, padding_samples: int = 0, all_audio: bool = False
+    ) -> AsrTranscript:
+        """``all_audio``: the utterance ends here, with every sample sent."""
         g = self.geometry
         text = session.text.strip()
         session.sent_text = text
-        covered = (
-            session.audio.total_samples if final else min(session.audio.total_samples, session.audio.next_frame * g.hop)
-        )
+        covered = session.audio.total_samples if all_audio else self._transcribed(session)
         return AsrTranscript(
             text=text,
             is_final=final,
@@ -357,6 +360,10 @@ class StreamingASREngine(SessionEngine):
             padding_ms=1000.0 * padding_samples / g.sample_rate,
             latency_ms=1000.0 * (time.monotonic() - latency_from),
         )
+
+    def _transcribed(self, session: _Session) -> int:
+        """Samples the encoder has taken (a client may send audio ahead of it)."""
+        return min(session.audio.total_samples, session.audio.next_frame * self.geometry.hop)
 
     def _next_segment(self, session: _Session) -> None:
         session.utterance_id += 1

@@ -112,6 +112,16 @@ def test_a_never_ending_utterance_is_finalised_in_segments_without_losing_text(t
     assert "".join(m.text + " " for m in finals).replace(" ", "") == whole.replace(" ", "")
 
 
+def test_a_long_utterance_sent_at_once_is_segmented_by_the_audio_transcribed(tiny_asr_path, speech_int16):
+    """Audio a client sends ahead is not yet transcribed: segments are cut every
+    ``max_utterance_s`` of audio the encoder took, and say how much that was."""
+    messages = transcribe(make_engine(tiny_asr_path, max_utterance_s=1.0), speech_int16[: 16000 * 5], piece=16000 * 5)
+    segment_ends = [m for m in messages if m.is_final][:-1]
+    assert len(segment_ends) >= 4
+    assert all(1000.0 <= m.audio_ms < 1200.0 for m in segment_ends), [m.audio_ms for m in segment_ends]
+    assert all(m.audio_ms >= 0 for m in messages)
+
+
 def test_audio_beyond_the_buffer_limit_is_refused_and_the_session_goes_on(tiny_asr_path, speech_int16):
     engine = make_engine(tiny_asr_path, max_buffered_s=1.0)
     messages = []
@@ -191,8 +201,9 @@ def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_in
 def test_per_chunk_work_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr_path, speech_int16):
     """Features are computed per chunk, never over the whole utterance: the preprocessor
     reads as much audio per step in the tenth minute as in the first (the time this
-    takes is `bench/asr_long_stream.py`'s to measure), and what a session holds is bounded."""
-    engine = make_engine(tiny_asr_path)
+    takes is `bench/asr_long_stream.py`'s to measure), and what a session holds is bounded
+    (the text, by segments of 20 s here)."""
+    engine = make_engine(tiny_asr_path, max_utterance_s=20.0)
     read = []
     engine._step.model.preprocessor.register_forward_pre_hook(
         lambda module, args, kwargs: read.append(kwargs["input_signal"].shape[1]), with_kwargs=True
@@ -209,7 +220,7 @@ def test_per_chunk_work_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr
     assert max(read[-375:]) == max(read[10:375]) < 2 * chunk
     assert session.audio.buffered_samples <= 2 * chunk + 512
     assert len(session.text) < 5000, "the rolling segments bound the text held"
-    assert sum(m.is_final for m in messages) >= 4
+    assert sum(m.is_final for m in messages) >= 29
 
 
 def test_sessions_opened_while_steps_run_do_not_disturb_their_state(tiny_asr_path, speech_int16):
