@@ -1,7 +1,8 @@
 """The voice agent's pipeline: what ``bot.py`` runs on whatever transport it is given.
 
 transport in → NemotronSTTService (Silero VAD 200 ms + Smart Turn v3 on the CPU in the
-user aggregator) → LLM (the local host's OpenAI-compatible endpoint) → MagpieTTSService →
+user aggregator) → ConversationWindow (the conversation within the LLM's context) → LLM
+(the local host's OpenAI-compatible endpoint) → MagpieTTSService →
 transport out → optional stereo recorder → assistant aggregator. Interruptions are on:
 a barge-in cancels the LLM request and the TTS turn and drops queued audio. Each turn's
 voice-to-voice latency is logged and sent to the client (``pipecat_nvidia.latency``).
@@ -27,6 +28,7 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.processors.audio.audio_buffer_processor import AudioBufferProcessor
 from pipecat.transports.base_transport import BaseTransport
 
+from pipecat_nvidia.history import DEFAULT_HISTORY_TOKENS, ConversationWindow
 from pipecat_nvidia.latency import TurnLatencyLog
 from pipecat_nvidia.llm import NemotronLLMService
 from pipecat_nvidia.stt import NemotronSTTService
@@ -51,6 +53,8 @@ class AgentSettings:
     llm_model: str = "nemotron-3-nano"
     system_prompt: str = DEFAULT_PROMPT
     max_tokens: int = 300
+    history_tokens: int = DEFAULT_HISTORY_TOKENS
+    """The conversation the LLM gets, estimated; past it the oldest turns are dropped."""
     voice: str | None = None
     greeting: bool = True
     """Say hello when the client connects."""
@@ -67,6 +71,7 @@ class AgentSettings:
         "llm_model": "BOT_LLM_MODEL",
         "system_prompt": "BOT_SYSTEM_PROMPT",
         "max_tokens": "BOT_MAX_TOKENS",
+        "history_tokens": "BOT_HISTORY_TOKENS",
         "voice": "BOT_VOICE",
         "greeting": "BOT_GREETING",
         "record_dir": "BOT_RECORD_DIR",
@@ -146,7 +151,8 @@ def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
     context = LLMContext()
     user, assistant = LLMContextAggregatorPair(context, user_params=user_turn_params())
     recorder = AudioBufferProcessor(num_channels=2) if settings.record_dir else None
-    processors = [transport.input(), stt, user, llm, tts, transport.output()]
+    window = ConversationWindow(settings.history_tokens)
+    processors = [transport.input(), stt, user, window, llm, tts, transport.output()]
     processors += [recorder] if recorder else []
     processors.append(assistant)
     observer = UserBotLatencyObserver()

@@ -1,0 +1,71 @@
+"""ConversationWindow in a pipeline: a conversation past its budget loses its oldest turns."""
+
+from pipecat.frames.frames import EndFrame, LLMContextFrame
+from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.utils.context.llm_context_summarization import LLMContextSummarizationUtil
+
+from pipecat_nvidia.history import ConversationWindow
+from tests.pipeline import Clock, FrameLog, run_worker
+
+SYSTEM = {"role": "system", "content": "You are a voice assistant."}
+
+
+def turns(count: int) -> list[dict]:
+    """``count`` turns of about 100 estimated tokens each."""
+    messages = []
+    for i in range(count):
+        messages.append({"role": "user", "content": f"question {i} " + "word " * 40})
+        messages.append({"role": "assistant", "content": f"answer {i} " + "word " * 20})
+    return messages
+
+
+async def through_the_window(context: LLMContext, max_tokens: int) -> list[LLMContextFrame]:
+    log = FrameLog(Clock())
+
+    async def feed(worker):
+        await worker.queue_frames([LLMContextFrame(context), EndFrame()])
+
+    await run_worker([ConversationWindow(max_tokens), log], feed, PipelineParams())
+    return [e.frame for e in log.of(LLMContextFrame)]
+
+
+async def test_a_conversation_within_its_budget_passes_untouched():
+    messages = [SYSTEM, *turns(3)]
+    context = LLMContext(messages=list(messages))
+    [passed] = await through_the_window(context, max_tokens=1000)
+    assert passed.context is context and context.messages == messages
+
+
+async def test_past_its_budget_the_oldest_turns_go_down_to_half_of_it():
+    context = LLMContext(messages=[SYSTEM, *turns(20)])
+    assert _estimate(context.messages) > 1000
+    await through_the_window(context, max_tokens=1000)
+    kept = context.messages
+    assert kept[0] == SYSTEM and kept[1]["role"] == "user"
+    assert _estimate(kept[1:]) <= 500
+    assert kept[-1]["content"].startswith("answer 19"), "the latest turns stay"
+    assert len(kept) > 5
+
+
+async def test_a_tool_result_is_never_kept_without_its_call():
+    """The cut falls at a user message: cutting at the latest message that fits would
+    keep the tool's result and drop its call."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '"' + "x" * 200 + '"'}}
+    messages = [
+        {"role": "user", "content": "word " * 160},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "found it"},
+        {"role": "assistant", "content": "Here it is, the thing you asked for."},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+    half = 100
+    assert _estimate(messages[2:]) <= half < _estimate(messages[1:])
+    context = LLMContext(messages=list(messages))
+    await through_the_window(context, max_tokens=2 * half)
+    assert context.messages == messages[4:]
+
+
+def _estimate(messages: list[dict]) -> int:
+    return LLMContextSummarizationUtil.estimate_context_tokens(LLMContext(messages=messages))
