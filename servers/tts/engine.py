@@ -146,6 +146,7 @@ class TtsStepStats:
     step_audio_seconds: float
     """Audio one decoder step adds to each segment (real time is kept while steps are faster)."""
     first_audio_latencies: tuple[float, ...]
+    """For each turn that got its first audio in this step: seconds since its first text."""
 
 
 class TTSEngine(SessionEngine):
@@ -460,21 +461,21 @@ class TTSEngine(SessionEngine):
         self, segment: _Segment, request: DecodeRequest, samples: np.ndarray, now: float, events: list
     ) -> bool:
         """Queue the audio (resampled, 16-bit) in pieces of at most a second; True if it
-        was the segment's first audio."""
+        was the turn's first audio."""
         segment.sent_frames = request.end
         context = segment.context
-        if context.playout_start is None:
+        turn_first = context.playout_start is None
+        if turn_first:
             context.playout_start = now
         context.sent_seconds += len(samples) / self.sample_rate
         if segment.output_rate != self.sample_rate:
             if segment.resampler is None:
                 segment.resampler = soxr.ResampleStream(self.sample_rate, segment.output_rate, 1, dtype="float32")
             samples = segment.resampler.resample_chunk(samples, last=False)
-        first = segment.first_audio_at is None
-        if first:
+        if segment.first_audio_at is None:
             segment.first_audio_at = now
         self._queue_pcm(segment, samples, events)
-        return first
+        return turn_first
 
     def _queue_pcm(self, segment: _Segment, samples: np.ndarray, events: list) -> None:
         pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")

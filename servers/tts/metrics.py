@@ -26,7 +26,7 @@ class TtsMetrics(ServerMetrics):
         )
         self.first_audio = Histogram(
             "tts_first_audio_seconds",
-            "From a segment's turn to start to its first audio",
+            "From a turn's first text to its first audio (later segments of a turn are not counted)",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -185,6 +185,20 @@ def test_cancel_from_another_thread_while_steps_run_sends_nothing_after_cancelle
     assert not engine.has_work()
 
 
+def test_first_audio_is_timed_once_per_turn(engine):
+    """What a listener waits for is the turn's first audio: a later segment's first audio
+    (a batched sentence that comes whole) is not one."""
+    sid = engine.open_session(lambda message: None)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="stream"))
+    engine.speak(sid, TtsSpeak(context_id="turn", text="And a second sentence.", mode="batch"))
+    engine.speak(sid, TtsSpeak(context_id="next", text=TEXT, mode="stream"))
+    latencies = []
+    while engine.has_work():
+        latencies += engine.step().first_audio_latencies
+    engine.close_session(sid)
+    assert len(latencies) == 2 and all(latency > 0 for latency in latencies)
+
+
 def test_a_cancel_during_the_step_that_refused_a_text_is_the_contexts_last_message(engine, monkeypatch):
     """A text is refused (nothing to speak) before the step's decoder call, and its
     client's cancel arrives during that call: the refusal and the turn's ``done`` were
