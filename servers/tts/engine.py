@@ -331,13 +331,21 @@ class TTSEngine(SessionEngine):
                 for segment in running:
                     self._refuse(segment, ErrorCode.INTERNAL, f"synthesis failed: {e}", events)
             running, decoding, audio = [], [], []
+        # Resampling and encoding the audio happen outside the lock, which the event loop
+        # takes for every message it hands the engine.
+        messages = [
+            self._audio_messages(segment, samples) if not segment.context.cancelled else []
+            for (segment, _), samples in zip(decoding, audio)
+        ]
         now = self._clock()
         latencies = []
         with self._lock:
             for segment in running:
                 segment.steps += 1
-            for (segment, request), samples in zip(decoding, audio):
-                if not segment.context.cancelled and self._send_audio(segment, request, samples, now, events):
+            for (segment, request), samples, pieces in zip(decoding, audio, messages):
+                if not segment.context.cancelled and self._send_audio(
+                    segment, request, len(samples), pieces, now, events
+                ):
                     latencies.append(now - segment.started_at)
             for segment in running:
                 sequence = segment.sequence
@@ -458,40 +466,38 @@ class TTSEngine(SessionEngine):
         return self._decode_seconds.value / spare if spare > 0 else float("inf")
 
     def _send_audio(
-        self, segment: _Segment, request: DecodeRequest, samples: np.ndarray, now: float, events: list
+        self, segment: _Segment, request: DecodeRequest, samples: int, pieces: list[TtsAudio], now: float, events: list
     ) -> bool:
-        """Queue the audio (resampled, 16-bit) in pieces of at most a second; True if it
-        was the turn's first audio."""
+        """Queue the audio of ``samples`` model-rate samples; True if it was the turn's first."""
         segment.sent_frames = request.end
         context = segment.context
         turn_first = context.playout_start is None
         if turn_first:
             context.playout_start = now
-        context.sent_seconds += len(samples) / self.sample_rate
+        context.sent_seconds += samples / self.sample_rate
+        if segment.first_audio_at is None:
+            segment.first_audio_at = now
+        events.extend((context, piece) for piece in pieces)
+        return turn_first
+
+    def _audio_messages(self, segment: _Segment, samples: np.ndarray, last: bool = False) -> list[TtsAudio]:
+        """The audio at the segment's rate, 16-bit, in pieces of at most a second (on the
+        stepping thread, which alone touches the segment's resampler); ``last`` flushes it."""
         if segment.output_rate != self.sample_rate:
             if segment.resampler is None:
                 segment.resampler = soxr.ResampleStream(self.sample_rate, segment.output_rate, 1, dtype="float32")
-            samples = segment.resampler.resample_chunk(samples, last=False)
-        if segment.first_audio_at is None:
-            segment.first_audio_at = now
-        self._queue_pcm(segment, samples, events)
-        return turn_first
-
-    def _queue_pcm(self, segment: _Segment, samples: np.ndarray, events: list) -> None:
+            samples = segment.resampler.resample_chunk(samples, last=last)
         pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-        for begin in range(0, len(pcm), segment.output_rate):
-            events.append(
-                (
-                    segment.context,
-                    TtsAudio.from_pcm(
-                        pcm[begin : begin + segment.output_rate].tobytes(),
-                        context_id=segment.context.context_id,
-                        segment_id=segment.segment_id,
-                        sample_rate=segment.output_rate,
-                    ),
-                )
-            )
         segment.sent_samples += len(pcm)
+        return [
+            TtsAudio.from_pcm(
+                pcm[begin : begin + segment.output_rate].tobytes(),
+                context_id=segment.context.context_id,
+                segment_id=segment.segment_id,
+                sample_rate=segment.output_rate,
+            )
+            for begin in range(0, len(pcm), segment.output_rate)
+        ]
 
     def _last_chunk(self, segment: _Segment) -> bool:
         return segment.chunk_index + 1 >= len(segment.chunks)
@@ -515,7 +521,7 @@ class TTSEngine(SessionEngine):
             return
         segment.sequence = None
         if segment.resampler is not None:
-            self._queue_pcm(segment, segment.resampler.resample_chunk(np.zeros(0, np.float32), last=True), events)
+            events.extend((context, piece) for piece in self._audio_messages(segment, np.zeros(0, np.float32), True))
         if sent:
             events.append(
                 (
