@@ -101,7 +101,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         self._init_connection(url, auth_token, parse_tts_server_message)
         self._segments_sent: dict[str, int] = {}
         """Segments sent per context (turn) the server still owes audio or its ``done``."""
-        self._keepalive_task: asyncio.Task | None = None
+        self._owed_contexts_task: asyncio.Task | None = None
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -113,12 +113,12 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
     async def setup(self, setup: FrameProcessorSetup):
         await super().setup(setup)
         await self._connect()
-        self._keepalive_task = self.create_task(self._keep_owed_contexts_open(), "keep_owed_contexts_open")
+        self._owed_contexts_task = self.create_task(self._keep_owed_contexts_open(), "keep_owed_contexts_open")
 
     async def cleanup(self):
-        if self._keepalive_task:
-            await self.cancel_task(self._keepalive_task)
-            self._keepalive_task = None
+        if self._owed_contexts_task:
+            await self.cancel_task(self._owed_contexts_task)
+            self._owed_contexts_task = None
         await super().cleanup()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
