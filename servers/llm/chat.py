@@ -156,12 +156,14 @@ class OutputSplitter:
     pushes is held back until it is decided.
     """
 
-    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None):
+    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None, verbatim: bool = False):
         """``in_reasoning``: the prompt itself opened a ``<think>`` block; ``tools``: the
-        request's, whose schemas type the calls' parameters."""
+        request's, whose schemas type the calls' parameters; ``verbatim``: the output is all
+        content (JSON held to a grammar, where a tag is only text inside a string)."""
         self._tools = tools
+        self._verbatim = verbatim
         self._pending = ""
-        self._mode = "reasoning" if in_reasoning else "content"
+        self._mode = "reasoning" if in_reasoning and not verbatim else "content"
         self._call_body = ""
         self.tool_calls: list[ToolCall] = []
         self.malformed_calls: list[str] = []
@@ -169,6 +171,9 @@ class OutputSplitter:
     def push(self, text: str) -> OutputPiece:
         self._pending += text
         out = OutputPiece()
+        if self._verbatim:
+            out.content, self._pending = self._pending, ""
+            return out
         while self._pending:
             close = {"content": None, "reasoning": THINK_CLOSE, "tool": TOOL_CALL_CLOSE}[self._mode]
             tags = [THINK_OPEN, TOOL_CALL_OPEN] if close is None else [close]

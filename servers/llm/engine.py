@@ -23,6 +23,7 @@ from loguru import logger
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
+from servers.llm.structured import add_grammar
 
 
 class ContextOverflow(ValueError):
@@ -38,6 +39,8 @@ class ChatRequest:
     top_p: float = 1.0
     seed: int | None = None
     enable_thinking: bool = False
+    grammar: str | None = None
+    """GBNF the answer must match (structured output)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class LLMEngine(WorkSignal):
         prompt_text = self.template.render(
             request.messages, tools=request.tools, enable_thinking=request.enable_thinking
         )
+        sampler = self._sampler(request)
         with self._work:
             if len(self._queue) >= self.max_queued:
                 raise OverflowError(f"{self.max_queued} requests are already waiting")
@@ -189,9 +193,11 @@ class LLMEngine(WorkSignal):
                 raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.context_size}")
             rid = self._next_rid
             self._next_rid += 1
-            generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic())
+            generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic(), sampler=sampler)
             generation.splitter = OutputSplitter(
-                in_reasoning=prompt_text.rstrip().endswith("<think>"), tools=request.tools
+                in_reasoning=prompt_text.rstrip().endswith("<think>"),
+                tools=request.tools,
+                verbatim=request.grammar is not None,
             )
             self._queue.append(generation)
             self._signal_work()
@@ -323,7 +329,6 @@ class LLMEngine(WorkSignal):
 
     def _begin(self, generation: _Generation) -> None:
         from llama_cpp import Llama
-        from llama_cpp._internals import LlamaSampler
 
         llm = self._llm
         generation.prompt = self._prompt_tokens(generation.request, generation.prompt_text, generation.prompt)
@@ -337,16 +342,21 @@ class LLMEngine(WorkSignal):
         generation.user_turn_end = self._user_turn_end(generation)
         if not self._roll_back and generation.user_turn_end is not None and generation.user_turn_end > keep:
             generation.snapshot_at = generation.user_turn_end
-        request = generation.request
+        generation.started = True
+
+    def _sampler(self, request: ChatRequest):
+        from llama_cpp._internals import LlamaSampler
+
         sampler = LlamaSampler()
+        if request.grammar is not None:
+            add_grammar(sampler, self._llm._model.vocab, request.grammar)
         if request.temperature <= 0:
             sampler.add_greedy()
         else:
             sampler.add_top_p(request.top_p, 1)
             sampler.add_temp(request.temperature)
             sampler.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
-        generation.sampler = sampler
-        generation.started = True
+        return sampler
 
     def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
         """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;

@@ -55,7 +55,8 @@ END_OF_TURN = 4
 
 def vocabulary(extra: tuple[str, ...] = ()):
     """(pieces, scores, types) of a small SentencePiece vocabulary with byte fallback, and
-    the ``extra`` pieces (``\u2581`` for a space) last."""
+    the ``extra`` pieces (``\u2581`` for a space) it lacks last (llama.cpp's grammar
+    sampler aborts on a vocabulary that holds a piece twice)."""
     from gguf import TokenType as T
 
     special = [
@@ -77,7 +78,7 @@ def vocabulary(extra: tuple[str, ...] = ()):
     for word in _WORDS + ["\u2581" + w for w in _WORDS]:
         # SentencePiece merges only into pieces that exist: add every prefix.
         normal += [word[:j] for j in range(2, len(word) + 1) if word[:j] not in normal]
-    normal += [piece for piece in extra if piece not in normal]
+    normal += [piece for piece in extra if piece not in normal and piece not in pieces]
     pieces += normal
     types += [T.NORMAL] * len(normal)
     scores = [0.0] * (len(pieces) - len(normal)) + [-1000.0 + 10 * len(p) - 1e-3 * i for i, p in enumerate(normal)]

@@ -3,15 +3,17 @@
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
 Known fields asking for what the server cannot do (stop sequences, several choices,
-structured output, forced tool calls, images) are refused rather than ignored, since
-ignoring them would answer something else than was asked.
+forced tool calls, images) are refused rather than ignored, since ignoring them would
+answer something else than was asked.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from servers.llm.structured import response_grammar
 
 
 class StreamOptions(BaseModel):
@@ -37,6 +39,12 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """``{"enable_thinking": true}`` turns reasoning on (off by default), as with vLLM."""
+    _grammar: str | None = PrivateAttr(default=None)
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar that holds the answer to ``response_format``, if it asks for JSON."""
+        return self._grammar
 
     @field_validator("messages")
     @classmethod
@@ -57,12 +65,19 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError('only "auto" and "none" are supported (the model cannot be made to call a tool)')
         return choice
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_responses(cls, response_format: dict[str, Any] | None) -> None:
-        if response_format is not None and response_format.get("type") != "text":
-            raise ValueError("structured output (json_object, json_schema) is not supported")
-        return None
+    @model_validator(mode="after")
+    def _structured_output(self) -> ChatCompletionRequest:
+        if self.response_format is None:
+            return self
+        try:
+            self._grammar = response_grammar(self.response_format)
+        except ValueError as e:
+            raise ValueError(f"response_format: {e}") from e
+        if self._grammar is not None and self.tools and self.tool_choice != "none":
+            raise ValueError("response_format: JSON answers and tools cannot be asked for together")
+        if self._grammar is not None and self.chat_template_kwargs.get("enable_thinking"):
+            raise ValueError("response_format: JSON answers are not supported with reasoning on")
+        return self
 
     @field_validator("stop")
     @classmethod

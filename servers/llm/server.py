@@ -27,6 +27,7 @@ from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine
 from servers.llm.metrics import LlmMetrics
 from servers.llm.model import load_llama, resolve_source
 from servers.llm.schema import ChatCompletionRequest
+from servers.llm.structured import GrammarRejected
 
 
 def load_engine(settings: LlmServerSettings) -> LLMEngine:
@@ -159,7 +160,7 @@ class LlmServer(LoadingServer):
             )
         except ContextOverflow as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
-        except PromptRejected as e:
+        except (PromptRejected, GrammarRejected) as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", str(e))
         except UnicodeEncodeError:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", "the text holds unpaired surrogates")
@@ -295,6 +296,7 @@ def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
+        grammar=body.grammar,
     )
 
 

@@ -49,6 +49,11 @@ async def test_usage_reports_the_prompt_tokens_reused_from_the_cache(start_llm_s
 
 
 TOOL_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def _schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
 @pytest.mark.parametrize(
@@ -59,7 +64,31 @@ TOOL_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
         (json.dumps({"messages": [{"content": "hi"}]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "stop": ["x"]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "tool_choice": "required"}).encode(), "invalid_request"),
-        (json.dumps({"messages": QUESTION, "response_format": {"type": "json_object"}}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "response_format": {"type": "yaml"}}).encode(), "invalid_request"),
+        (
+            json.dumps({"messages": QUESTION, "response_format": _schema({"$ref": "https://x.test/s"})}).encode(),
+            "invalid_request",
+        ),
+        (
+            json.dumps({"messages": QUESTION, "response_format": _schema({"type": "nonsense"})}).encode(),
+            "invalid_request",
+        ),
+        (
+            json.dumps(
+                {"messages": QUESTION, "response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]}
+            ).encode(),
+            "invalid_request",
+        ),
+        (
+            json.dumps(
+                {
+                    "messages": QUESTION,
+                    "response_format": {"type": "json_object"},
+                    "chat_template_kwargs": {"enable_thinking": True},
+                }
+            ).encode(),
+            "invalid_request",
+        ),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), "invalid_request"),
         (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "invalid_request"),
         (

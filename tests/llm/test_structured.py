@@ -1,0 +1,87 @@
+"""Structured output (``response_format``) through the OpenAI-compatible endpoint: a
+random model's answer is held to the schema by llama.cpp's grammar sampler, a scripted
+model's answer is cut where the JSON ends."""
+
+import json
+
+import pytest
+from openai import AsyncOpenAI
+
+from servers.llm.engine import ChatRequest
+from servers.llm.structured import GrammarRejected
+from tests.llm.helpers import make_engine
+from tests.llm.scripted_model import write_scripted_llama_gguf
+from tests.llm.test_server import QUESTION, client
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Paris", "Oslo"]},
+        "rain": {"type": "boolean"},
+        "days": {"type": "integer"},
+    },
+    "required": ["city", "rain", "days"],
+    "additionalProperties": False,
+}
+
+
+async def _answer(llm: AsyncOpenAI, response_format: dict, **kwargs) -> tuple[str, str]:
+    """The streamed content and finish reason of one request."""
+    chunks = [
+        c
+        async for c in await llm.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=200, stream=True, response_format=response_format, **kwargs
+        )
+    ]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return content, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}])
+async def test_a_random_model_answers_in_the_schema_asked_for(start_llm_server, sampling):
+    server = await start_llm_server()
+    response_format = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+    content, finish_reason = await _answer(client(server), response_format, **sampling)
+    answer = json.loads(content)
+    assert finish_reason == "stop"
+    assert answer.keys() == {"city", "rain", "days"}
+    assert answer["city"] in ("Paris", "Oslo")
+    assert isinstance(answer["rain"], bool)
+    assert isinstance(answer["days"], int)
+
+
+async def test_a_json_object_answer_ends_where_the_object_does(start_llm_server, tmp_path):
+    model = write_scripted_llama_gguf(tmp_path / "chatty.gguf", ['{"a":', " 1", "}", " and", " more"])
+    server = await start_llm_server(model=str(model))
+    content, finish_reason = await _answer(client(server), {"type": "json_object"}, temperature=0)
+    assert (json.loads(content), finish_reason) == ({"a": 1}, "stop")
+
+
+async def test_json_strings_hold_no_raw_control_characters(start_llm_server, tmp_path):
+    """The model would put a raw tab inside the string; JSON (and ``json.loads``) refuse one."""
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "maxLength": 4}},
+        "required": ["s"],
+        "additionalProperties": False,
+    }
+    model = write_scripted_llama_gguf(tmp_path / "tab.gguf", ['{"s":', ' "a\tb', '"}'])
+    server = await start_llm_server(model=str(model))
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    content, finish_reason = await _answer(client(server), response_format, temperature=0)
+    assert finish_reason == "stop"
+    assert "\t" not in json.loads(content)["s"]
+
+
+async def test_tags_inside_a_json_answer_are_its_text(start_llm_server, tmp_path):
+    model = write_scripted_llama_gguf(tmp_path / "tags.gguf", ['{"a":', ' "', "<think>", "x", "</think>", '"}'])
+    server = await start_llm_server(model=str(model))
+    content, _ = await _answer(client(server), {"type": "json_object"}, temperature=0)
+    assert json.loads(content) == {"a": "<think>x</think>"}
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_refused_when_submitted(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    with pytest.raises(GrammarRejected):
+        engine.submit(ChatRequest(QUESTION, grammar="root ::= ("), lambda event: None)
+    assert engine.session_count == 0
