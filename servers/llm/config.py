@@ -23,6 +23,7 @@ class LlmServerSettings:
     segment_tokens: int = 16
     max_tokens: int = 1024
     max_queued: int = 16
+    top_k: int = 40
     max_message_bytes: int = 4 << 20
     auth_token: str | None = None
     log_level: str = "INFO"
@@ -39,6 +40,7 @@ LLM_FLAGS = (
     "segment_tokens",
     "max_tokens",
     "max_queued",
+    "top_k",
 )
 
 
@@ -75,6 +77,13 @@ def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "
     p.add_setting(f"--{prefix}max-tokens", d.max_tokens, "answer length when a request sets none", type=at_least(1))
     p.add_setting(
         f"--{prefix}max-queued", d.max_queued, "requests waiting behind the running one; more get 429", type=at_least(0)
+    )
+    p.add_setting(
+        f"--{prefix}top-k",
+        d.top_k,
+        "when a request samples (temperature > 0), draw from the k likeliest tokens (0: all; top_p then sorts"
+        " the whole vocabulary, milliseconds of CPU a token)",
+        type=at_least(0),
     )
 
 

@@ -23,7 +23,7 @@ from loguru import logger
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
-from servers.llm.structured import add_grammar
+from servers.llm.structured import ConstrainedSampler, grammar_sampler
 
 
 class ContextOverflow(ValueError):
@@ -148,9 +148,13 @@ class LLMEngine(WorkSignal):
         prefill_tokens_per_unit: int = 512,
         default_max_tokens: int = 1024,
         max_queued: int = 16,
+        top_k: int = 40,
         roll_back: bool | None = None,
     ):
         """``llm`` is a loaded ``llama_cpp.Llama``; every call into it happens in ``step()``.
+
+        ``top_k``: when sampling (temperature above 0), only the k likeliest tokens are
+        candidates (0: all), as llama.cpp's own server does by default.
 
         ``roll_back``: whether the model's cached state can be cut back to a common prefix
         (None: ask llama.cpp; transformers can, hybrid and recurrent models cannot and get
@@ -164,6 +168,7 @@ class LLMEngine(WorkSignal):
         self.prefill_tokens_per_unit = prefill_tokens_per_unit
         self.default_max_tokens = default_max_tokens
         self.max_queued = max_queued
+        self.top_k = top_k
         self.template = chat_template(llm)
         self._end_of_turn = end_of_turn_token(llm, self.template)
         self._end_of_turn_text = llm._model.token_get_text(self._end_of_turn)
@@ -347,16 +352,20 @@ class LLMEngine(WorkSignal):
     def _sampler(self, request: ChatRequest):
         from llama_cpp._internals import LlamaSampler
 
-        sampler = LlamaSampler()
-        if request.grammar is not None:
-            add_grammar(sampler, self._llm._model.vocab, request.grammar)
+        chain = LlamaSampler()
         if request.temperature <= 0:
-            sampler.add_greedy()
+            chain.add_greedy()
         else:
-            sampler.add_top_p(request.top_p, 1)
-            sampler.add_temp(request.temperature)
-            sampler.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
-        return sampler
+            if self.top_k > 0:
+                # First, so that top_p sorts k candidates rather than the whole vocabulary.
+                chain.add_top_k(self.top_k)
+            chain.add_top_p(request.top_p, 1)
+            chain.add_temp(request.temperature)
+            chain.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
+        if request.grammar is None:
+            return chain
+        grammar = grammar_sampler(self._llm._model.vocab, request.grammar)
+        return ConstrainedSampler(chain, grammar, self._llm.n_vocab())
 
     def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
         """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;

@@ -98,9 +98,11 @@ def write_random_llama_gguf(
     seed: int = 0,
     chat_template: str = CHAT_TEMPLATE,
     eos_token_id: int = END_OF_TURN,
+    extra_pieces: tuple[str, ...] = (),
 ) -> Path:
-    """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by default)."""
-    vocab = vocabulary()
+    """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by
+    default); ``extra_pieces`` grow the vocabulary (a real model's size costs in sampling)."""
+    vocab = vocabulary(extra_pieces)
     pieces = vocab[0]
     rng = np.random.default_rng(seed)
 

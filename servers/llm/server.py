@@ -46,6 +46,7 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
         segment_tokens=settings.segment_tokens,
         default_max_tokens=settings.max_tokens,
         max_queued=settings.max_queued,
+        top_k=settings.top_k,
     )
 
 

@@ -5,7 +5,7 @@ model's answer is cut where the JSON ends."""
 import json
 
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, InternalServerError
 
 from servers.llm.engine import ChatRequest
 from servers.llm.structured import GrammarRejected
@@ -85,3 +85,18 @@ def test_a_grammar_llama_cpp_cannot_parse_is_refused_when_submitted(tiny_llm_pat
     with pytest.raises(GrammarRejected):
         engine.submit(ChatRequest(QUESTION, grammar="root ::= ("), lambda event: None)
     assert engine.session_count == 0
+
+
+async def test_a_schema_no_token_can_continue_fails_its_request_and_the_server_goes_on(start_llm_server):
+    """The empty range ``[b-a]`` allows nothing: accepting a token anyway would abort the
+    whole process inside llama.cpp."""
+    server = await start_llm_server()
+    llm = client(server, max_retries=0)
+    impossible = {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^x[b-a]$"}},
+    }
+    with pytest.raises(InternalServerError, match="can continue the answer"):
+        await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=20, response_format=impossible)
+    after = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=5, temperature=0)
+    assert after.choices[0].finish_reason == "length"
