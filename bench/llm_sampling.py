@@ -28,7 +28,7 @@ from pathlib import Path
 from servers.llm.engine import ChatRequest, LLMEngine
 from servers.llm.model import GgufSource, load_llama
 from servers.llm.random_model import vocabulary, write_random_llama_gguf
-from servers.llm.structured import grammar_sampler, response_grammar
+from servers.llm.structured import Grammar, grammar_sampler, response_grammar
 
 PROMPT = [{"role": "user", "content": "hello world"}]
 WEATHER = {
@@ -83,11 +83,14 @@ def cases(llm) -> list[tuple[str, object]]:
         ("top_p 0.95, T 0.8, no top_k (before)", engine[0]._sampler(ChatRequest(PROMPT, **sampled))),
         ("top_p 0.95, T 0.8, top_k 40", engine[40]._sampler(ChatRequest(PROMPT, **sampled))),
         ("JSON string, grammar on every token (before)", whole_vocabulary_grammar(llm, string_answer)),
-        ("JSON string, grammar checks the pick", engine[40]._sampler(ChatRequest(PROMPT, grammar=string_answer))),
+        (
+            "JSON string, grammar checks the pick",
+            engine[40]._sampler(ChatRequest(PROMPT, grammar=Grammar(llm._model.vocab, string_answer))),
+        ),
         ("fixed-key schema, grammar on every token (before)", whole_vocabulary_grammar(llm, _json_schema(WEATHER))),
         (
             "fixed-key schema, grammar checks the pick",
-            engine[40]._sampler(ChatRequest(PROMPT, grammar=_json_schema(WEATHER))),
+            engine[40]._sampler(ChatRequest(PROMPT, grammar=Grammar(llm._model.vocab, _json_schema(WEATHER)))),
         ),
     ]
 

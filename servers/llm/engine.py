@@ -23,7 +23,7 @@ from loguru import logger
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
-from servers.llm.structured import ConstrainedSampler, grammar_sampler
+from servers.llm.structured import ConstrainedSampler, Grammar
 
 
 class ContextOverflow(ValueError):
@@ -39,8 +39,8 @@ class ChatRequest:
     top_p: float = 1.0
     seed: int | None = None
     enable_thinking: bool = False
-    grammar: str | None = None
-    """GBNF the answer must match (structured output)."""
+    grammar: Grammar | None = None
+    """What the answer must match (structured output); one request's, it keeps its state."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,11 @@ class LLMEngine(WorkSignal):
         self._active: _Generation | None = None
         self._conversation: _Conversation | None = None
         self._next_rid = 0
+
+    @property
+    def vocab(self):
+        """The model's ``llama_vocab_p`` (read-only: safe from any thread), for grammars."""
+        return self._llm._model.vocab
 
     @property
     def context_size(self) -> int:
@@ -364,8 +369,7 @@ class LLMEngine(WorkSignal):
             chain.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
         if request.grammar is None:
             return chain
-        grammar = grammar_sampler(self._llm._model.vocab, request.grammar)
-        return ConstrainedSampler(chain, grammar, self._llm.n_vocab())
+        return ConstrainedSampler(chain, request.grammar, self._llm.n_vocab())
 
     def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
         """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
-
-from servers.llm.structured import response_grammar
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -37,14 +35,9 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     response_format: dict[str, Any] | None = None
+    """Its grammar is made off the event loop by the server (large schemas take seconds)."""
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """``{"enable_thinking": true}`` turns reasoning on (off by default), as with vLLM."""
-    _grammar: str | None = PrivateAttr(default=None)
-
-    @property
-    def grammar(self) -> str | None:
-        """The grammar that holds the answer to ``response_format``, if it asks for JSON."""
-        return self._grammar
 
     @field_validator("messages")
     @classmethod
@@ -66,16 +59,12 @@ class ChatCompletionRequest(BaseModel):
         return choice
 
     @model_validator(mode="after")
-    def _structured_output(self) -> ChatCompletionRequest:
-        if self.response_format is None:
+    def _structured_output_alone(self) -> ChatCompletionRequest:
+        if self.response_format is None or self.response_format.get("type") == "text":
             return self
-        try:
-            self._grammar = response_grammar(self.response_format)
-        except ValueError as e:
-            raise ValueError(f"response_format: {e}") from e
-        if self._grammar is not None and self.tools and self.tool_choice != "none":
+        if self.tools and self.tool_choice != "none":
             raise ValueError("response_format: JSON answers and tools cannot be asked for together")
-        if self._grammar is not None and self.chat_template_kwargs.get("enable_thinking"):
+        if self.chat_template_kwargs.get("enable_thinking"):
             raise ValueError("response_format: JSON answers are not supported with reasoning on")
         return self
 

@@ -27,7 +27,7 @@ from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine
 from servers.llm.metrics import LlmMetrics
 from servers.llm.model import load_llama, resolve_source
 from servers.llm.schema import ChatCompletionRequest
-from servers.llm.structured import GrammarRejected
+from servers.llm.structured import Grammar, response_format_grammar
 
 
 def load_engine(settings: LlmServerSettings) -> LLMEngine:
@@ -153,15 +153,19 @@ class LlmServer(LoadingServer):
             return self._refuse(HTTPStatus.BAD_REQUEST, "bad_json", "the body is not JSON (or is nested too deeply)")
         except ValidationError as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", _validation_message(e))
+        try:
+            grammar = await asyncio.to_thread(response_format_grammar, body.response_format, engine.vocab)
+        except ValueError as e:
+            return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", f"response_format: {e}")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
             rid = engine.submit(
-                _chat_request(body), lambda event: loop.call_soon_threadsafe(self._deliver, events, event)
+                _chat_request(body, grammar), lambda event: loop.call_soon_threadsafe(self._deliver, events, event)
             )
         except ContextOverflow as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
-        except (PromptRejected, GrammarRejected) as e:
+        except PromptRejected as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", str(e))
         except UnicodeEncodeError:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", "the text holds unpaired surrogates")
@@ -286,7 +290,7 @@ class _Completion:
         return {**self.chunk_header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
 
-def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
+def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatRequest:
     tools = None if body.tool_choice == "none" else body.tools
     messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in body.messages]
     return ChatRequest(
@@ -297,7 +301,7 @@ def _chat_request(body: ChatCompletionRequest) -> ChatRequest:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
-        grammar=body.grammar,
+        grammar=grammar,
     )
 
 

@@ -2,7 +2,10 @@
 
 The grammar masks every token that would leave the JSON asked for, so the answer has the
 shape whatever the model's weights. The schema is converted (by llama-cpp-python's port of
-llama.cpp's converter) when the request arrives, so one it cannot express is refused then.
+llama.cpp's converter) and parsed by llama.cpp when the request arrives, so one it cannot
+express is refused then. The converter writes every repetition out (a string's
+``maxLength`` of n becomes n nested groups) and llama.cpp's parser recurses through the
+nesting: a ``maxLength`` of 100000 crashed the process, so counts are bounded first.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ import numpy as np
 _LIBRARY_STRING_CHAR = r'[^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _STRING_CHAR_RULE = re.compile(rf"^(\S+) ::= {re.escape(_LIBRARY_STRING_CHAR)}$", re.MULTILINE)
+
+MAX_REPEAT = 1000
+"""Largest length, item or property count, or pattern repetition a schema may ask for."""
+MAX_GRAMMAR_CHARS = 256_000
+"""Largest grammar made from a schema (llama.cpp parses one this size in about 0.1 s)."""
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
 class GrammarRejected(ValueError):
@@ -45,11 +55,32 @@ def response_grammar(response_format: dict[str, Any]) -> str | None:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
+        _check_counts(schema)
+    except RecursionError as e:
+        raise ValueError("the schema is nested too deeply") from e
+    try:
         grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # noqa: BLE001 - the converter reports what it cannot express in many ways
         raise ValueError(f"the schema cannot be turned into a grammar ({type(e).__name__}: {e})") from e
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"the schema's grammar has {len(grammar)} characters; at most {MAX_GRAMMAR_CHARS} are taken")
     # The library's strings admit raw control characters, which JSON (and json.loads) refuse.
     return _STRING_CHAR_RULE.sub(lambda m: f"{m.group(1)} ::= {_JSON_STRING_CHAR}", grammar)
+
+
+def _check_counts(node: Any) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _check_counts(item)
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        counts = [value] if key in _COUNTS and isinstance(value, int | float) else []
+        if key == "pattern" and isinstance(value, str):
+            counts = [int(n) for match in _QUANTIFIER.finditer(value) for n in match.groups() if n]
+        if any(count > MAX_REPEAT for count in counts):
+            raise ValueError(f"{key} asks for more than {MAX_REPEAT} repetitions")
+        _check_counts(value)
 
 
 def grammar_sampler(vocab, grammar: str):
@@ -62,6 +93,24 @@ def grammar_sampler(vocab, grammar: str):
     return sampler
 
 
+class Grammar:
+    """A grammar parsed by llama.cpp, for one request's answer (it keeps that answer's state)."""
+
+    def __init__(self, vocab, text: str):
+        from llama_cpp import llama_sampler_free
+
+        self.text = text
+        self.sampler = grammar_sampler(vocab, text)
+        weakref.finalize(self, llama_sampler_free, self.sampler)
+
+
+def response_format_grammar(response_format: dict[str, Any] | None, vocab) -> Grammar | None:
+    """The grammar for ``response_format``, parsed (None for text); ValueError with the
+    reason for one that cannot be had. Slow for large schemas: run it off the event loop."""
+    text = None if response_format is None else response_grammar(response_format)
+    return None if text is None else Grammar(vocab, text)
+
+
 class ConstrainedSampler:
     """Samples as ``chain`` does, from the tokens a grammar allows.
 
@@ -71,17 +120,16 @@ class ConstrainedSampler:
     a model that follows the format mostly picks an allowed token anyway.
     """
 
-    def __init__(self, chain, grammar, n_vocab: int):
-        """``chain``: a ``LlamaSampler`` (kept); ``grammar``: from :func:`grammar_sampler` (owned)."""
-        from llama_cpp import llama_sampler_free
+    def __init__(self, chain, grammar: Grammar, n_vocab: int):
+        """``chain``: a ``LlamaSampler``."""
         from llama_cpp._internals import LlamaTokenDataArray
 
         self._chain = chain
-        self._grammar = grammar
+        self._owner = grammar
+        self._grammar = grammar.sampler
         self._n_vocab = n_vocab
         self._all = LlamaTokenDataArray(n_vocab=n_vocab)
         self._one = LlamaTokenDataArray(n_vocab=1)
-        weakref.finalize(self, llama_sampler_free, grammar)
 
     def sample(self, ctx, idx: int) -> int:
         """The next token from the logits at ``idx`` of ``ctx`` (a ``LlamaContext``), accepted

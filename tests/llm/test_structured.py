@@ -5,10 +5,9 @@ model's answer is cut where the JSON ends."""
 import json
 
 import pytest
-from openai import AsyncOpenAI, InternalServerError
+from openai import AsyncOpenAI, BadRequestError, InternalServerError
 
-from servers.llm.engine import ChatRequest
-from servers.llm.structured import GrammarRejected
+from servers.llm.structured import Grammar, GrammarRejected
 from tests.llm.helpers import make_engine
 from tests.llm.scripted_model import write_scripted_llama_gguf
 from tests.llm.test_server import QUESTION, client
@@ -80,11 +79,40 @@ async def test_tags_inside_a_json_answer_are_its_text(start_llm_server, tmp_path
     assert json.loads(content) == {"a": "<think>x</think>"}
 
 
-def test_a_grammar_llama_cpp_cannot_parse_is_refused_when_submitted(tiny_llm_path):
-    engine = make_engine(tiny_llm_path)
+def test_a_grammar_llama_cpp_cannot_parse_is_refused(tiny_llm_path):
     with pytest.raises(GrammarRejected):
-        engine.submit(ChatRequest(QUESTION, grammar="root ::= ("), lambda event: None)
-    assert engine.session_count == 0
+        Grammar(make_engine(tiny_llm_path).vocab, "root ::= (")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "maxLength": 100_000},
+        {"type": "array", "items": {"type": "string", "minLength": 5000}},
+        {"type": "string", "pattern": "^a{1,100000}$"},
+    ],
+)
+async def test_a_schema_asking_for_too_many_repetitions_is_refused_and_the_server_goes_on(start_llm_server, schema):
+    """The converter writes each repetition out and llama.cpp recurses through them: a
+    ``maxLength`` of 100000 crashed the process."""
+    server = await start_llm_server()
+    llm = client(server, max_retries=0)
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(BadRequestError, match="repetitions"):
+        await llm.chat.completions.create(model="m", messages=QUESTION, response_format=response_format)
+    after = await llm.chat.completions.create(model="m", messages=QUESTION, max_tokens=5, temperature=0)
+    assert after.choices[0].finish_reason == "length"
+
+
+async def test_a_schema_whose_grammar_is_too_large_is_refused(start_llm_server):
+    lengths = {f"p{i}": {"type": "string", "maxLength": 1000 - i} for i in range(60)}
+    schema = {"type": "object", "properties": lengths, "required": list(lengths)}
+    server = await start_llm_server()
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(BadRequestError, match="characters"):
+        await client(server, max_retries=0).chat.completions.create(
+            model="m", messages=QUESTION, response_format=response_format
+        )
 
 
 async def test_a_schema_no_token_can_continue_fails_its_request_and_the_server_goes_on(start_llm_server):
