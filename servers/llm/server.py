@@ -153,10 +153,12 @@ class LlmServer(LoadingServer):
             return self._refuse(HTTPStatus.BAD_REQUEST, "bad_json", "the body is not JSON (or is nested too deeply)")
         except ValidationError as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", _validation_message(e))
-        try:
-            grammar = await asyncio.to_thread(response_format_grammar, body.response_format, engine.vocab)
-        except ValueError as e:
-            return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", f"response_format: {e}")
+        grammar = None
+        if body.response_format is not None:
+            try:
+                grammar = await asyncio.to_thread(response_format_grammar, body.response_format, engine.vocab)
+            except ValueError as e:
+                return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", f"response_format: {e}")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:

@@ -104,10 +104,10 @@ class Grammar:
         weakref.finalize(self, llama_sampler_free, self.sampler)
 
 
-def response_format_grammar(response_format: dict[str, Any] | None, vocab) -> Grammar | None:
+def response_format_grammar(response_format: dict[str, Any], vocab) -> Grammar | None:
     """The grammar for ``response_format``, parsed (None for text); ValueError with the
     reason for one that cannot be had. Slow for large schemas: run it off the event loop."""
-    text = None if response_format is None else response_grammar(response_format)
+    text = response_grammar(response_format)
     return None if text is None else Grammar(vocab, text)
 
 
