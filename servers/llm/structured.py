@@ -99,7 +99,6 @@ class Grammar:
     def __init__(self, vocab, text: str):
         from llama_cpp import llama_sampler_free
 
-        self.text = text
         self.sampler = grammar_sampler(vocab, text)
         weakref.finalize(self, llama_sampler_free, self.sampler)
 
@@ -125,8 +124,7 @@ class ConstrainedSampler:
         from llama_cpp._internals import LlamaTokenDataArray
 
         self._chain = chain
-        self._owner = grammar
-        self._grammar = grammar.sampler
+        self._grammar = grammar
         self._n_vocab = n_vocab
         self._all = LlamaTokenDataArray(n_vocab=n_vocab)
         self._one = LlamaTokenDataArray(n_vocab=1)
@@ -140,7 +138,7 @@ class ConstrainedSampler:
         token = self._pick(logits, constrained=False)
         if not self._allows(token):
             token = self._pick(logits, constrained=True)
-        llama_sampler_accept(self._grammar, token)
+        llama_sampler_accept(self._grammar.sampler, token)
         llama_sampler_accept(self._chain.sampler, token)
         return token
 
@@ -151,7 +149,7 @@ class ConstrainedSampler:
         candidates = self._all.candidates
         candidates.selected = -1
         if constrained:
-            llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+            llama_sampler_apply(self._grammar.sampler, ctypes.byref(candidates))
         llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
         chosen = candidates.data[candidates.selected]
         if constrained and chosen.logit == float("-inf"):
@@ -167,5 +165,5 @@ class ConstrainedSampler:
         one.candidates_data.logit[0] = 0.0
         one.candidates.size = 1
         one.candidates.selected = -1
-        llama_sampler_apply(self._grammar, ctypes.byref(one.candidates))
+        llama_sampler_apply(self._grammar.sampler, ctypes.byref(one.candidates))
         return math.isfinite(one.candidates_data.logit[0])
