@@ -23,11 +23,13 @@ import random
 import string
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from servers.llm.engine import ChatRequest, LLMEngine
 from servers.llm.model import GgufSource, load_llama
 from servers.llm.random_model import vocabulary, write_random_llama_gguf
+from servers.llm.sampling import Sampling
 from servers.llm.structured import Grammar, grammar_sampler, response_grammar
 
 PROMPT = [{"role": "user", "content": "hello world"}]
@@ -76,12 +78,21 @@ def whole_vocabulary_grammar(llm, grammar: str):
 def cases(llm) -> list[tuple[str, object]]:
     """(name, sampler) pairs, each sampler fresh."""
     engine = {k: LLMEngine(llm, top_k=k) for k in (0, 40)}
-    sampled = {"temperature": 0.8, "top_p": 0.95, "seed": 1}
+    sampled = Sampling(temperature=0.8, top_p=0.95, seed=1)
+    penalized = {"presence_penalty": 0.5, "frequency_penalty": 0.5}
     string_answer = _json_schema({"type": "string"})
     return [
         ("greedy", engine[40]._sampler(ChatRequest(PROMPT))),
-        ("top_p 0.95, T 0.8, no top_k (before)", engine[0]._sampler(ChatRequest(PROMPT, **sampled))),
-        ("top_p 0.95, T 0.8, top_k 40", engine[40]._sampler(ChatRequest(PROMPT, **sampled))),
+        ("top_p 0.95, T 0.8, no top_k (before)", engine[0]._sampler(ChatRequest(PROMPT, sampling=sampled))),
+        ("top_p 0.95, T 0.8, top_k 40", engine[40]._sampler(ChatRequest(PROMPT, sampling=sampled))),
+        (
+            "greedy, presence and frequency penalties",
+            engine[40]._sampler(ChatRequest(PROMPT, sampling=Sampling(**penalized))),
+        ),
+        (
+            "top_p 0.95, T 0.8, top_k 40, penalties",
+            engine[40]._sampler(ChatRequest(PROMPT, sampling=replace(sampled, **penalized))),
+        ),
         ("JSON string, grammar on every token (before)", whole_vocabulary_grammar(llm, string_answer)),
         (
             "JSON string, grammar checks the pick",

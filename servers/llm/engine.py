@@ -12,7 +12,6 @@ back, so keeping the cached history append-only is what makes the reuse work for
 from __future__ import annotations
 
 import codecs
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from loguru import logger
 
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
+from servers.llm.sampling import Sampling, sampler_chain
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
 
@@ -35,9 +35,7 @@ class ChatRequest:
     messages: list[dict]
     tools: list[dict] | None = None
     max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     enable_thinking: bool = False
     grammar: Grammar | None = None
     """What the answer must match (structured output); one request's, it keeps its state."""
@@ -154,7 +152,8 @@ class LLMEngine(WorkSignal):
         """``llm`` is a loaded ``llama_cpp.Llama``; every call into it happens in ``step()``.
 
         ``top_k``: when sampling (temperature above 0), only the k likeliest tokens are
-        candidates (0: all), as llama.cpp's own server does by default.
+        candidates (0: all), as llama.cpp's own server does by default; a request may
+        ask for another k.
 
         ``roll_back``: whether the model's cached state can be cut back to a common prefix
         (None: ask llama.cpp; transformers can, hybrid and recurrent models cannot and get
@@ -355,21 +354,11 @@ class LLMEngine(WorkSignal):
         generation.started = True
 
     def _sampler(self, request: ChatRequest):
-        from llama_cpp._internals import LlamaSampler
-
-        chain = LlamaSampler()
-        if request.temperature <= 0:
-            chain.add_greedy()
-        else:
-            if self.top_k > 0:
-                # First, so that top_p sorts k candidates rather than the whole vocabulary.
-                chain.add_top_k(self.top_k)
-            chain.add_top_p(request.top_p, 1)
-            chain.add_temp(request.temperature)
-            chain.add_dist(request.seed if request.seed is not None else random.getrandbits(32))
+        n_vocab = self._llm.n_vocab()
+        chain = sampler_chain(request.sampling, n_vocab=n_vocab, default_top_k=self.top_k, window=self.context_size)
         if request.grammar is None:
             return chain
-        return ConstrainedSampler(chain, request.grammar, self._llm.n_vocab())
+        return ConstrainedSampler(chain, request.grammar, n_vocab)
 
     def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
         """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;

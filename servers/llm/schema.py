@@ -3,13 +3,13 @@
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
 Known fields asking for what the server cannot do (stop sequences, several choices,
-forced tool calls, images) are refused rather than ignored, since ignoring them would
+forced tool calls, log probabilities, images) are refused rather than ignored, since ignoring them would
 answer something else than was asked.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,7 +31,16 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    """vLLM's and llama.cpp's: -1 or 0 draws from every token; default the server's ``--top-k``."""
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    """Token ids (as JSON keys: text) to the bias added to their logits."""
     seed: int | None = None
+    logprobs: bool | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     response_format: dict[str, Any] | None = None
@@ -57,6 +66,13 @@ class ChatCompletionRequest(BaseModel):
         if choice not in (None, "auto", "none"):
             raise ValueError('only "auto" and "none" are supported (the model cannot be made to call a tool)')
         return choice
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_log_probabilities(cls, logprobs: bool | None) -> bool | None:
+        if logprobs:
+            raise ValueError("log probabilities are not supported")
+        return logprobs
 
     @model_validator(mode="after")
     def _structured_output_alone(self) -> ChatCompletionRequest:

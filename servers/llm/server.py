@@ -9,6 +9,7 @@ does anything that speaks OpenAI, so a cloud deployment can swap in vLLM or NIM.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -26,6 +27,7 @@ from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
 from servers.llm.metrics import LlmMetrics
 from servers.llm.model import load_llama, resolve_source
+from servers.llm.sampling import Sampling, SamplingRejected
 from servers.llm.schema import ChatCompletionRequest
 from servers.llm.structured import Grammar, response_format_grammar
 
@@ -167,7 +169,7 @@ class LlmServer(LoadingServer):
             )
         except ContextOverflow as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
-        except PromptRejected as e:
+        except (PromptRejected, SamplingRejected) as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", str(e))
         except UnicodeEncodeError:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", "the text holds unpaired surrogates")
@@ -299,12 +301,17 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         messages=messages,
         tools=tools or None,
         max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=0.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
+        sampling=_sampling(body),
         enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
         grammar=grammar,
     )
+
+
+def _sampling(body: ChatCompletionRequest) -> Sampling:
+    """The request's sampling fields (the schema has each of ``Sampling``'s), each the
+    default where it is left out or null."""
+    given = {f.name: getattr(body, f.name) for f in dataclasses.fields(Sampling)}
+    return Sampling(**{name: value for name, value in given.items() if value is not None})
 
 
 def _usage(event: LlmFinished) -> dict:

@@ -64,6 +64,9 @@ def _schema(schema: dict) -> dict:
         (json.dumps({"messages": [{"content": "hi"}]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "stop": ["x"]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "tool_choice": "required"}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "logprobs": True}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "presence_penalty": 2.5}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "logit_bias": {"a": 1}}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "response_format": {"type": "yaml"}}).encode(), "invalid_request"),
         (
             json.dumps({"messages": QUESTION, "response_format": _schema({"$ref": "https://x.test/s"})}).encode(),
