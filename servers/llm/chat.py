@@ -227,6 +227,37 @@ class OutputSplitter:
         self._call_body = ""
 
 
+class StopMatcher:
+    """Ends the output before the first of a request's stop sequences (OpenAI's ``stop``).
+
+    Text that could be the start of one is held back until it is decided, so no part of
+    a stop sequence is ever streamed.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = list(stops)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """What of ``text`` (and of what was held) can be passed on."""
+        if self.stopped:
+            return ""
+        self._held += text
+        found = [self._held.find(stop) for stop in self._stops if stop in self._held]
+        if found:
+            out, self._held, self.stopped = self._held[: min(found)], "", True
+            return out
+        keep = _partial_tag_suffix(self._held, self._stops)
+        out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the output ends without a stop sequence."""
+        out, self._held = self._held, ""
+        return out
+
+
 def _partial_tag_suffix(text: str, tags: list[str]) -> int:
     """Length of the longest end of ``text`` that could be the start of one of ``tags``."""
     longest = 0

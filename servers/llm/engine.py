@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from servers.common.engine import WorkSignal
-from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, ToolCall
+from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
 from servers.llm.sampling import Sampling, sampler_chain
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
@@ -36,6 +36,8 @@ class ChatRequest:
     tools: list[dict] | None = None
     max_tokens: int | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    """The answer ends before the first of these (OpenAI's stop sequences)."""
     enable_thinking: bool = False
     grammar: Grammar | None = None
     """What the answer must match (structured output); one request's, it keeps its state."""
@@ -108,6 +110,7 @@ class _Generation:
     tokens: list[int] = field(default_factory=list)
     sampler: object = None
     splitter: OutputSplitter | None = None
+    stop: StopMatcher | None = None
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -203,6 +206,7 @@ class LLMEngine(WorkSignal):
             rid = self._next_rid
             self._next_rid += 1
             generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic(), sampler=sampler)
+            generation.stop = StopMatcher(request.stop)
             generation.splitter = OutputSplitter(
                 in_reasoning=prompt_text.rstrip().endswith("<think>"),
                 tools=request.tools,
@@ -433,9 +437,13 @@ class LLMEngine(WorkSignal):
             if llama_vocab_is_eog(llm._model.vocab, token):
                 self._finish(generation, "stop")
                 return produced
-            llm.eval([token])
-            piece = generation.splitter.push(generation.decoder.decode(token_bytes(llm, token)))
+            text = generation.stop.push(generation.decoder.decode(token_bytes(llm, token)))
+            piece = generation.splitter.push(text)
             self._send(generation, piece.content, piece.reasoning)
+            if generation.stop.stopped:
+                self._finish(generation, "stop")
+                return produced
+            llm.eval([token])
             if len(generation.tokens) >= budget:
                 self._finish(generation, "length")
                 return produced
@@ -447,8 +455,10 @@ class LLMEngine(WorkSignal):
             generation.sink(LlmDelta(content=content, reasoning=reasoning))
 
     def _finish(self, generation: _Generation, reason: str, error: str | None = None) -> None:
+        held = generation.stop.push(generation.decoder.decode(b"", final=True)) + generation.stop.flush()
+        last = generation.splitter.push(held)
         rest = generation.splitter.finish()
-        self._send(generation, rest.content + generation.decoder.decode(b"", final=True), rest.reasoning)
+        self._send(generation, last.content + rest.content, last.reasoning + rest.reasoning)
         calls = tuple(generation.splitter.tool_calls)
         if reason == "stop" and calls:
             reason = "tool_calls"
@@ -478,7 +488,8 @@ class LLMEngine(WorkSignal):
         if calls:
             reply["tool_calls"] = [c.as_openai() for c in calls]
         request = generation.request
-        resumes = [_Resume([*request.messages, reply], tokens, through_reply=True)]
+        # A reply cut at a stop sequence is not what the cache holds (it has the sequence).
+        resumes = [] if generation.stop.stopped else [_Resume([*request.messages, reply], tokens, through_reply=True)]
         if generation.user_turn_end is not None:
             resumes.append(
                 _Resume(request.messages, generation.prompt[: generation.user_turn_end], through_reply=False)

@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
-Known fields asking for what the server cannot do (stop sequences, several choices,
+Known fields asking for what the server cannot do (several choices,
 forced tool calls, log probabilities, images) are refused rather than ignored, since ignoring them would
 answer something else than was asked.
 """
@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
 
 
 class StreamOptions(BaseModel):
@@ -86,10 +89,15 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _no_stop_sequences(cls, stop: str | list[str] | None) -> None:
-        if stop:
-            raise ValueError("stop sequences are not supported")
-        return None
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str]:
+        """One text or several, as a list; bounded, since each token's text is checked
+        against every sequence."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are taken")
+        if not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has 1 to {MAX_STOP_CHARS} characters")
+        return stops
 
 
 def _check_message(message: dict[str, Any], index: int) -> None:

@@ -302,6 +302,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         tools=tools or None,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=_sampling(body),
+        stop=tuple(body.stop or ()),
         enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
         grammar=grammar,
     )

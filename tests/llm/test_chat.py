@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servers.llm.chat import ChatTemplate, OutputSplitter, parse_tool_call
+from servers.llm.chat import ChatTemplate, OutputSplitter, StopMatcher, parse_tool_call
 from servers.llm.random_model import CHAT_TEMPLATE
 
 
@@ -130,3 +130,28 @@ def test_reasoning_is_kept_out_of_the_content():
 def test_a_prompt_that_opened_the_reasoning_block():
     content, reasoning, _ = split(["hmm</think>Yes."], in_reasoning=True)
     assert (content, reasoning) == ("Yes.", "hmm")
+
+
+def _stopped(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], StopMatcher]:
+    matcher = StopMatcher(stops)
+    return [matcher.push(piece) for piece in pieces], matcher
+
+
+def test_output_ends_before_a_stop_sequence_split_across_pushes():
+    passed, matcher = _stopped(("User:",), ["Fine. Us", "er", ": hi"])
+    assert passed == ["Fine. ", "", ""] and matcher.stopped
+
+
+def test_text_that_only_began_like_a_stop_sequence_is_passed_on():
+    passed, matcher = _stopped(("User:",), ["Fine. Us", "ually"])
+    assert passed == ["Fine. ", "Usually"] and not matcher.stopped
+
+
+def test_the_earliest_of_several_stop_sequences_ends_the_output():
+    passed, _ = _stopped(("cd", "b"), ["abcd"])
+    assert passed == ["a"]
+
+
+def test_held_text_is_released_when_the_output_ends():
+    passed, matcher = _stopped(("User:",), ["Fine. Use"])
+    assert (passed, matcher.flush()) == (["Fine. "], "Use")

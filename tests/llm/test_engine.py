@@ -83,6 +83,26 @@ def test_a_conversation_that_diverges_from_the_cache_is_evaluated_from_the_diver
     assert content == run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))[0]
 
 
+def test_a_stop_sequence_ends_the_answer_before_it(tiny_llm_path):
+    whole, _ = run(make_engine(tiny_llm_path), ChatRequest(QUESTION, max_tokens=30))
+    stop = whole[10:14]
+    content, finished = run(make_engine(tiny_llm_path), ChatRequest(QUESTION, max_tokens=30, stop=(stop,)))
+    assert (content, finished.finish_reason) == (whole[: whole.index(stop)], "stop")
+
+
+def test_the_turn_after_a_stop_sequence_sees_the_reply_as_the_client_has_it(tiny_llm_path):
+    """The cache holds the stop sequence the model said; the next turn is not resumed
+    from there but from the user turn before it, as a fresh engine would render it."""
+    engine = make_engine(tiny_llm_path)
+    whole, _ = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=30, stop=(whole[10:14],)))
+    turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+    content, second = run(engine, ChatRequest(turn, max_tokens=12))
+    fresh, fresh_end = run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))
+    assert second.usage.cached_tokens > 0
+    assert (second.usage.prompt_tokens, content) == (fresh_end.usage.prompt_tokens, fresh)
+
+
 def test_a_model_that_cannot_roll_back_resumes_a_diverged_conversation_from_the_last_user_turn(tiny_llm_path):
     """What a hybrid Mamba model does after a barge-in: restore the state snapshot taken at
     the end of the previous user turn, evaluate only the reply as the client has it and

@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM
+from tests.llm.scripted_model import write_scripted_llama_gguf
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world"}]
 
@@ -33,6 +34,18 @@ async def test_streamed_completion_equals_the_whole_one(start_llm_server):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "text arrives in pieces"
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 24
+
+
+async def test_no_part_of_a_stop_sequence_is_streamed(start_llm_server, tmp_path):
+    model = write_scripted_llama_gguf(tmp_path / "stop.gguf", ["Fine", ".", " Us", "er", ":", " hi"])
+    server = await start_llm_server(model=str(model))
+    stream = await client(server).chat.completions.create(
+        model="m", messages=QUESTION, max_tokens=20, stream=True, stop="User:"
+    )
+    chunks = [chunk.choices[0] async for chunk in stream]
+    deltas = [c.delta.content for c in chunks if c.delta.content]
+    assert "".join(deltas) == "Fine. " and not any("U" in d for d in deltas)
+    assert chunks[-1].finish_reason == "stop"
 
 
 async def test_usage_reports_the_prompt_tokens_reused_from_the_cache(start_llm_server):
@@ -62,7 +75,8 @@ def _schema(schema: dict) -> dict:
         (b"not json", "bad_json"),
         (json.dumps({"messages": []}).encode(), "invalid_request"),
         (json.dumps({"messages": [{"content": "hi"}]}).encode(), "invalid_request"),
-        (json.dumps({"messages": QUESTION, "stop": ["x"]}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "stop": [""]}).encode(), "invalid_request"),
+        (json.dumps({"messages": QUESTION, "stop": [str(i) for i in range(17)]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "tool_choice": "required"}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "logprobs": True}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "presence_penalty": 2.5}).encode(), "invalid_request"),
