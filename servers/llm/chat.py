@@ -118,18 +118,18 @@ def _text_parameters(tools: list[dict] | None, name: str) -> set[str]:
         function = tool.get("function") or {}
         if function.get("name") == name:
             properties = (function.get("parameters") or {}).get("properties") or {}
-            return {p for p, schema in properties.items() if isinstance(schema, dict) and _allows_text(schema)}
+            return {p for p, schema in properties.items() if isinstance(schema, dict) and allows_text(schema)}
     return set()
 
 
-def _allows_text(schema: dict) -> bool:
+def allows_text(schema: dict) -> bool:
     """``"string"`` among the schema's types or its alternatives' (``Optional[str]``), or
     an ``enum`` / ``const`` of strings only."""
     kinds = schema.get("type")
     if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
         return True
     alternatives = [*(schema.get("anyOf") or ()), *(schema.get("oneOf") or ())]
-    if any(isinstance(a, dict) and _allows_text(a) for a in alternatives):
+    if any(isinstance(a, dict) and allows_text(a) for a in alternatives):
         return True
     values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
     return bool(values) and all(isinstance(v, str) for v in values)

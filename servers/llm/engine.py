@@ -24,6 +24,7 @@ from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, StopM
 from servers.llm.sampling import Sampling, sampler_chain
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
+from servers.llm.tool_grammar import tool_call_form
 
 
 class ContextOverflow(ValueError):
@@ -172,6 +173,7 @@ class LLMEngine(WorkSignal):
         self.max_queued = max_queued
         self.top_k = top_k
         self.template = chat_template(llm)
+        self.tool_call_form = tool_call_form(llm.metadata["tokenizer.chat_template"])
         self._end_of_turn = end_of_turn_token(llm, self.template)
         self._end_of_turn_text = llm._model.token_get_text(self._end_of_turn)
         super().__init__()
@@ -210,7 +212,7 @@ class LLMEngine(WorkSignal):
             generation.splitter = OutputSplitter(
                 in_reasoning=prompt_text.rstrip().endswith("<think>"),
                 tools=request.tools,
-                verbatim=request.grammar is not None,
+                verbatim=request.grammar is not None and not request.grammar.tool_calls,
             )
             self._queue.append(generation)
             self._signal_work()

@@ -2,8 +2,8 @@
 
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
-Known fields asking for what the server cannot do (several choices,
-forced tool calls, log probabilities, images) are refused rather than ignored, since ignoring them would
+Known fields asking for what the server cannot do (several choices, log
+probabilities, images) are refused rather than ignored, since ignoring them would
 answer something else than was asked.
 """
 
@@ -65,10 +65,15 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("tool_choice")
     @classmethod
-    def _the_model_chooses_its_tools(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if choice not in (None, "auto", "none"):
-            raise ValueError('only "auto" and "none" are supported (the model cannot be made to call a tool)')
+    def _a_known_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        named = isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str)
+        if not (named or choice in (None, "auto", "none", "required")):
+            raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
         return choice
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice not in (None, "auto", "none")
 
     @field_validator("logprobs")
     @classmethod
@@ -85,6 +90,12 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("response_format: JSON answers and tools cannot be asked for together")
         if self.chat_template_kwargs.get("enable_thinking"):
             raise ValueError("response_format: JSON answers are not supported with reasoning on")
+        return self
+
+    @model_validator(mode="after")
+    def _forced_tool_call_without_reasoning(self) -> ChatCompletionRequest:
+        if self.forces_tool_call and self.chat_template_kwargs.get("enable_thinking"):
+            raise ValueError("tool_choice: a forced tool call is not supported with reasoning on")
         return self
 
     @field_validator("stop")

@@ -30,6 +30,7 @@ from servers.llm.model import load_llama, resolve_source
 from servers.llm.sampling import Sampling, SamplingRejected
 from servers.llm.schema import ChatCompletionRequest
 from servers.llm.structured import Grammar, response_format_grammar
+from servers.llm.tool_grammar import forced_tool, tool_call_grammar
 
 
 def load_engine(settings: LlmServerSettings) -> LLMEngine:
@@ -156,11 +157,11 @@ class LlmServer(LoadingServer):
         except ValidationError as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", _validation_message(e))
         grammar = None
-        if body.response_format is not None:
+        if body.response_format is not None or body.forces_tool_call:
             try:
-                grammar = await asyncio.to_thread(response_format_grammar, body.response_format, engine.vocab)
+                grammar = await asyncio.to_thread(_answer_grammar, body, engine)
             except ValueError as e:
-                return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", f"response_format: {e}")
+                return self._refuse(HTTPStatus.BAD_REQUEST, "invalid_request", str(e))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
@@ -292,6 +293,25 @@ class _Completion:
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {**self.chunk_header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar | None:
+    """The grammar that holds the answer to a forced tool call or to the response format;
+    ValueError, saying which field, for one that cannot be had. Large schemas take
+    seconds: run it off the event loop."""
+    try:
+        forced = forced_tool(body.tools, body.tool_choice)
+        if forced is not None:
+            text = tool_call_grammar(forced, engine.tool_call_form, several=body.tool_choice == "required")
+            return Grammar(engine.vocab, text, tool_calls=True)
+    except ValueError as e:
+        raise ValueError(f"tool_choice: {e}") from e
+    if body.response_format is None:
+        return None
+    try:
+        return response_format_grammar(body.response_format, engine.vocab)
+    except ValueError as e:
+        raise ValueError(f"response_format: {e}") from e
 
 
 def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatRequest:

@@ -55,23 +55,31 @@ def response_grammar(response_format: dict[str, Any]) -> str | None:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        _check_counts(schema)
+        check_counts(schema)
     except RecursionError as e:
         raise ValueError("the schema is nested too deeply") from e
     try:
         grammar = json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # noqa: BLE001 - the converter reports what it cannot express in many ways
         raise ValueError(f"the schema cannot be turned into a grammar ({type(e).__name__}: {e})") from e
+    return finished_grammar(grammar)
+
+
+def finished_grammar(grammar: str) -> str:
+    """A grammar from llama-cpp-python's schema converter, bounded in size, with JSON's
+    strings; ValueError for one too large to parse."""
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise ValueError(f"the schema's grammar has {len(grammar)} characters; at most {MAX_GRAMMAR_CHARS} are taken")
     # The library's strings admit raw control characters, which JSON (and json.loads) refuse.
     return _STRING_CHAR_RULE.sub(lambda m: f"{m.group(1)} ::= {_JSON_STRING_CHAR}", grammar)
 
 
-def _check_counts(node: Any) -> None:
+def check_counts(node: Any) -> None:
+    """ValueError for a schema that asks for more than ``MAX_REPEAT`` repetitions anywhere
+    (RecursionError for one nested past Python's limit)."""
     if isinstance(node, list):
         for item in node:
-            _check_counts(item)
+            check_counts(item)
     if not isinstance(node, dict):
         return
     for key, value in node.items():
@@ -80,7 +88,7 @@ def _check_counts(node: Any) -> None:
             counts = [int(n) for match in _QUANTIFIER.finditer(value) for n in match.groups() if n]
         if any(count > MAX_REPEAT for count in counts):
             raise ValueError(f"{key} asks for more than {MAX_REPEAT} repetitions")
-        _check_counts(value)
+        check_counts(value)
 
 
 def grammar_sampler(vocab, grammar: str):
@@ -96,9 +104,12 @@ def grammar_sampler(vocab, grammar: str):
 class Grammar:
     """A grammar parsed by llama.cpp, for one request's answer (it keeps that answer's state)."""
 
-    def __init__(self, vocab, text: str):
+    def __init__(self, vocab, text: str, *, tool_calls: bool = False):
+        """``tool_calls``: the grammar admits tool-call blocks (else a JSON answer, where a
+        tag is only text)."""
         from llama_cpp import llama_sampler_free
 
+        self.tool_calls = tool_calls
         self.sampler = grammar_sampler(vocab, text)
         weakref.finalize(self, llama_sampler_free, self.sampler)
 
