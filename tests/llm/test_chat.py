@@ -5,6 +5,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from loguru import logger
 
 from servers.llm.chat import ChatTemplate, OutputSplitter, StopMatcher, parse_tool_call
 from servers.llm.random_model import CHAT_TEMPLATE
@@ -118,8 +119,14 @@ def test_tool_call_arguments_sent_as_json_text_reach_the_template_as_a_mapping()
 
 @pytest.mark.parametrize("body", ["not json", '{"arguments": {}}', ""])
 def test_a_malformed_call_is_reported_not_spoken(body):
-    content, _, splitter = split([f"x<tool_call>{body}</tool_call>y"])
-    assert content == "xy" and not splitter.tool_calls
+    warnings: list = []
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        content, _, splitter = split([f"x<tool_call>{body}</tool_call>y"])
+    finally:
+        logger.remove(sink)
+    assert content == "xy" and not splitter.tool_calls and splitter.malformed_calls == [body]
+    assert len(warnings) == 1 and "malformed" in warnings[0] and repr(body) in warnings[0]
 
 
 def test_reasoning_is_kept_out_of_the_content():
