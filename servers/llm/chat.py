@@ -46,11 +46,16 @@ class ChatTemplate:
 
         formatter = self._formatters[add_generation_prompt]
         try:
-            return formatter(
+            prompt = formatter(
                 messages=_with_argument_objects(messages), tools=tools, enable_thinking=enable_thinking
             ).prompt
         except (ValueError, TypeError, jinja2.TemplateError) as e:  # raise_exception() in a template is a ValueError
             raise PromptRejected(f"the model's chat template refused these messages: {e}") from e
+        if add_generation_prompt and not enable_thinking and prompt.rstrip().endswith(THINK_OPEN):
+            # A template that opens the reasoning whatever it is told (as llama.cpp's server
+            # also does for such templates): closed, so that reasoning off is off.
+            prompt += THINK_CLOSE
+        return prompt
 
 
 def _with_argument_objects(messages: list[dict]) -> list[dict]:

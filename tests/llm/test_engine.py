@@ -235,6 +235,21 @@ def test_a_model_that_cannot_roll_back_resumes_after_its_reply_when_the_eos_is_n
     assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
 
 
+def test_reasoning_off_closes_a_reasoning_block_the_template_always_opens(tmp_path):
+    always_thinks = CHAT_TEMPLATE.replace(
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}",
+        "<think>\n",
+    )
+    assert always_thinks != CHAT_TEMPLATE
+    engine = make_engine(write_random_llama_gguf(tmp_path / "always.gguf", chat_template=always_thinks))
+    assert engine.template.render(QUESTION).endswith("<think>\n</think>")
+    events: list = []
+    engine.submit(ChatRequest(QUESTION, max_tokens=12), events.append)
+    engine.run_until_idle()
+    deltas = [e for e in events if isinstance(e, LlmDelta)]
+    assert "".join(e.content for e in deltas) and not any(e.reasoning for e in deltas)
+
+
 def test_cached_reasoning_never_takes_the_answers_room(tmp_path):
     """A cached reply holds its reasoning, which the template leaves out of the history:
     where reusing it would leave the answer less room than the rendered prompt does, the
