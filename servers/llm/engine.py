@@ -21,7 +21,7 @@ from loguru import logger
 
 from servers.common.engine import WorkSignal
 from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
-from servers.llm.sampling import Sampling, sampler_chain
+from servers.llm.sampling import Sampling, sampler_chain, token_sampler
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
 from servers.llm.tool_grammar import tool_call_form
@@ -361,10 +361,10 @@ class LLMEngine(WorkSignal):
 
     def _sampler(self, request: ChatRequest):
         n_vocab = self._llm.n_vocab()
-        chain = sampler_chain(request.sampling, n_vocab=n_vocab, default_top_k=self.top_k, window=self.context_size)
+        settings = {"n_vocab": n_vocab, "default_top_k": self.top_k, "window": self.context_size}
         if request.grammar is None:
-            return chain
-        return ConstrainedSampler(chain, request.grammar, n_vocab)
+            return token_sampler(request.sampling, **settings)
+        return ConstrainedSampler(sampler_chain(request.sampling, **settings), request.grammar, n_vocab)
 
     def _cut_back_to(self, keep: int, prompt: list[int]) -> int:
         """Make the context hold only ``prompt[:n]`` for the largest ``n <= keep`` it can;

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class SamplingRejected(ValueError):
     """The sampling asked for does not fit the model (a bias for a token it lacks)."""
@@ -30,6 +32,40 @@ class Sampling:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The likeliest token by the model's own logits."""
+        return self.temperature <= 0 and not self.penalized and not self.logit_bias
+
+
+class ArgmaxSampler:
+    """Greedy decoding as llama.cpp's greedy sampler decides (the first of the likeliest
+    tokens), read straight off the logits: llama.cpp's first writes a candidate record for
+    every token of the vocabulary, which takes ten times as long (``bench/llm_sampling.py``)."""
+
+    def __init__(self, n_vocab: int):
+        self._n_vocab = n_vocab
+
+    def sample(self, ctx, idx: int) -> int:
+        """The next token from the logits at ``idx`` of ``ctx`` (a ``LlamaContext``)."""
+        return int(np.argmax(logits_at(ctx, idx, self._n_vocab)))
+
+
+def logits_at(ctx, idx: int, n_vocab: int) -> np.ndarray:
+    """The logits llama.cpp computed at batch position ``idx`` of ``ctx`` (-1: the last), as
+    a view."""
+    from llama_cpp import llama_get_logits_ith
+
+    return np.ctypeslib.as_array(llama_get_logits_ith(ctx.ctx, idx), shape=(n_vocab,))
+
+
+def token_sampler(sampling: Sampling, *, n_vocab: int, default_top_k: int, window: int):
+    """What picks each token for ``sampling``: an ``ArgmaxSampler`` for plain greedy
+    decoding, else :func:`sampler_chain`'s."""
+    if sampling.plain_greedy:
+        return ArgmaxSampler(n_vocab)
+    return sampler_chain(sampling, n_vocab=n_vocab, default_top_k=default_top_k, window=window)
 
 
 def sampler_chain(sampling: Sampling, *, n_vocab: int, default_top_k: int, window: int):

@@ -17,7 +17,7 @@ import re
 import weakref
 from typing import Any
 
-import numpy as np
+from servers.llm.sampling import logits_at
 
 _LIBRARY_STRING_CHAR = r'[^"\\] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
 _JSON_STRING_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
@@ -143,9 +143,9 @@ class ConstrainedSampler:
     def sample(self, ctx, idx: int) -> int:
         """The next token from the logits at ``idx`` of ``ctx`` (a ``LlamaContext``), accepted
         by the grammar and the chain."""
-        from llama_cpp import llama_get_logits_ith, llama_sampler_accept
+        from llama_cpp import llama_sampler_accept
 
-        logits = np.ctypeslib.as_array(llama_get_logits_ith(ctx.ctx, idx), shape=(self._n_vocab,))
+        logits = logits_at(ctx, idx, self._n_vocab)
         token = self._pick(logits, constrained=False)
         if not self._allows(token):
             token = self._pick(logits, constrained=True)
