@@ -161,14 +161,25 @@ class OutputSplitter:
     pushes is held back until it is decided.
     """
 
-    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None, verbatim: bool = False):
+    def __init__(
+        self,
+        *,
+        in_reasoning: bool = False,
+        tools: list[dict] | None = None,
+        verbatim: bool = False,
+        reasoning: bool = False,
+    ):
         """``in_reasoning``: the prompt itself opened a ``<think>`` block; ``tools``: the
-        request's, whose schemas type the calls' parameters; ``verbatim``: the output is all
-        content (JSON held to a grammar, where a tag is only text inside a string)."""
+        request's, whose schemas type the calls' parameters; ``verbatim``: the answer is all
+        content (JSON held to a grammar, where a tag is only text inside a string), from
+        the start or, with ``reasoning`` on, from the end of the reasoning."""
         self._tools = tools
         self._verbatim = verbatim
+        self._verbatim_now = verbatim and not reasoning and not in_reasoning
         self._pending = ""
-        self._mode = "reasoning" if in_reasoning and not verbatim else "content"
+        self._mode = "reasoning" if in_reasoning else "content"
+        self._trim = False
+        """Drop the whitespace a model writes between its reasoning and its answer."""
         self._call_body = ""
         self.tool_calls: list[ToolCall] = []
         self.malformed_calls: list[str] = []
@@ -176,10 +187,11 @@ class OutputSplitter:
     def push(self, text: str) -> OutputPiece:
         self._pending += text
         out = OutputPiece()
-        if self._verbatim:
-            out.content, self._pending = self._pending, ""
-            return out
         while self._pending:
+            if self._verbatim_now:
+                self._emit(out, self._pending)
+                self._pending = ""
+                break
             close = {"content": None, "reasoning": THINK_CLOSE, "tool": TOOL_CALL_CLOSE}[self._mode]
             tags = [THINK_OPEN, TOOL_CALL_OPEN] if close is None else [close]
             found = [(self._pending.find(t), t) for t in tags if t in self._pending]
@@ -206,6 +218,9 @@ class OutputSplitter:
 
     def _emit(self, out: OutputPiece, text: str) -> None:
         if self._mode == "content":
+            if self._trim:
+                text = text.lstrip()
+                self._trim = not text
             out.content += text
         elif self._mode == "reasoning":
             out.reasoning += text
@@ -220,6 +235,8 @@ class OutputSplitter:
         else:
             if tag == TOOL_CALL_CLOSE:
                 self._close_call()
+            else:
+                self._verbatim_now, self._trim = self._verbatim, True
             self._mode = "content"
 
     def _close_call(self) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from servers.common.engine import WorkSignal
-from servers.llm.chat import ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
+from servers.llm.chat import THINK_CLOSE, ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
 from servers.llm.sampling import Sampling, sampler_chain, token_sampler
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
@@ -188,6 +188,13 @@ class LLMEngine(WorkSignal):
         return self._llm._model.vocab
 
     @property
+    def reasoning_end(self) -> tuple[int, str] | None:
+        """The token that ends the model's reasoning, and its text, where ``</think>`` is
+        one token: a grammar for the answer waits for it."""
+        tokens = self._tokenize(THINK_CLOSE)
+        return (tokens[0], THINK_CLOSE) if len(tokens) == 1 else None
+
+    @property
     def context_size(self) -> int:
         return self._llm.n_ctx()
 
@@ -213,6 +220,7 @@ class LLMEngine(WorkSignal):
                 in_reasoning=prompt_text.rstrip().endswith("<think>"),
                 tools=request.tools,
                 verbatim=request.grammar is not None and not request.grammar.tool_calls,
+                reasoning=request.enable_thinking,
             )
             self._queue.append(generation)
             self._signal_work()

@@ -88,15 +88,11 @@ class ChatCompletionRequest(BaseModel):
             return self
         if self.tools and self.tool_choice != "none":
             raise ValueError("response_format: JSON answers and tools cannot be asked for together")
-        if self.chat_template_kwargs.get("enable_thinking"):
-            raise ValueError("response_format: JSON answers are not supported with reasoning on")
         return self
 
-    @model_validator(mode="after")
-    def _forced_tool_call_without_reasoning(self) -> ChatCompletionRequest:
-        if self.forces_tool_call and self.chat_template_kwargs.get("enable_thinking"):
-            raise ValueError("tool_choice: a forced tool call is not supported with reasoning on")
-        return self
+    @property
+    def enable_thinking(self) -> bool:
+        return bool(self.chat_template_kwargs.get("enable_thinking", False))
 
     @field_validator("stop")
     @classmethod

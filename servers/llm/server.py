@@ -29,7 +29,7 @@ from servers.llm.metrics import LlmMetrics
 from servers.llm.model import load_llama, resolve_source
 from servers.llm.sampling import Sampling, SamplingRejected
 from servers.llm.schema import ChatCompletionRequest
-from servers.llm.structured import Grammar, response_format_grammar
+from servers.llm.structured import Grammar, response_grammar
 from servers.llm.tool_grammar import forced_tool, tool_call_grammar
 
 
@@ -296,22 +296,30 @@ class _Completion:
 
 
 def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar | None:
-    """The grammar that holds the answer to a forced tool call or to the response format;
-    ValueError, saying which field, for one that cannot be had. Large schemas take
-    seconds: run it off the event loop."""
+    """The grammar that holds the answer to a forced tool call or to the response format
+    (with reasoning on, the answer after it); ValueError, saying which field, for one that
+    cannot be had. Large schemas take seconds: run it off the event loop."""
+    field = "tool_choice" if body.forces_tool_call else "response_format"
     try:
         forced = forced_tool(body.tools, body.tool_choice)
         if forced is not None:
             text = tool_call_grammar(forced, engine.tool_call_form, several=body.tool_choice == "required")
-            return Grammar(engine.vocab, text, tool_calls=True)
+        else:
+            text = response_grammar(body.response_format or {"type": "text"})
+        if text is None:
+            return None
+        return Grammar(engine.vocab, text, tool_calls=forced is not None, after=_reasoning_end(body, engine))
     except ValueError as e:
-        raise ValueError(f"tool_choice: {e}") from e
-    if body.response_format is None:
+        raise ValueError(f"{field}: {e}") from e
+
+
+def _reasoning_end(body: ChatCompletionRequest, engine: LLMEngine) -> tuple[int, str] | None:
+    """Where a grammar for the answer starts: at the end of the reasoning, if it is on."""
+    if not body.enable_thinking:
         return None
-    try:
-        return response_format_grammar(body.response_format, engine.vocab)
-    except ValueError as e:
-        raise ValueError(f"response_format: {e}") from e
+    if engine.reasoning_end is None:
+        raise ValueError("with reasoning on, the model's </think> must be one token")
+    return engine.reasoning_end
 
 
 def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatRequest:
@@ -323,7 +331,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=_sampling(body),
         stop=tuple(body.stop or ()),
-        enable_thinking=bool(body.chat_template_kwargs.get("enable_thinking", False)),
+        enable_thinking=body.enable_thinking,
         grammar=grammar,
     )
 

@@ -91,34 +91,46 @@ def check_counts(node: Any) -> None:
         check_counts(value)
 
 
-def grammar_sampler(vocab, grammar: str):
-    """llama.cpp's sampler for ``grammar`` (a ``llama_sampler_p`` the caller frees)."""
-    from llama_cpp import llama_sampler_init_grammar
+def grammar_sampler(vocab, grammar: str, *, after: tuple[int, str] | None = None):
+    """llama.cpp's sampler for ``grammar`` (a ``llama_sampler_p`` the caller frees).
 
-    sampler = llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    ``after``: a token and its text (the end of the reasoning) that the grammar waits
+    for; what comes before it is free, and the answer after it may begin with a little
+    whitespace.
+    A token, not a pattern: llama.cpp would match a pattern against all the output so far
+    at every token.
+    """
+    from llama_cpp import llama_sampler_init_grammar, llama_sampler_init_grammar_lazy_patterns, llama_token
+
+    if after is None:
+        sampler = llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    else:
+        token, text = after
+        # Bounded: a model can keep choosing whitespace, which the answer would never end.
+        lazy = f"{grammar}\n{_AFTER_ROOT} ::= {json.dumps(text)} [ \\t\\n]{{0,4}} root\n"
+        triggers = (llama_token * 1)(token)
+        sampler = llama_sampler_init_grammar_lazy_patterns(
+            vocab, lazy.encode("utf-8"), _AFTER_ROOT.encode(), None, 0, triggers, 1
+        )
     if not sampler:
-        raise GrammarRejected("llama.cpp could not parse the grammar made from the response format")
+        raise GrammarRejected("llama.cpp could not parse the grammar made for the answer")
     return sampler
+
+
+_AFTER_ROOT = "answer-after-trigger"
 
 
 class Grammar:
     """A grammar parsed by llama.cpp, for one request's answer (it keeps that answer's state)."""
 
-    def __init__(self, vocab, text: str, *, tool_calls: bool = False):
+    def __init__(self, vocab, text: str, *, tool_calls: bool = False, after: tuple[int, str] | None = None):
         """``tool_calls``: the grammar admits tool-call blocks (else a JSON answer, where a
-        tag is only text)."""
+        tag is only text); ``after``: see :func:`grammar_sampler`."""
         from llama_cpp import llama_sampler_free
 
         self.tool_calls = tool_calls
-        self.sampler = grammar_sampler(vocab, text)
+        self.sampler = grammar_sampler(vocab, text, after=after)
         weakref.finalize(self, llama_sampler_free, self.sampler)
-
-
-def response_format_grammar(response_format: dict[str, Any], vocab) -> Grammar | None:
-    """The grammar for ``response_format``, parsed (None for text); ValueError with the
-    reason for one that cannot be had. Slow for large schemas: run it off the event loop."""
-    text = response_grammar(response_format)
-    return None if text is None else Grammar(vocab, text)
 
 
 class ConstrainedSampler:

@@ -29,10 +29,11 @@ def write_scripted_llama_gguf(path: str | Path, script: list[str]) -> Path:
     return write_bigram_llama_gguf(path, [(a, b, SURE) for a, b in zip(chain, chain[1:])])
 
 
-def write_bigram_llama_gguf(path: str | Path, edges: list[tuple[str, str, float]]) -> Path:
+def write_bigram_llama_gguf(path: str | Path, edges: list[tuple[str, str, float]], **gguf) -> Path:
     """A model whose next-token logits depend on the last token alone: ``(piece, follower,
     logit)`` for each follower a piece has (0 for the others; a piece without followers is
-    followed by the end of the turn). Pieces are tokens of their own (spaces are fine)."""
+    followed by the end of the turn). Pieces are tokens of their own (spaces are fine).
+    ``gguf``: for :func:`write_llama_gguf` (a chat template)."""
     pieces = tuple(dict.fromkeys(_piece(p) for a, b, _ in edges for p in (a, b) if p != NEWLINE))
     vocab = vocabulary(extra=pieces)
     token = {piece: i for i, piece in enumerate(vocab[0])}
@@ -61,7 +62,7 @@ def write_bigram_llama_gguf(path: str | Path, edges: list[tuple[str, str, float]
     }
     tensors = {"token_embd.weight": embedding, "output.weight": output}
     tensors |= {f"blk.0.{part}.weight": np.zeros(shape, np.float32) for part, shape in zeros.items()}
-    return write_llama_gguf(path, vocab, tensors, n_head=1)
+    return write_llama_gguf(path, vocab, tensors, n_head=1, **gguf)
 
 
 def _piece(text: str) -> str:

@@ -139,6 +139,20 @@ def test_a_prompt_that_opened_the_reasoning_block():
     assert (content, reasoning) == ("Yes.", "hmm")
 
 
+def test_the_whitespace_between_reasoning_and_answer_is_dropped():
+    content, reasoning, _ = split(["hmm</think>\n", "\n", " Yes, sure."], in_reasoning=True)
+    assert (content, reasoning) == ("Yes, sure.", "hmm")
+
+
+@pytest.mark.parametrize("in_reasoning", [True, False], ids=["prompt opened it", "model opens it"])
+def test_a_verbatim_answer_begins_where_the_reasoning_ends(in_reasoning):
+    pieces = ["hmm</think>", '{"a": "<think>"}']
+    content, reasoning, _ = split(
+        pieces if in_reasoning else ["<think>", *pieces], in_reasoning=in_reasoning, verbatim=True, reasoning=True
+    )
+    assert (content, reasoning) == ('{"a": "<think>"}', "hmm")
+
+
 def _stopped(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], StopMatcher]:
     matcher = StopMatcher(stops)
     return [matcher.push(piece) for piece in pieces], matcher

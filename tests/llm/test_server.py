@@ -96,16 +96,6 @@ def _schema(schema: dict) -> dict:
             ).encode(),
             "invalid_request",
         ),
-        (
-            json.dumps(
-                {
-                    "messages": QUESTION,
-                    "response_format": {"type": "json_object"},
-                    "chat_template_kwargs": {"enable_thinking": True},
-                }
-            ).encode(),
-            "invalid_request",
-        ),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), "invalid_request"),
         (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "invalid_request"),
         (

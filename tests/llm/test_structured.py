@@ -56,6 +56,23 @@ async def test_a_json_object_answer_ends_where_the_object_does(start_llm_server,
     assert (json.loads(content), finish_reason) == ({"a": 1}, "stop")
 
 
+async def test_with_reasoning_on_the_answer_after_the_reasoning_is_held_to_the_schema(start_llm_server, tmp_path):
+    """The reasoning is free (the grammar waits for its end), the answer is JSON."""
+    model = write_scripted_llama_gguf(tmp_path / "reasons.gguf", ["<think>", "hmm", "</think>", "not", " json"])
+    server = await start_llm_server(model=str(model))
+    response = await client(server).chat.completions.create(
+        model="m",
+        messages=QUESTION,
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    message = response.choices[0].message
+    assert message.reasoning_content == "hmm"
+    assert json.loads(message.content).keys() == {"city", "rain", "days"}
+
+
 async def test_json_strings_hold_no_raw_control_characters(start_llm_server, tmp_path):
     """The model would put a raw tab inside the string; JSON (and ``json.loads``) refuse one."""
     schema = {

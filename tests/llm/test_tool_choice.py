@@ -1,7 +1,7 @@
 """Forced tool calls (``tool_choice`` ``"required"`` or a named function) through the
 OpenAI-compatible endpoint: whatever a random model's weights say, the answer is calls
 of the request's tools, with arguments of the types their schemas declare, written in the
-form the model's chat template uses."""
+form the model's chat template uses; with reasoning on, after the reasoning."""
 
 import json
 
@@ -10,6 +10,7 @@ import pytest
 
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from servers.llm.tool_grammar import tool_call_form
+from tests.llm.scripted_model import NEWLINE, SURE, write_bigram_llama_gguf
 from tests.llm.test_server import QUESTION, client
 
 WEATHER = {
@@ -90,14 +91,6 @@ async def test_a_named_function_is_called_once(server, sampling):
     [
         ({"tool_choice": "required"}, "no tools"),
         ({"tools": [HANG_UP], "tool_choice": {"type": "function", "function": {"name": "dial"}}}, "'dial'"),
-        (
-            {
-                "tools": [HANG_UP],
-                "tool_choice": "required",
-                "extra_body": {"chat_template_kwargs": {"enable_thinking": True}},
-            },
-            "reasoning",
-        ),
         ({"tools": [HANG_UP], "tool_choice": "sometimes"}, "tool_choice"),
         (
             {
@@ -112,3 +105,33 @@ async def test_a_tool_choice_that_cannot_be_had_is_refused(start_llm_server, fie
     server = await start_llm_server()
     with pytest.raises(openai.BadRequestError, match=message):
         await client(server).chat.completions.create(model="m", messages=QUESTION, max_tokens=3, **fields)
+
+
+async def test_with_reasoning_on_the_call_is_forced_after_the_reasoning(start_llm_server, tmp_path):
+    """A template that opens the reasoning in the prompt (as Nemotron 3's does), and a
+    model that reasons, then would answer in words."""
+    opens_reasoning = CHAT_TEMPLATE.replace(
+        "{% if enable_thinking is defined and enable_thinking is false %}",
+        "{% if enable_thinking %}<think>\n{% elif enable_thinking is defined and enable_thinking is false %}",
+    )
+    assert opens_reasoning != CHAT_TEMPLATE
+    model = write_bigram_llama_gguf(
+        tmp_path / "reasons.gguf",
+        [(NEWLINE, "hmm", SURE), ("hmm", "</think>", SURE), ("</think>", "Sure", SURE)],
+        chat_template=opens_reasoning,
+    )
+    server = await start_llm_server(model=str(model))
+    response = await client(server).chat.completions.create(
+        model="m",
+        messages=QUESTION,
+        tools=[WEATHER, HANG_UP],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    message = response.choices[0].message
+    assert (message.reasoning_content, message.content, response.choices[0].finish_reason) == ("hmm", "", "tool_calls")
+    [call] = message.tool_calls
+    assert call.function.name == "get_weather"
+    _check_weather_arguments(call.function.arguments)
