@@ -41,7 +41,8 @@ class ChatRequest:
     """The answer ends before the first of these (OpenAI's stop sequences)."""
     enable_thinking: bool = False
     grammar: Grammar | None = None
-    """What the answer must match (structured output); one request's, it keeps its state."""
+    """What the answer must match (structured output, a forced tool call); one request's,
+    it keeps its state."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ class LLMEngine(WorkSignal):
         self.top_k = top_k
         self.template = chat_template(llm)
         self.tool_call_form = tool_call_form(llm.metadata["tokenizer.chat_template"])
+        think_close = self._tokenize(THINK_CLOSE)
+        self.reasoning_end = (think_close[0], THINK_CLOSE) if len(think_close) == 1 else None
+        """The token that ends the model's reasoning, and its text, where ``</think>`` is one
+        token: a grammar for the answer waits for it."""
         self._end_of_turn = end_of_turn_token(llm, self.template)
         self._end_of_turn_text = llm._model.token_get_text(self._end_of_turn)
         super().__init__()
@@ -186,13 +191,6 @@ class LLMEngine(WorkSignal):
     def vocab(self):
         """The model's ``llama_vocab_p`` (read-only: safe from any thread), for grammars."""
         return self._llm._model.vocab
-
-    @property
-    def reasoning_end(self) -> tuple[int, str] | None:
-        """The token that ends the model's reasoning, and its text, where ``</think>`` is
-        one token: a grammar for the answer waits for it."""
-        tokens = self._tokenize(THINK_CLOSE)
-        return (tokens[0], THINK_CLOSE) if len(tokens) == 1 else None
 
     @property
     def context_size(self) -> int:
