@@ -39,6 +39,8 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     """The answer ends before the first of these (OpenAI's stop sequences)."""
+    parallel_tool_calls: bool = True
+    """False: the answer ends with its first tool call."""
     enable_thinking: bool = False
     grammar: Grammar | None = None
     """What the answer must match (structured output, a forced tool call); one request's,
@@ -448,7 +450,9 @@ class LLMEngine(WorkSignal):
             text = generation.stop.push(generation.decoder.decode(token_bytes(llm, token)))
             piece = generation.splitter.push(text)
             self._send(generation, piece.content, piece.reasoning)
-            if generation.stop.stopped:
+            if generation.stop.stopped or (
+                not generation.request.parallel_tool_calls and generation.splitter.tool_calls
+            ):
                 self._finish(generation, "stop")
                 return produced
             llm.eval([token])

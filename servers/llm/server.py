@@ -303,7 +303,8 @@ def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar |
     try:
         forced = forced_tool(body.tools, body.tool_choice)
         if forced is not None:
-            text = tool_call_grammar(forced, engine.tool_call_form, several=body.tool_choice == "required")
+            several = body.tool_choice == "required" and body.parallel_tool_calls is not False
+            text = tool_call_grammar(forced, engine.tool_call_form, several=several)
         else:
             text = response_grammar(body.response_format or {"type": "text"})
         if text is None:
@@ -331,6 +332,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=_sampling(body),
         stop=tuple(body.stop or ()),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         enable_thinking=body.enable_thinking,
         grammar=grammar,
     )

@@ -10,7 +10,7 @@ import pytest
 
 from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
 from servers.llm.tool_grammar import tool_call_form
-from tests.llm.scripted_model import NEWLINE, SURE, write_bigram_llama_gguf
+from tests.llm.scripted_model import NEWLINE, SURE, write_bigram_llama_gguf, write_scripted_llama_gguf
 from tests.llm.test_server import QUESTION, client
 
 WEATHER = {
@@ -135,3 +135,19 @@ async def test_with_reasoning_on_the_call_is_forced_after_the_reasoning(start_ll
     [call] = message.tool_calls
     assert call.function.name == "get_weather"
     _check_weather_arguments(call.function.arguments)
+
+
+async def test_without_parallel_tool_calls_the_answer_ends_with_its_first_call(start_llm_server, tmp_path):
+    script = [
+        '<tool_call>{"name": "hang_up", "arguments": {}}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}</tool_call>',
+    ]
+    server = await start_llm_server(model=str(write_scripted_llama_gguf(tmp_path / "two.gguf", script)))
+    calls = {}
+    for parallel in (True, False):
+        response = await client(server).chat.completions.create(
+            model="m", messages=QUESTION, tools=[WEATHER, HANG_UP], parallel_tool_calls=parallel, max_tokens=50
+        )
+        assert response.choices[0].finish_reason == "tool_calls"
+        calls[parallel] = [c.function.name for c in response.choices[0].message.tool_calls]
+    assert calls == {True: ["hang_up", "get_weather"], False: ["hang_up"]}
