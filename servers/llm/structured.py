@@ -6,6 +6,9 @@ llama.cpp's converter) and parsed by llama.cpp when the request arrives, so one 
 express is refused then. The converter writes every repetition out (a string's
 ``maxLength`` of n becomes n nested groups) and llama.cpp's parser recurses through the
 nesting: a ``maxLength`` of 100000 crashed the process, so counts are bounded first.
+
+``Grammar`` and ``ConstrainedSampler`` hold any answer to a grammar: forced tool calls
+(``tool_grammar``) use them too.
 """
 
 from __future__ import annotations
