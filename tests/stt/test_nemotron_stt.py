@@ -10,8 +10,18 @@ import socket
 import numpy as np
 import pytest
 import soxr
-from pipecat.frames.frames import ErrorFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame, TranscriptionFrame
+from pipecat.frames.frames import (
+    EndFrame,
+    ErrorFrame,
+    InputAudioRawFrame,
+    InterimTranscriptionFrame,
+    STTUpdateSettingsFrame,
+    TranscriptionFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
 from pipecat.metrics.metrics import ProcessingMetricsData, STTUsageMetricsData, TTFBMetricsData
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregatorParams
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transcriptions.language import Language
@@ -19,7 +29,8 @@ from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.stt import NemotronSTTService
 from tests.asr.client import server_url
-from tests.stt.harness import run_pipeline, silence
+from tests.pipeline import Clock, FrameLog, run_worker
+from tests.stt.harness import pcm_frames, run_pipeline, silence
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +87,35 @@ async def test_interims_go_on_after_a_final_the_server_sent_while_the_user_speak
     first_final = run.near.of(TranscriptionFrame)[0].t
     assert first_final < vad_stop, "the server ended an utterance mid-speech"
     assert [e for e in run.near.of(InterimTranscriptionFrame) if first_final < e.t < vad_stop]
+
+
+async def test_a_rollover_final_after_the_vad_stop_is_not_taken_for_the_finalized_one(start_asr_server, speech_int16):
+    """The race a long utterance makes: the server ends it at ``--max-utterance-s`` while
+    the finalize is on its way. Speech sent faster than real time is still being
+    transcribed when the finalize arrives, so rollover finals come after it; only the
+    final that answers the finalize may close the turn."""
+    server = await start_asr_server(max_utterance_s=1.0)
+    stt = NemotronSTTService(url=server_url(server))
+    log = FrameLog(Clock())
+
+    async def feed(worker):
+        while stt.ready is None:
+            await asyncio.sleep(0.01)
+        await worker.queue_frame(VADUserStartedSpeakingFrame())
+        for chunk in pcm_frames(speech_int16[: int(6.9 * 16000)], 16000):
+            await worker.queue_frame(InputAudioRawFrame(audio=chunk, sample_rate=16000, num_channels=1))
+        await worker.queue_frame(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        while not any(e.frame.finalized for e in log.of(TranscriptionFrame)):
+            await asyncio.sleep(0.05)
+        await worker.queue_frame(EndFrame())
+
+    await run_worker([stt, log], feed, PipelineParams(audio_in_sample_rate=16000), timeout=60)
+    finals = log.of(TranscriptionFrame)
+    [stop] = log.of(VADUserStoppedSpeakingFrame)
+    late_rollovers = [e for e in finals if e.frame.result["rollover"] and e.t > stop.t]
+    assert late_rollovers, "no rollover final came after the finalize: the race did not happen"
+    assert [e.frame.finalized for e in finals] == [False] * (len(finals) - 1) + [True]
+    assert not finals[-1].frame.result["rollover"]
 
 
 async def test_finalize_tells_the_server_the_silence_the_vad_already_streamed(start_asr_server, speech_int16):
