@@ -42,7 +42,8 @@ class Sampling:
 class ArgmaxSampler:
     """Greedy decoding as llama.cpp's greedy sampler decides (the first of the likeliest
     tokens), read straight off the logits: llama.cpp's first writes a candidate record for
-    every token of the vocabulary, which takes ten times as long (``bench/llm_sampling.py``)."""
+    every token of the vocabulary, which makes a token's sampling take twice as long
+    (``bench/llm_sampling.py``)."""
 
     def __init__(self, n_vocab: int):
         self._n_vocab = n_vocab

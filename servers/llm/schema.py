@@ -77,6 +77,11 @@ class ChatCompletionRequest(BaseModel):
     def forces_tool_call(self) -> bool:
         return self.tool_choice not in (None, "auto", "none")
 
+    @property
+    def parallel_calls(self) -> bool:
+        """Several tool calls may answer (unless ``parallel_tool_calls`` is false)."""
+        return self.parallel_tool_calls is not False
+
     @field_validator("logprobs")
     @classmethod
     def _no_log_probabilities(cls, logprobs: bool | None) -> bool | None:

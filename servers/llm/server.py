@@ -301,9 +301,9 @@ def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar |
     cannot be had. Large schemas take seconds: run it off the event loop."""
     field = "tool_choice" if body.forces_tool_call else "response_format"
     try:
-        forced = forced_tool(body.tools, body.tool_choice)
+        forced = forced_tool(body.tools, body.tool_choice) if body.forces_tool_call else None
         if forced is not None:
-            several = body.tool_choice == "required" and body.parallel_tool_calls is not False
+            several = body.tool_choice == "required" and body.parallel_calls
             text = tool_call_grammar(forced, engine.tool_call_form, several=several)
         else:
             text = response_grammar(body.response_format or {"type": "text"})
@@ -332,7 +332,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         max_tokens=body.max_completion_tokens or body.max_tokens,
         sampling=_sampling(body),
         stop=tuple(body.stop or ()),
-        parallel_tool_calls=body.parallel_tool_calls is not False,
+        parallel_tool_calls=body.parallel_calls,
         enable_thinking=body.enable_thinking,
         grammar=grammar,
     )

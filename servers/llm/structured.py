@@ -110,7 +110,7 @@ def grammar_sampler(vocab, grammar: str, *, after: tuple[int, str] | None = None
     else:
         token, text = after
         # Bounded: a model can keep choosing whitespace, which the answer would never end.
-        lazy = f"{grammar}\n{_AFTER_ROOT} ::= {json.dumps(text)} [ \\t\\n]{{0,4}} root\n"
+        lazy = f"{grammar}\n{_AFTER_ROOT} ::= {gbnf_literal(text)} [ \\t\\n]{{0,4}} root\n"
         triggers = (llama_token * 1)(token)
         sampler = llama_sampler_init_grammar_lazy_patterns(
             vocab, lazy.encode("utf-8"), _AFTER_ROOT.encode(), None, 0, triggers, 1
@@ -121,6 +121,11 @@ def grammar_sampler(vocab, grammar: str, *, after: tuple[int, str] | None = None
 
 
 _AFTER_ROOT = "answer-after-trigger"
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal (JSON's escapes are GBNF's)."""
+    return json.dumps(text)
 
 
 class Grammar:

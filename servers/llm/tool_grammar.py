@@ -15,7 +15,7 @@ import json
 from typing import Any, Literal
 
 from servers.llm.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, allows_text
-from servers.llm.structured import check_counts, finished_grammar
+from servers.llm.structured import check_counts, finished_grammar, gbnf_literal
 
 ToolCallForm = Literal["json", "xml"]
 
@@ -25,17 +25,15 @@ def tool_call_form(chat_template: str) -> ToolCallForm:
     return "xml" if "<function=" in chat_template else "json"
 
 
-def forced_tool(tools: list[dict] | None, choice: str | dict[str, Any] | None) -> list[dict] | None:
-    """The tools the answer must call (``"required"``: one or more of them; a named
-    function: it, once), or None when the model may answer in words; ValueError for a
+def forced_tool(tools: list[dict] | None, choice: str | dict[str, Any]) -> list[dict]:
+    """The tools a forcing ``choice`` makes the answer call (``"required"``: one or more of
+    them; a named function, as the request schema checked it: it, once); ValueError for a
     choice that names no tool of the request's."""
-    if choice in (None, "auto", "none"):
-        return None
     if not tools:
         raise ValueError("tool_choice forces a tool call, but the request has no tools")
     if choice == "required":
         return tools
-    name = ((choice or {}).get("function") or {}).get("name") if isinstance(choice, dict) else None
+    name = choice["function"]["name"]
     chosen = [tool for tool in tools if (tool.get("function") or {}).get("name") == name]
     if not chosen:
         raise ValueError(f"tool_choice names {name!r}, which is not among the request's tools")
@@ -67,7 +65,7 @@ def tool_call_grammar(tools: list[dict], form: ToolCallForm, *, several: bool) -
         calls.append(converter._add_rule(f"call-{i}", body))
     converter._add_rule("call", " | ".join(calls))
     converter._add_rule(
-        "root", f"{_literal(TOOL_CALL_OPEN)} call {_literal(TOOL_CALL_CLOSE)}" + (" root?" if several else "")
+        "root", f"{gbnf_literal(TOOL_CALL_OPEN)} call {gbnf_literal(TOOL_CALL_CLOSE)}" + (" root?" if several else "")
     )
     return finished_grammar(converter.format_grammar())
 
@@ -75,7 +73,7 @@ def tool_call_grammar(tools: list[dict], form: ToolCallForm, *, several: bool) -
 def _json_call(converter, name: str, parameters: dict, rule: str) -> str:
     arguments = converter.visit(parameters, f"{rule}-arguments")
     return (
-        f'"\\n"? "{{" space "\\"name\\"" space ":" space {_literal(json.dumps(name))} space "," space '
+        f'"\\n"? "{{" space "\\"name\\"" space ":" space {gbnf_literal(json.dumps(name))} space "," space '
         f'"\\"arguments\\"" space ":" space {arguments} space "}}" "\\n"?'
     )
 
@@ -86,9 +84,9 @@ def _xml_call(converter, name: str, parameters: dict, rule: str) -> str:
     items = []
     for j, (parameter, schema) in enumerate(properties.items()):
         value = _xml_value(converter, schema if isinstance(schema, dict) else {}, f"{rule}-p{j}")
-        item = f'{_literal(f"<parameter={parameter}>")} "\\n"? {value} "\\n"? "</parameter>" "\\n"?'
+        item = f'{gbnf_literal(f"<parameter={parameter}>")} "\\n"? {value} "\\n"? "</parameter>" "\\n"?'
         items.append(item if parameter in required else f"({item})?")
-    return f'"\\n"? {_literal(f"<function={name}>")} "\\n"? {" ".join(items)} "</function>" "\\n"?'
+    return f'"\\n"? {gbnf_literal(f"<function={name}>")} "\\n"? {" ".join(items)} "</function>" "\\n"?'
 
 
 def _xml_value(converter, schema: dict, rule: str) -> str:
@@ -97,13 +95,8 @@ def _xml_value(converter, schema: dict, rule: str) -> str:
     strings as they are, JSON otherwise."""
     values = schema.get("enum") if isinstance(schema.get("enum"), list) else None
     if values and all(isinstance(v, str) for v in values):
-        return "(" + " | ".join(_literal(v) for v in values) + ")"
+        return "(" + " | ".join(gbnf_literal(v) for v in values) + ")"
     if allows_text(schema):
         low, high = schema.get("minLength", 0), schema.get("maxLength")
         return f"[^<]{{{low},{'' if high is None else high}}}"
     return converter.visit(schema, rule)
-
-
-def _literal(text: str) -> str:
-    """``text`` as a GBNF string literal (JSON's escapes are GBNF's)."""
-    return json.dumps(text)
