@@ -30,7 +30,7 @@ from pipecat.transports.base_transport import BaseTransport
 
 from pipecat_nvidia.history import DEFAULT_HISTORY_TOKENS
 from pipecat_nvidia.latency import TurnLatencyLog
-from pipecat_nvidia.llm import NemotronLLMService
+from pipecat_nvidia.llm import NemotronLLMService, reasoning_extra
 from pipecat_nvidia.stt import NemotronSTTService
 from pipecat_nvidia.tts import MagpieTTSService
 from pipecat_nvidia.turns import user_turn_params
@@ -55,6 +55,8 @@ class AgentSettings:
     max_tokens: int = 300
     history_tokens: int = DEFAULT_HISTORY_TOKENS
     """The conversation the LLM gets, estimated; past it the oldest turns are dropped."""
+    thinking_tokens: int | None = None
+    """Reason before answering, for at most about this many tokens (None: no reasoning)."""
     voice: str | None = None
     greeting: bool = True
     """Say hello when the client connects."""
@@ -72,6 +74,7 @@ class AgentSettings:
         "system_prompt": "BOT_SYSTEM_PROMPT",
         "max_tokens": "BOT_MAX_TOKENS",
         "history_tokens": "BOT_HISTORY_TOKENS",
+        "thinking_tokens": "BOT_THINKING_TOKENS",
         "voice": "BOT_VOICE",
         "greeting": "BOT_GREETING",
         "record_dir": "BOT_RECORD_DIR",
@@ -93,7 +96,7 @@ class AgentSettings:
             raw = env.get(var)
             if raw in (None, ""):
                 continue
-            if types[name] == "int":
+            if types[name] in ("int", "int | None"):
                 values[name] = _parse_int(var, raw)
             elif types[name] == "bool":
                 values[name] = _parse_bool(var, raw)
@@ -113,10 +116,14 @@ class AgentSettings:
 
 
 def _parse_int(var: str, raw: str) -> int:
+    """A count or a port: never negative."""
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise ValueError(f"{var}={raw!r} is not a whole number") from None
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"{var}={raw!r} is not a whole number")
+    return value
 
 
 def _parse_bool(var: str, raw: str) -> bool:
@@ -143,7 +150,10 @@ def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
         base_url=settings.llm_url,
         api_key=token or "none",
         settings=NemotronLLMService.Settings(
-            model=settings.llm_model, system_instruction=settings.system_prompt, max_tokens=settings.max_tokens
+            model=settings.llm_model,
+            system_instruction=settings.system_prompt,
+            max_tokens=settings.max_tokens,
+            extra=reasoning_extra(settings.thinking_tokens) if settings.thinking_tokens is not None else {},
         ),
         history_tokens=settings.history_tokens,
     )

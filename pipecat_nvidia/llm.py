@@ -5,13 +5,9 @@ subclass points it at the host, names the model, and keeps the conversation with
 host's context (``history_tokens``). Anything OpenAI-compatible
 (vLLM, NIM) can stand in for the host by changing ``base_url``. The host decodes a short
 first segment before anything else so the TTS can start speaking early, and reasoning
-is off unless the settings ask for it::
+is off unless the settings ask for it, here for at most about 64 tokens of reasoning::
 
-    NemotronLLMService(
-        settings=NemotronLLMService.Settings(
-            extra={"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}
-        )
-    )
+    NemotronLLMService(settings=NemotronLLMService.Settings(extra=reasoning_extra(64)))
 """
 
 from __future__ import annotations
@@ -24,6 +20,16 @@ from pipecat_nvidia.history import DEFAULT_HISTORY_TOKENS, trim_conversation
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8082/v1"
 DEFAULT_MODEL = "nemotron-3-nano"
+
+
+def reasoning_extra(max_thinking_tokens: int | None = None) -> dict:
+    """``Settings.extra`` that turns the model's reasoning on, closed after about
+    ``max_thinking_tokens`` (None: no limit) by NIM's ``nvext`` field, which the host reads
+    too. Reasoning is never spoken, but the answer waits for it."""
+    body: dict = {"chat_template_kwargs": {"enable_thinking": True}}
+    if max_thinking_tokens is not None:
+        body["nvext"] = {"max_thinking_tokens": max_thinking_tokens}
+    return {"extra_body": body}
 
 
 class NemotronLLMService(OpenAILLMService):

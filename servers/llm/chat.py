@@ -184,6 +184,11 @@ class OutputSplitter:
         self.tool_calls: list[ToolCall] = []
         self.malformed_calls: list[str] = []
 
+    @property
+    def in_reasoning(self) -> bool:
+        """The text so far leaves a reasoning block open."""
+        return self._mode == "reasoning"
+
     def push(self, text: str) -> OutputPiece:
         self._pending += text
         out = OutputPiece()

@@ -22,6 +22,8 @@ class LlmServerSettings:
     first_segment_tokens: int = 8
     segment_tokens: int = 16
     max_tokens: int = 1024
+    max_thinking_tokens: int | None = None
+    """With reasoning on, the reasoning closes after about this many tokens; None: no limit."""
     max_queued: int = 16
     top_k: int = 40
     max_message_bytes: int = 4 << 20
@@ -39,6 +41,7 @@ LLM_FLAGS = (
     "first_segment_tokens",
     "segment_tokens",
     "max_tokens",
+    "max_thinking_tokens",
     "max_queued",
     "top_k",
 )
@@ -75,6 +78,13 @@ def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "
     )
     p.add_setting(f"--{prefix}segment-tokens", d.segment_tokens, "tokens in each later unit of work", type=at_least(1))
     p.add_setting(f"--{prefix}max-tokens", d.max_tokens, "answer length when a request sets none", type=at_least(1))
+    p.add_setting(
+        f"--{prefix}max-thinking-tokens",
+        d.max_thinking_tokens,
+        "with reasoning on, close the reasoning after this many tokens (at a line's end if one comes within a"
+        " tenth more) when a request sets no nvext.max_thinking_tokens (default: no limit)",
+        type=at_least(0),
+    )
     p.add_setting(
         f"--{prefix}max-queued", d.max_queued, "requests waiting behind the running one; more get 429", type=at_least(0)
     )

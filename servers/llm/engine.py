@@ -42,6 +42,8 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     """False: the answer ends with its first tool call."""
     enable_thinking: bool = False
+    max_thinking_tokens: int | None = None
+    """The reasoning closes after about this many tokens (None: the engine's default)."""
     grammar: Grammar | None = None
     """What the answer must match (structured output, a forced tool call); one request's,
     it keeps its state."""
@@ -120,6 +122,13 @@ class _Generation:
     )
     content: str = ""
     cancelled: bool = False
+    reasoning_limit: int | None = None
+    reasoning_tokens: int = 0
+    """Tokens generated inside the reasoning."""
+    at_line_end: bool = False
+    """The last token's text ended a line."""
+    forced: list[int] = field(default_factory=list)
+    """Tokens to say next instead of sampling (the close of a reasoning over its limit)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class LLMEngine(WorkSignal):
         segment_tokens: int = 16,
         prefill_tokens_per_unit: int = 512,
         default_max_tokens: int = 1024,
+        default_max_thinking_tokens: int | None = None,
         max_queued: int = 16,
         top_k: int = 40,
         roll_back: bool | None = None,
@@ -161,6 +171,9 @@ class LLMEngine(WorkSignal):
         ``top_k``: when sampling (temperature above 0), only the k likeliest tokens are
         candidates (0: all), as llama.cpp's own server does by default; a request may
         ask for another k.
+
+        ``default_max_thinking_tokens``: a request's reasoning closes after about this many
+        tokens unless it sets its own limit (None: no limit); see ``_reasoning_over``.
 
         ``roll_back``: whether the model's cached state can be cut back to a common prefix
         (None: ask llama.cpp; transformers can, hybrid and recurrent models cannot and get
@@ -173,6 +186,7 @@ class LLMEngine(WorkSignal):
         self.segment_tokens = segment_tokens
         self.prefill_tokens_per_unit = prefill_tokens_per_unit
         self.default_max_tokens = default_max_tokens
+        self.default_max_thinking_tokens = default_max_thinking_tokens
         self.max_queued = max_queued
         self.top_k = top_k
         self.template = chat_template(llm)
@@ -216,6 +230,9 @@ class LLMEngine(WorkSignal):
             self._next_rid += 1
             generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic(), sampler=sampler)
             generation.stop = StopMatcher(request.stop)
+            generation.reasoning_limit = (
+                self.default_max_thinking_tokens if request.max_thinking_tokens is None else request.max_thinking_tokens
+            )
             generation.splitter = OutputSplitter(
                 in_reasoning=prompt_text.rstrip().endswith("<think>"),
                 tools=request.tools,
@@ -441,13 +458,24 @@ class LLMEngine(WorkSignal):
             if generation.cancelled:
                 self._finish(generation, "cancelled")
                 return produced
-            token = generation.sampler.sample(llm._ctx, -1)
+            if not generation.forced and self._reasoning_over(generation):
+                line_open = generation.reasoning_tokens and not generation.at_line_end
+                generation.forced = self._tokenize("\n" + THINK_CLOSE if line_open else THINK_CLOSE)
+            if generation.forced:
+                token = generation.forced.pop(0)
+                generation.sampler.accept(token)
+            else:
+                token = generation.sampler.sample(llm._ctx, -1)
             produced += 1
             generation.tokens.append(token)
             if llama_vocab_is_eog(llm._model.vocab, token):
                 self._finish(generation, "stop")
                 return produced
-            text = generation.stop.push(generation.decoder.decode(token_bytes(llm, token)))
+            if generation.splitter.in_reasoning:
+                generation.reasoning_tokens += 1
+            said = generation.decoder.decode(token_bytes(llm, token))
+            generation.at_line_end = said.endswith("\n")
+            text = generation.stop.push(said)
             piece = generation.splitter.push(text)
             self._send(generation, piece.content, piece.reasoning)
             if generation.stop.stopped or (
@@ -460,6 +488,16 @@ class LLMEngine(WorkSignal):
                 self._finish(generation, "length")
                 return produced
         return produced
+
+    @staticmethod
+    def _reasoning_over(generation: _Generation) -> bool:
+        """The reasoning has had its tokens: it ends at the next line's end, or once a tenth
+        more has gone by (as NIM's thinking budget does: a thought is seldom cut mid-way)."""
+        limit = generation.reasoning_limit
+        if limit is None or not generation.splitter.in_reasoning:
+            return False
+        over = generation.reasoning_tokens - limit
+        return over >= 0 and (generation.at_line_end or over >= limit // 10)
 
     def _send(self, generation: _Generation, content: str, reasoning: str) -> None:
         generation.content += content

@@ -52,6 +52,9 @@ class ArgmaxSampler:
         """The next token from the logits at ``idx`` of ``ctx`` (a ``LlamaContext``)."""
         return int(np.argmax(logits_at(ctx, idx, self._n_vocab)))
 
+    def accept(self, token: int) -> None:
+        """A token said without sampling: greedy decoding keeps no state."""
+
 
 def logits_at(ctx, idx: int, n_vocab: int) -> np.ndarray:
     """The logits llama.cpp computed at batch position ``idx`` of ``ctx`` (-1: the last), as

@@ -21,6 +21,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class NvExt(BaseModel):
+    """NVIDIA NIM's extensions to the request, the ones this server has."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_thinking_tokens: int | None = Field(default=None, ge=0)
+    """With reasoning on, the reasoning closes after about this many tokens."""
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -52,6 +61,7 @@ class ChatCompletionRequest(BaseModel):
     """Its grammar is made off the event loop by the server (large schemas take seconds)."""
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """``{"enable_thinking": true}`` turns reasoning on (off by default), as with vLLM."""
+    nvext: NvExt | None = None
 
     @field_validator("messages")
     @classmethod

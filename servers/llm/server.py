@@ -48,6 +48,7 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
         first_segment_tokens=settings.first_segment_tokens,
         segment_tokens=settings.segment_tokens,
         default_max_tokens=settings.max_tokens,
+        default_max_thinking_tokens=settings.max_thinking_tokens,
         max_queued=settings.max_queued,
         top_k=settings.top_k,
     )
@@ -334,6 +335,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         stop=tuple(body.stop or ()),
         parallel_tool_calls=body.parallel_calls,
         enable_thinking=body.enable_thinking,
+        max_thinking_tokens=body.nvext.max_thinking_tokens if body.nvext else None,
         grammar=grammar,
     )
 

@@ -163,15 +163,19 @@ class ConstrainedSampler:
     def sample(self, ctx, idx: int) -> int:
         """The next token from the logits at ``idx`` of ``ctx`` (a ``LlamaContext``), accepted
         by the grammar and the chain."""
-        from llama_cpp import llama_sampler_accept
-
         logits = logits_at(ctx, idx, self._n_vocab)
         token = self._pick(logits, constrained=False)
         if not self._allows(token):
             token = self._pick(logits, constrained=True)
+        self.accept(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """``token`` comes next, sampled or not: the grammar and the chain's penalties follow it."""
+        from llama_cpp import llama_sampler_accept
+
         llama_sampler_accept(self._grammar.sampler, token)
         llama_sampler_accept(self._chain.sampler, token)
-        return token
 
     def _pick(self, logits, *, constrained: bool) -> int:
         from llama_cpp import llama_sampler_apply

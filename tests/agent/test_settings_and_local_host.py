@@ -20,6 +20,11 @@ def test_no_server_urls_means_the_local_host():
     assert settings.uses_local_host and settings.max_tokens == 50 and not settings.greeting
 
 
+def test_reasoning_is_off_unless_a_thinking_limit_is_set():
+    assert AgentSettings.from_env({}).thinking_tokens is None
+    assert AgentSettings.from_env({"BOT_THINKING_TOKENS": "0"}).thinking_tokens == 0
+
+
 def test_any_server_url_means_remote_servers():
     settings = AgentSettings.from_env({"NVIDIA_LLM_URL": "http://gpu-box:8000/v1"})
     assert not settings.uses_local_host and settings.llm_url == "http://gpu-box:8000/v1"
@@ -35,7 +40,9 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
     )
 
 
-@pytest.mark.parametrize(("var", "raw"), [("BOT_MAX_TOKENS", "300tokens"), ("BOT_GREETING", "ture")])
+@pytest.mark.parametrize(
+    ("var", "raw"), [("BOT_MAX_TOKENS", "300tokens"), ("BOT_GREETING", "ture"), ("BOT_THINKING_TOKENS", "-1")]
+)
 def test_a_setting_that_does_not_parse_is_an_error_naming_its_variable(var, raw):
     with pytest.raises(ValueError, match=var):
         AgentSettings.from_env({var: raw})
