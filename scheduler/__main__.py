@@ -19,6 +19,15 @@ def gpu_index(device: str) -> int | None:
     return int(index or 0)
 
 
+def llm_placement(device: str, main_gpu: int | None, gpu_layers: int) -> dict:
+    """Where llama.cpp runs: on the host's device unless ``--llm-main-gpu`` names a GPU
+    (with ``--device cpu``, a CUDA build would otherwise offload to every visible GPU)."""
+    if main_gpu is not None:
+        return {"main_gpu": main_gpu, "gpu_layers": gpu_layers}
+    index = gpu_index(device)
+    return {"main_gpu": index, "gpu_layers": gpu_layers if index is not None else 0}
+
+
 def parse_settings(argv: list[str] | None = None) -> HostSettings:
     defaults = HostSettings()
     asr, tts, llm, targets = defaults.asr, defaults.tts, defaults.llm, defaults.targets
@@ -31,7 +40,8 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting(
         "--device",
         "auto",
-        "the GPU (cuda, cuda:N, cpu or auto); the LLM's too unless --llm-main-gpu says otherwise",
+        "the GPU (cuda, cuda:N, cpu or auto); the LLM's too (cpu: no layers offloaded) unless --llm-main-gpu"
+        " names one",
         type=device_name,
     )
     p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
@@ -116,8 +126,8 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         ),
         llm=LlmServerSettings(
             port=a.llm_port,
-            **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS if k != "main_gpu"},
-            main_gpu=a.llm_main_gpu if a.llm_main_gpu is not None else gpu_index(a.device),
+            **{k: getattr(a, f"llm_{k}") for k in LLM_FLAGS if k not in ("main_gpu", "gpu_layers")},
+            **llm_placement(a.device, a.llm_main_gpu, a.llm_gpu_layers),
             **common,
         ),
         targets=Targets(audio_ahead_s=a.audio_ahead_s, text_ahead_s=a.text_ahead_s, urgent_hold_s=a.urgent_hold_s),

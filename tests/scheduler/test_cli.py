@@ -55,6 +55,13 @@ def test_the_llm_runs_on_the_hosts_gpu_alone(device, main_gpu):
     assert parse_settings(["--device", device, "--llm-main-gpu", "2"]).llm.main_gpu == 2
 
 
+def test_on_the_cpu_the_llm_stays_off_every_gpu_unless_one_is_named():
+    """A CUDA build of llama.cpp offloads to every visible GPU unless told to offload nothing."""
+    assert parse_settings(["--device", "cpu"]).llm.gpu_layers == 0
+    assert parse_settings(["--device", "cuda"]).llm.gpu_layers == -1
+    assert parse_settings(["--device", "cpu", "--llm-main-gpu", "1"]).llm.gpu_layers == -1
+
+
 @pytest.mark.parametrize("device", ["cuda:x", "gpu", "cuda:"])
 def test_a_device_that_is_not_one_is_refused_with_the_forms_that_are(device, capsys):
     with pytest.raises(SystemExit):
