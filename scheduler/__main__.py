@@ -40,8 +40,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
     p.add_setting(
         "--device",
         "auto",
-        "the GPU (cuda, cuda:N, cpu or auto); the LLM's too (cpu: no layers offloaded) unless --llm-main-gpu"
-        " names one",
+        "the GPU (cuda, cuda:N, cpu or auto); the LLM's too (cpu: no layers offloaded) unless --llm-main-gpu names one",
         type=device_name,
     )
     p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
