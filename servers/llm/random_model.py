@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from servers.llm.chat import THINK_CLOSE, THINK_OPEN
+
 CHAT_TEMPLATE = r"""{%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}
 
@@ -53,10 +55,11 @@ _WORDS = ["user", "assistant", "system", "tool", "hello", "world", "the", "name"
 END_OF_TURN = 4
 
 
-def vocabulary(extra: tuple[str, ...] = ()):
+def vocabulary(extra: tuple[str, ...] = (), *, think_tags: bool = True):
     """(pieces, scores, types) of a small SentencePiece vocabulary with byte fallback, and
     the ``extra`` pieces (``\u2581`` for a space) it lacks last (llama.cpp's grammar
-    sampler aborts on a vocabulary that holds a piece twice)."""
+    sampler aborts on a vocabulary that holds a piece twice). ``think_tags``: ``<think>``
+    and ``</think>`` are tokens (else text, as for a model that does not reason)."""
     from gguf import TokenType as T
 
     special = [
@@ -70,6 +73,7 @@ def vocabulary(extra: tuple[str, ...] = ()):
         ("<tool_call>", T.USER_DEFINED),
         ("</tool_call>", T.USER_DEFINED),
     ]
+    special = [(p, t) for p, t in special if think_tags or p not in (THINK_OPEN, THINK_CLOSE)]
     pieces = [p for p, _ in special]
     types = [t for _, t in special]
     pieces += [f"<0x{b:02X}>" for b in range(256)]
@@ -99,10 +103,12 @@ def write_random_llama_gguf(
     chat_template: str = CHAT_TEMPLATE,
     eos_token_id: int = END_OF_TURN,
     extra_pieces: tuple[str, ...] = (),
+    think_tags: bool = True,
 ) -> Path:
     """Write a random llama-architecture chat model to ``path`` (f32, a few hundred KiB by
-    default); ``extra_pieces`` grow the vocabulary (a real model's size costs in sampling)."""
-    vocab = vocabulary(extra_pieces)
+    default); ``extra_pieces`` grow the vocabulary (a real model's size costs in sampling);
+    ``think_tags``: see :func:`vocabulary`."""
+    vocab = vocabulary(extra_pieces, think_tags=think_tags)
     pieces = vocab[0]
     rng = np.random.default_rng(seed)
 

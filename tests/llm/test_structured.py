@@ -7,6 +7,7 @@ import json
 import pytest
 from openai import AsyncOpenAI, BadRequestError, InternalServerError
 
+from servers.llm.random_model import write_random_llama_gguf
 from servers.llm.structured import Grammar, GrammarRejected
 from tests.llm.helpers import make_engine
 from tests.llm.scripted_model import write_scripted_llama_gguf
@@ -94,6 +95,24 @@ async def test_tags_inside_a_json_answer_are_its_text(start_llm_server, tmp_path
     server = await start_llm_server(model=str(model))
     content, _ = await _answer(client(server), {"type": "json_object"}, temperature=0)
     assert json.loads(content) == {"a": "<think>x</think>"}
+
+
+async def test_with_reasoning_on_a_model_whose_think_close_is_no_token_cannot_hold_an_answer(
+    start_llm_server, tmp_path
+):
+    """The grammar waits for the ``</think>`` token; without one, it would never start."""
+    model = write_random_llama_gguf(tmp_path / "no-tags.gguf", think_tags=False)
+    server = await start_llm_server(model=str(model))
+    llm = client(server, max_retries=0)
+    with pytest.raises(BadRequestError, match="</think> must be one token"):
+        await llm.chat.completions.create(
+            model="m",
+            messages=QUESTION,
+            response_format={"type": "json_object"},
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+        )
+    content, _ = await _answer(llm, {"type": "json_object"}, temperature=0)
+    assert isinstance(json.loads(content), dict)
 
 
 def test_a_grammar_llama_cpp_cannot_parse_is_refused(tiny_llm_path):
