@@ -132,7 +132,13 @@ class ServerConnection:
         # Started even when the connection failed: the receive loop then goes straight
         # to its reconnect path, which retries with backoff and gives up with an error.
         if not self._receive_task:
-            self._receive_task = self.create_task(self._receive_task_handler(self._report_error))
+            self._receive_task = self.create_task(self._receive_until_given_up())
+
+    async def _receive_until_given_up(self):
+        """Pipecat's receive loop, which returns once it gives up on the server (reconnects
+        off, or too many failures): what waited for the server ends then, as on a reconnect."""
+        await self._receive_task_handler(self._report_error)
+        await self._disconnect_websocket()
 
     async def _disconnect(self):
         await super()._disconnect()
@@ -163,5 +169,7 @@ class ServerConnection:
         except Exception as e:
             logger.warning(f"{self}: error closing the connection: {e}")
         finally:
+            had_websocket = self._websocket is not None
             self._websocket = None
-            await self._call_event_handler("on_disconnected")
+            if had_websocket:
+                await self._call_event_handler("on_disconnected")

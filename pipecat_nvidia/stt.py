@@ -12,6 +12,7 @@ waiting on a timer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._after_final = False
         """A final came after the VAD's stop: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
+        self._finalize_sent_at: float | None = None
+        """``time.time()`` when the pending finalize was sent."""
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -144,10 +147,14 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         """The server decides the model and the language it transcribes: a change here
         cannot take effect, so it is refused with a warning, and transcripts stay
         labelled with what the server does."""
+        was_usable = self.is_usable
         changed = await super()._update_settings(delta)
         self._warn_unhandled_updated_settings(changed)
         for name, before in changed.items():
             setattr(self._settings, name, before)
+        if changed and not was_usable:
+            # Pipecat takes a change as a possible fix for a written-off service; none was made.
+            await self.set_usable(False)
         if "model" in changed:
             self._sync_model_name_to_metrics()
         return {}
@@ -224,7 +231,9 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         if not self._is_open():
             return
         self.request_finalize()
-        await self.start_processing_metrics()
+        # Measured once the final comes: one that never does (the server lost) must not
+        # leave a measurement open for the next interruption to report.
+        self._finalize_sent_at = time.time()
         reset = AsrReset(finalize=True, trailing_silence_ms=1000.0 * vad_stop_secs)
         rest = self._held_audio.end_utterance()
         try:
@@ -259,7 +268,10 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         if not message.rollover:
             # The answer to the finalize, even when a rollover final came after the VAD stop.
             self.confirm_finalize()
-            await self.stop_processing_metrics()
+            if self._finalize_sent_at is not None:
+                await self.start_processing_metrics(start_time=self._finalize_sent_at)
+                await self.stop_processing_metrics()
+                self._finalize_sent_at = None
         # Only while the user is silent: a final can come while they speak (a late one,
         # or the server ending a long utterance), and their words go on.
         self._after_final = self._speaking is False

@@ -168,6 +168,10 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             return
         self._segments_sent[context_id] = self._segments_sent.get(context_id, 0) + 1
         await self.start_tts_usage_metrics(text)
+        if context_id != self._turn_context_id:
+            # Text outside a turn (a bare TextFrame) gets a context of its own that Pipecat
+            # never completes: without a flush the server would owe it audio for ever.
+            await self.flush_audio(context_id)
         yield None
 
     async def flush_audio(self, context_id: str | None = None):

@@ -15,6 +15,7 @@ from pipecat.frames.frames import (
     ErrorFrame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
+    InterruptionFrame,
     STTUpdateSettingsFrame,
     TranscriptionFrame,
     VADUserStartedSpeakingFrame,
@@ -134,6 +135,21 @@ async def test_ttfb_and_finalize_time_are_reported(start_asr_server, speech_int1
     finalize = [m.value for m in ours if isinstance(m, ProcessingMetricsData)]
     assert len(ttfb) == 2 and all(0.2 <= v < 0.6 for v in ttfb), ttfb  # the VAD's 200 ms + the finalize
     assert len(finalize) == 2 and all(0 < v < 0.4 for v in finalize), finalize
+
+
+async def test_a_finalize_never_answered_reports_no_finalize_time(start_asr_server, speech_int16):
+    """The server takes the resets but never answers them: an interruption (Pipecat stops
+    every metric on one) would otherwise report the time since the finalize as one."""
+    server = await start_asr_server()
+    server.engine.reset = lambda *args, **kwargs: None
+    stt = NemotronSTTService(url=server_url(server))
+
+    async def interrupt():
+        await stt.queue_frame(InterruptionFrame())
+
+    run = await run_pipeline(stt, _speech(speech_int16, TWO_SENTENCES), between={300: interrupt})
+    assert run.finals() == []
+    assert not [m for m in run.metrics() if m.processor == stt.name and isinstance(m, ProcessingMetricsData)]
 
 
 async def test_usage_is_the_audio_the_server_received_not_the_pauses_held_back(start_asr_server, speech_int16):
@@ -277,6 +293,17 @@ async def test_a_refused_token_is_an_authentication_error_and_is_not_retried(sta
     run = await run_pipeline(stt, _speech(speech_int16, (1.0, 2.0)), wait_ready=False)
     errors = [e.frame for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
     assert [(e.category, "HTTP 401" in e.error) for e in errors] == [(ErrorCategory.AUTHENTICATION, True)], errors
+    assert not stt.is_usable
+
+
+async def test_a_refused_settings_change_does_not_revive_a_written_off_service(start_asr_server, speech_int16):
+    """Pipecat takes any change as a possible fix; the language change is refused, so the
+    service stays written off (it has stopped connecting)."""
+    server = await start_asr_server(auth_token="secret")
+    stt = NemotronSTTService(url=server_url(server), auth_token="wrong")
+    await run_pipeline(stt, _speech(speech_int16, (1.0, 2.0)), wait_ready=False)
+    assert not stt.is_usable
+    await stt._update_settings(NemotronSTTService.Settings(language=Language.ES))
     assert not stt.is_usable
 
 

@@ -15,6 +15,7 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMTextFrame,
     MetricsFrame,
+    TextFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -229,6 +230,45 @@ async def test_a_turn_cut_off_by_the_servers_loss_ends_with_its_stop_frame(start
     sink = await run_turns(tts, speak_then_lose_the_server)
     cut = sink.of(TTSAudioRawFrame)[0].frame.context_id
     assert [e.frame.context_id for e in sink.of(TTSStoppedFrame)] == [cut]
+
+
+async def test_a_turn_cut_off_by_a_server_the_service_gives_up_on_still_ends(start_tts_server):
+    """Without reconnecting, the turn's context ends (Pipecat's timeout) rather than wait
+    for ever for audio from a server that is gone; the pipeline then ends."""
+    server = await start_tts_server()
+    slow_down(server, 0.05)
+    tts = MagpieTTSService(
+        url=server_url(server), settings=MagpieTTSService.Settings(mode="stream"), reconnect_on_error=False
+    )
+
+    async def speak_then_lose_the_server(sink):
+        for frame in _turn(["This is a rather long sentence that the bot will not get to finish. "]):
+            await tts.queue_frame(frame)
+        while not sink.of(TTSAudioRawFrame):
+            await asyncio.sleep(0.01)
+        await server.stop()
+        for _ in range(300):
+            if sink.of(TTSStoppedFrame):
+                break
+            await asyncio.sleep(0.02)
+
+    sink = await run_turns(tts, speak_then_lose_the_server)
+    assert len(sink.of(TTSStoppedFrame)) == 1
+
+
+async def test_text_outside_a_turn_is_spoken_and_its_context_ends(start_tts_server):
+    """A bare TextFrame's sentences get contexts of their own, which Pipecat never completes
+    (a sentence is spoken once the text after it shows that it ended)."""
+    server = await start_tts_server()
+    tts = MagpieTTSService(url=server_url(server))
+    open_contexts = []
+
+    async def count_open_contexts(sink):
+        open_contexts.extend(len(s.contexts) for s in server.engine._sessions.values())
+
+    sink = await run_turns(tts, [TextFrame("".join(SENTENCES[:2]))], count_open_contexts)
+    assert sink.of(TTSAudioRawFrame) and len(sink.of(TTSStoppedFrame)) == 1
+    assert open_contexts == [0]
 
 
 async def test_an_unknown_voice_is_an_invalid_request_that_retrying_cannot_fix(start_tts_server):
