@@ -64,6 +64,27 @@ def _turn(sentences):
     return [LLMFullResponseStartFrame(), *(LLMTextFrame(text=s) for s in sentences), LLMFullResponseEndFrame()]
 
 
+UNFINISHED = "This is a rather long sentence that the bot will not get to finish. "
+
+
+def _speak_then_lose_the_server(server, tts, sentences: list[str], *, wait_s: float):
+    """A step for :func:`run_turns`: speak a turn, stop the server once its audio flows,
+    then wait up to ``wait_s`` for the turn's stop frame."""
+
+    async def step(sink):
+        for frame in _turn(sentences):
+            await tts.queue_frame(frame)
+        while not sink.of(TTSAudioRawFrame):
+            await asyncio.sleep(0.01)
+        await server.stop()
+        for _ in range(round(wait_s / 0.02)):
+            if sink.of(TTSStoppedFrame):
+                break
+            await asyncio.sleep(0.02)
+
+    return step
+
+
 async def run_turns(tts, *steps, sample_rate: int = 24000, head: FrameLog | None = None) -> FrameLog:
     """Feed each step (a list of frames, or a coroutine function to await) once the
     previous turn's audio has stopped, then end the pipeline. ``head`` logs what comes
@@ -214,20 +235,7 @@ async def test_a_turn_cut_off_by_the_servers_loss_ends_with_its_stop_frame(start
         reconnect_backoff_min_wait=0.1,
         reconnect_backoff_max_wait=0.2,
     )
-    long_turn = _turn(["This is a rather long sentence that the bot will not get to finish. "] * 2)
-
-    async def speak_then_lose_the_server(sink):
-        for frame in long_turn:
-            await tts.queue_frame(frame)
-        while not sink.of(TTSAudioRawFrame):
-            await asyncio.sleep(0.01)
-        await server.stop()
-        for _ in range(250):
-            if sink.of(TTSStoppedFrame):
-                break
-            await asyncio.sleep(0.02)
-
-    sink = await run_turns(tts, speak_then_lose_the_server)
+    sink = await run_turns(tts, _speak_then_lose_the_server(server, tts, [UNFINISHED] * 2, wait_s=5.0))
     cut = sink.of(TTSAudioRawFrame)[0].frame.context_id
     assert [e.frame.context_id for e in sink.of(TTSStoppedFrame)] == [cut]
 
@@ -240,19 +248,7 @@ async def test_a_turn_cut_off_by_a_server_the_service_gives_up_on_still_ends(sta
     tts = MagpieTTSService(
         url=server_url(server), settings=MagpieTTSService.Settings(mode="stream"), reconnect_on_error=False
     )
-
-    async def speak_then_lose_the_server(sink):
-        for frame in _turn(["This is a rather long sentence that the bot will not get to finish. "]):
-            await tts.queue_frame(frame)
-        while not sink.of(TTSAudioRawFrame):
-            await asyncio.sleep(0.01)
-        await server.stop()
-        for _ in range(300):
-            if sink.of(TTSStoppedFrame):
-                break
-            await asyncio.sleep(0.02)
-
-    sink = await run_turns(tts, speak_then_lose_the_server)
+    sink = await run_turns(tts, _speak_then_lose_the_server(server, tts, [UNFINISHED], wait_s=6.0))
     assert len(sink.of(TTSStoppedFrame)) == 1
 
 
