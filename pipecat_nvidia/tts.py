@@ -98,6 +98,11 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             settings=default_settings,
             **kwargs,
         )
+        if self._is_streaming_tokens:
+            raise ValueError(
+                f"{self}: Magpie speaks whole sentences, and each text sent is a segment of its own; "
+                "use TextAggregationMode.SENTENCE (the default), not TOKEN"
+            )
         self._init_connection(url, auth_token, parse_tts_server_message)
         self._segments_sent: dict[str, int] = {}
         """Segments sent per context (turn) the server still owes audio or its ``done``."""
@@ -161,12 +166,14 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             preset=self._settings.preset or None,
             sample_rate=self.sample_rate,
         )
+        # Counted before the send: a send that waits for the socket has already written
+        # its bytes, and a barge-in that lands then must cancel this segment too.
+        self._segments_sent[context_id] = self._segments_sent.get(context_id, 0) + 1
         try:
             await self._websocket.send(request.to_json())
         except Exception as e:
             yield ErrorFrame(error=f"{self}: sending text failed: {e}")
             return
-        self._segments_sent[context_id] = self._segments_sent.get(context_id, 0) + 1
         await self.start_tts_usage_metrics(text)
         if context_id != self._turn_context_id:
             # Text outside a turn (a bare TextFrame) gets a context of its own that Pipecat

@@ -23,6 +23,7 @@ from pipecat.frames.frames import (
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection
+from pipecat.services.tts_service import TextAggregationMode
 from pipecat.utils.errors import ErrorCategory
 
 from pipecat_nvidia.tts import MagpieTTSService
@@ -112,6 +113,11 @@ async def run_turns(tts, *steps, sample_rate: int = 24000, head: FrameLog | None
     params = PipelineParams(audio_out_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True)
     await run_worker([head or FrameLog(clock), tts, sink], feed, params)
     return sink
+
+
+def test_token_aggregation_is_refused_because_every_token_would_be_a_segment():
+    with pytest.raises(ValueError, match="SENTENCE"):
+        MagpieTTSService(text_aggregation_mode=TextAggregationMode.TOKEN)
 
 
 async def test_a_turns_first_sentence_is_streamed_and_the_rest_batched(start_tts_server):
@@ -264,6 +270,30 @@ async def test_text_outside_a_turn_is_spoken_and_its_context_ends(start_tts_serv
 
     sink = await run_turns(tts, [TextFrame("".join(SENTENCES[:2]))], count_open_contexts)
     assert sink.of(TTSAudioRawFrame) and len(sink.of(TTSStoppedFrame)) == 1
+    assert open_contexts == [0]
+
+
+async def test_a_barge_in_while_a_sentence_waits_to_be_sent_cancels_it_on_the_server(start_tts_server):
+    """A send waits for the socket when the server reads slowly; a barge-in that lands
+    then finds the sentence already on its way, and the server must still be told."""
+    server = await start_tts_server()
+    requests = record_speak(server)
+    tts = MagpieTTSService(url=server_url(server))
+    open_contexts = []
+
+    async def interrupt_a_waiting_send(sink):
+        tts._websocket.pause_writing()  # what a full send buffer does
+        for frame in _turn([UNFINISHED]):
+            await tts.queue_frame(frame)
+        while not requests:
+            await asyncio.sleep(0.01)
+        await tts.queue_frame(InterruptionFrame())
+        await asyncio.sleep(0.2)
+        tts._websocket.resume_writing()
+        await asyncio.sleep(1.0)
+        open_contexts.extend(len(s.contexts) for s in server.engine._sessions.values())
+
+    await run_turns(tts, interrupt_a_waiting_send)
     assert open_contexts == [0]
 
 
