@@ -76,6 +76,21 @@ def whole_vocabulary_grammar(llm, grammar: str):
     return chain
 
 
+class WithLogprobs:
+    """A sampler that also works out each chosen token's log probability and ``top``
+    alternatives', as the engine does for a request that asks for ``logprobs``."""
+
+    def __init__(self, engine: LLMEngine, sampler, top: int):
+        self._engine = engine
+        self._sampler = sampler
+        self._top = top
+
+    def sample(self, ctx, idx: int) -> int:
+        token = self._sampler.sample(ctx, idx)
+        self._engine._token_logprob(token, self._top)
+        return token
+
+
 def cases(llm) -> list[tuple[str, object]]:
     """(name, sampler) pairs, each sampler fresh."""
     engine = {k: LLMEngine(llm, top_k=k) for k in (0, 40)}
@@ -86,6 +101,10 @@ def cases(llm) -> list[tuple[str, object]]:
     return [
         ("greedy, llama.cpp's greedy sampler (before)", sampler_chain(Sampling(), **chain_settings)),
         ("greedy", engine[40]._sampler(ChatRequest(PROMPT))),
+        (
+            "greedy, log probabilities with 5 alternatives",
+            WithLogprobs(engine[40], engine[40]._sampler(ChatRequest(PROMPT)), 5),
+        ),
         ("top_p 0.95, T 0.8, no top_k (before)", engine[0]._sampler(ChatRequest(PROMPT, sampling=sampled))),
         ("top_p 0.95, T 0.8, top_k 40", engine[40]._sampler(ChatRequest(PROMPT, sampling=sampled))),
         (

@@ -12,6 +12,7 @@ back, so keeping the cached history append-only is what makes the reuse work for
 from __future__ import annotations
 
 import codecs
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +22,8 @@ from loguru import logger
 
 from servers.common.engine import WorkSignal
 from servers.llm.chat import THINK_CLOSE, ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
-from servers.llm.sampling import Sampling, sampler_chain, token_sampler
+from servers.llm.logprobs import TokenLogprob, token_logprob
+from servers.llm.sampling import Sampling, logits_at, sampler_chain, token_sampler
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
 from servers.llm.structured import ConstrainedSampler, Grammar
 from servers.llm.tool_grammar import tool_call_form
@@ -47,6 +49,9 @@ class ChatRequest:
     grammar: Grammar | None = None
     """What the answer must match (structured output, a forced tool call); one request's,
     it keeps its state."""
+    top_logprobs: int | None = None
+    """None: no log probabilities; else each generated token's, with this many likeliest
+    alternatives (reasoning and tool-call tokens included; the end-of-turn token not)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,9 @@ class Usage:
 class LlmDelta:
     content: str = ""
     reasoning: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens generated since the last delta (their text may have been held back
+    until now, or be in a later delta)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class _Generation:
     """The last token's text ended a line."""
     forced: list[int] = field(default_factory=list)
     """Tokens to say next instead of sampling (the close of a reasoning over its limit)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Log probabilities of tokens not yet sent (if the request asks for them)."""
 
 
 @dataclass(frozen=True)
@@ -471,6 +481,8 @@ class LLMEngine(WorkSignal):
             if llama_vocab_is_eog(llm._model.vocab, token):
                 self._finish(generation, "stop")
                 return produced
+            if generation.request.top_logprobs is not None:
+                generation.logprobs.append(self._token_logprob(token, generation.request.top_logprobs))
             if generation.splitter.in_reasoning:
                 generation.reasoning_tokens += 1
             said = generation.decoder.decode(token_bytes(llm, token))
@@ -489,6 +501,12 @@ class LLMEngine(WorkSignal):
                 return produced
         return produced
 
+    def _token_logprob(self, token: int, top: int) -> TokenLogprob:
+        """``token``'s log probability under the logits it was chosen from (before it is
+        evaluated), with the ``top`` likeliest tokens'."""
+        llm = self._llm
+        return token_logprob(logits_at(llm._ctx, -1, llm.n_vocab()), token, top, functools.partial(token_bytes, llm))
+
     @staticmethod
     def _reasoning_over(generation: _Generation) -> bool:
         """The reasoning has had its tokens: it ends at the next line's end, or once a tenth
@@ -499,16 +517,19 @@ class LLMEngine(WorkSignal):
         over = generation.reasoning_tokens - limit
         return over >= 0 and (generation.at_line_end or over >= limit // 10)
 
-    def _send(self, generation: _Generation, content: str, reasoning: str) -> None:
+    def _send(self, generation: _Generation, content: str, reasoning: str, *, last: bool = False) -> None:
+        """Text as it is decided, with the log probabilities of the tokens so far (the last
+        delta carries any left, text or not)."""
         generation.content += content
-        if content or reasoning:
-            generation.sink(LlmDelta(content=content, reasoning=reasoning))
+        if content or reasoning or (last and generation.logprobs):
+            logprobs, generation.logprobs = tuple(generation.logprobs), []
+            generation.sink(LlmDelta(content=content, reasoning=reasoning, logprobs=logprobs))
 
     def _finish(self, generation: _Generation, reason: str, error: str | None = None) -> None:
         held = generation.stop.push(generation.decoder.decode(b"", final=True)) + generation.stop.flush()
         last = generation.splitter.push(held)
         rest = generation.splitter.finish()
-        self._send(generation, last.content + rest.content, last.reasoning + rest.reasoning)
+        self._send(generation, last.content + rest.content, last.reasoning + rest.reasoning, last=True)
         calls = tuple(generation.splitter.tool_calls)
         if reason == "stop" and calls:
             reason = "tool_calls"

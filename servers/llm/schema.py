@@ -2,9 +2,8 @@
 
 Unknown fields are accepted and ignored, as other OpenAI-compatible servers do, so that
 stock clients (Pipecat's ``OpenAILLMService``, the ``openai`` package) work unchanged.
-Known fields asking for what the server cannot do (several choices, log
-probabilities, images) are refused rather than ignored, since ignoring them would
-answer something else than was asked.
+Known fields asking for what the server cannot do (several choices, images) are refused
+rather than ignored, since ignoring them would answer something else than was asked.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from servers.llm.logprobs import MAX_TOP_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
@@ -55,6 +56,7 @@ class ChatCompletionRequest(BaseModel):
     """Token ids (as JSON keys: text) to the bias added to their logits."""
     seed: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     response_format: dict[str, Any] | None = None
@@ -92,12 +94,16 @@ class ChatCompletionRequest(BaseModel):
         """Several tool calls may answer (unless ``parallel_tool_calls`` is false)."""
         return self.parallel_tool_calls is not False
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_log_probabilities(cls, logprobs: bool | None) -> bool | None:
-        if logprobs:
-            raise ValueError("log probabilities are not supported")
-        return logprobs
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: logprobs must be true to ask for them")
+        return self
+
+    @property
+    def logprobs_alternatives(self) -> int | None:
+        """How many alternatives to list per token; None: no log probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _structured_output_alone(self) -> ChatCompletionRequest:

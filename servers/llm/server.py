@@ -25,6 +25,7 @@ from servers.common.loading import BackgroundLoad, Driver, LoadingServer
 from servers.llm.chat import PromptRejected
 from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
+from servers.llm.logprobs import openai_logprobs
 from servers.llm.metrics import LlmMetrics
 from servers.llm.model import load_llama, resolve_source
 from servers.llm.sampling import Sampling, SamplingRejected
@@ -182,7 +183,7 @@ class LlmServer(LoadingServer):
         try:
             if body.stream:
                 return await self._stream(request, events, completion, body)
-            return await self._collect(events, completion)
+            return await self._collect(events, completion, body)
         finally:
             # A client that went away (or any failure here) must not keep the GPU busy.
             engine.cancel(rid)
@@ -210,7 +211,8 @@ class LlmServer(LoadingServer):
                 delta = {"content": event.content} if event.content else {}
                 if event.reasoning:
                     delta["reasoning_content"] = event.reasoning
-                await _send_event(response, completion.chunk(delta))
+                logprobs = openai_logprobs(list(event.logprobs)) if event.logprobs else None
+                await _send_event(response, completion.chunk(delta, logprobs=logprobs))
                 continue
             failure = self._failure(event)
             if failure is not None:
@@ -229,14 +231,15 @@ class LlmServer(LoadingServer):
             await response.write_eof()
             return
 
-    async def _collect(self, events: asyncio.Queue, completion: _Completion) -> web.Response:
-        content, reasoning = [], []
+    async def _collect(self, events: asyncio.Queue, completion: _Completion, body) -> web.Response:
+        content, reasoning, logprobs = [], [], []
         while True:
             event = await events.get()
             if isinstance(event, LlmDelta):
                 self._observe_first_text(completion)
                 content.append(event.content)
                 reasoning.append(event.reasoning)
+                logprobs.extend(event.logprobs)
                 continue
             failure = self._failure(event)
             if failure is not None:
@@ -246,7 +249,12 @@ class LlmServer(LoadingServer):
                 message["reasoning_content"] = "".join(reasoning)
             if event.tool_calls:
                 message["tool_calls"] = [call.as_openai() for call in event.tool_calls]
-            choice = {"index": 0, "message": message, "finish_reason": event.finish_reason}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": openai_logprobs(logprobs) if body.logprobs else None,
+                "finish_reason": event.finish_reason,
+            }
             return web.json_response(
                 {**completion.header("chat.completion"), "choices": [choice], "usage": _usage(event)}
             )
@@ -292,8 +300,9 @@ class _Completion:
     def chunk_header(self) -> dict:
         return self.header("chat.completion.chunk")
 
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
-        return {**self.chunk_header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    def chunk(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {**self.chunk_header(), "choices": [choice]}
 
 
 def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar | None:
@@ -337,6 +346,7 @@ def _chat_request(body: ChatCompletionRequest, grammar: Grammar | None) -> ChatR
         enable_thinking=body.enable_thinking,
         max_thinking_tokens=body.nvext.max_thinking_tokens if body.nvext else None,
         grammar=grammar,
+        top_logprobs=body.logprobs_alternatives,
     )
 
 
