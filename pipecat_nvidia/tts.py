@@ -11,6 +11,7 @@ for it is dropped.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -107,6 +108,8 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         self._segments_sent: dict[str, int] = {}
         """Segments sent per context (turn) the server still owes audio or its ``done``."""
         self._owed_contexts_task: asyncio.Task | None = None
+        self._awaiting_first_audio: tuple[str, float] | None = None
+        """The context whose first audio the running TTFB waits for, and when it began."""
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -127,11 +130,27 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         await super().cleanup()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
-        if isinstance(frame, InterruptionFrame):
-            # Pipecat stops every metric on an interruption, which would report a turn cut
-            # before its first audio with the wait until the user spoke as its TTFB.
-            await self.cancel_ttfb_metrics()
+        if not isinstance(frame, InterruptionFrame):
+            await super().process_frame(frame, direction)
+            return
+        # Pipecat stops every metric on an interruption, which would report a turn cut
+        # before its first audio with the wait until the user spoke as its TTFB.
+        awaiting = self._awaiting_first_audio
+        await self.cancel_ttfb_metrics()
         await super().process_frame(frame, direction)
+        if awaiting is not None and self.audio_context_available(awaiting[0]):
+            # An uninterruptible turn survives the interruption and still owes its first audio.
+            self._awaiting_first_audio = awaiting
+            await self.start_ttfb_metrics(start_time=awaiting[1])
+
+    async def create_audio_context(self, context_id: str):
+        """Pipecat starts a turn's TTFB as it opens the turn's context."""
+        await super().create_audio_context(context_id)
+        self._awaiting_first_audio = (context_id, time.time())
+
+    async def stop_ttfb_metrics(self, *, end_time: float | None = None):
+        self._awaiting_first_audio = None
+        await super().stop_ttfb_metrics(end_time=end_time)
 
     async def _keep_owed_contexts_open(self):
         """Pipecat ends an audio context that gets nothing for ``stop_frame_timeout_s``

@@ -17,6 +17,7 @@ from pipecat.frames.frames import (
     MetricsFrame,
     TextFrame,
     TTSAudioRawFrame,
+    TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
 )
@@ -198,6 +199,29 @@ async def test_a_barge_in_before_the_first_audio_reports_no_ttfb(start_tts_serve
     reported = [d for e in sink.of(MetricsFrame) for d in e.frame.data if d.model == server.settings.model]
     ttfb = [d.value for d in reported if isinstance(d, TTFBMetricsData)]
     assert len(ttfb) == 1, f"only the turn that was heard has a TTFB: {ttfb}"
+
+
+async def test_an_uninterruptible_sentence_barged_in_before_its_first_audio_keeps_its_ttfb(start_tts_server):
+    """It is spoken whole, so its time to first audio is still measured, from its text."""
+    server = await start_tts_server()
+    slow_down(server, 0.1)
+    tts = MagpieTTSService(url=server_url(server), settings=MagpieTTSService.Settings(mode="stream"))
+
+    async def speak_then_interrupt_at_once(sink):
+        greeting = TTSSpeakFrame("Welcome, this greeting is always heard whole. ")
+        greeting.interruptible = False
+        await tts.queue_frame(greeting)
+        await asyncio.sleep(0.15)
+        assert not sink.of(TTSAudioRawFrame)
+        await tts.queue_frame(InterruptionFrame())
+        while not sink.of(TTSStoppedFrame):
+            await asyncio.sleep(0.02)
+
+    sink = await run_turns(tts, speak_then_interrupt_at_once)
+    reported = [d for e in sink.of(MetricsFrame) for d in e.frame.data if d.model == server.settings.model]
+    ttfb = [d.value for d in reported if isinstance(d, TTFBMetricsData)]
+    first_audio = sink.of(TTSAudioRawFrame)[0].t - sink.of(TTSStartedFrame)[0].t
+    assert len(ttfb) == 1 and ttfb[0] == pytest.approx(first_audio, abs=0.05)
 
 
 async def test_the_service_reconnects_when_the_server_restarts(start_tts_server):
