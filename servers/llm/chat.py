@@ -170,7 +170,8 @@ class OutputSplitter:
         reasoning: bool = False,
     ):
         """``in_reasoning``: the prompt itself opened a ``<think>`` block; ``tools``: the
-        request's, whose schemas type the calls' parameters; ``verbatim``: the answer is all
+        request's, whose schemas type the calls' parameters (a call of any other, or of
+        any tool when it has none, is dropped); ``verbatim``: the answer is all
         content (JSON held to a grammar, where a tag is only text inside a string), from
         the start or, with ``reasoning`` on, from the end of the reasoning."""
         self._tools = tools
@@ -181,8 +182,10 @@ class OutputSplitter:
         self._trim = False
         """Drop the whitespace a model writes between its reasoning and its answer."""
         self._call_body = ""
+        self._tool_names = {(tool.get("function") or {}).get("name") for tool in tools or ()}
         self.tool_calls: list[ToolCall] = []
-        self.malformed_calls: list[str] = []
+        self.dropped_calls: list[str] = []
+        """Calls not passed on: malformed, or of a tool the request does not offer."""
 
     @property
     def in_reasoning(self) -> bool:
@@ -248,9 +251,15 @@ class OutputSplitter:
         call = parse_tool_call(self._call_body, self._tools)
         if call is None:
             logger.warning(f"The model's tool call is malformed and was dropped: {self._call_body!r}")
-            self.malformed_calls.append(self._call_body)
+        elif call.name not in self._tool_names:
+            # A model may call a tool it saw earlier in the conversation, or none was
+            # offered (tool_choice "none"): a client cannot run it.
+            logger.warning(f"The model called {call.name!r}, a tool the request does not offer; dropped")
         else:
             self.tool_calls.append(call)
+            self._call_body = ""
+            return
+        self.dropped_calls.append(self._call_body)
         self._call_body = ""
 
 

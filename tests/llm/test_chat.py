@@ -21,9 +21,14 @@ def test_plain_text_streams_through():
     assert split(["Hello ", "there."])[0] == "Hello there."
 
 
+def _tools(*names: str) -> list[dict]:
+    return [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}} for name in names]
+
+
 def test_a_tool_call_is_held_back_and_parsed():
     content, _, splitter = split(
-        ['Sure. <tool_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>']
+        ['Sure. <tool_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>'],
+        tools=_tools("get_weather"),
     )
     assert content == "Sure. "
     [call] = splitter.tool_calls
@@ -31,7 +36,9 @@ def test_a_tool_call_is_held_back_and_parsed():
 
 
 def test_a_tag_split_across_pushes_is_never_spoken():
-    content, _, splitter = split(["ok <tool", "_ca", 'll>{"name": "f", "arguments": {}}</tool_', "call> done"])
+    content, _, splitter = split(
+        ["ok <tool", "_ca", 'll>{"name": "f", "arguments": {}}</tool_', "call> done"], tools=_tools("f")
+    )
     assert content == "ok  done"
     assert [c.name for c in splitter.tool_calls] == ["f"]
 
@@ -122,11 +129,18 @@ def test_a_malformed_call_is_reported_not_spoken(body):
     warnings: list = []
     sink = logger.add(warnings.append, level="WARNING", format="{message}")
     try:
-        content, _, splitter = split([f"x<tool_call>{body}</tool_call>y"])
+        content, _, splitter = split([f"x<tool_call>{body}</tool_call>y"], tools=_tools("f"))
     finally:
         logger.remove(sink)
-    assert content == "xy" and not splitter.tool_calls and splitter.malformed_calls == [body]
+    assert content == "xy" and not splitter.tool_calls and splitter.dropped_calls == [body]
     assert len(warnings) == 1 and "malformed" in warnings[0] and repr(body) in warnings[0]
+
+
+@pytest.mark.parametrize("tools", [None, _tools("get_weather")], ids=["no tools", "other tools"])
+def test_a_call_of_a_tool_the_request_does_not_offer_is_dropped(tools):
+    body = '{"name": "delete_everything", "arguments": {}}'
+    content, _, splitter = split([f"x<tool_call>{body}</tool_call>y"], tools=tools)
+    assert content == "xy" and not splitter.tool_calls and splitter.dropped_calls == [body]
 
 
 def test_reasoning_is_kept_out_of_the_content():
