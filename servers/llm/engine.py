@@ -231,7 +231,7 @@ class LLMEngine(WorkSignal):
         )
         sampler = self._sampler(request)
         with self._work:
-            if len(self._queue) >= self.max_queued:
+            if self._waiting_with_one_more_locked() > self.max_queued:
                 raise OverflowError(f"{self.max_queued} requests are already waiting")
             prompt = self._tokenize(prompt_text)
             if len(prompt) >= self.context_size:
@@ -262,12 +262,23 @@ class LLMEngine(WorkSignal):
         self._cancel(lambda generation: True)
 
     def _cancel(self, which: Callable[[_Generation], bool]) -> None:
+        """A waiting request leaves the queue at once (a client that is gone keeps no place
+        in it); the running one stops at its next token."""
         with self._lock:
-            for generation in [*self._queue, *([self._active] if self._active else [])]:
-                if which(generation):
-                    generation.cancelled = True
+            unstarted = [generation for generation in self._queue if which(generation)]
+            self._queue = deque(generation for generation in self._queue if not which(generation))
+            if self._active is not None and which(self._active):
+                self._active.cancelled = True
+        for generation in unstarted:
+            self._finish_unstarted(generation)
 
     # ------------------------------------------------------------------ stepping (one thread)
+
+    def _waiting_with_one_more_locked(self) -> int:
+        """Requests that would wait for the running one with a new one added (with none
+        running, the next to run does not wait)."""
+        waiting = len(self._queue) + 1
+        return waiting if self._active is not None else waiting - 1
 
     def _has_work_locked(self) -> bool:
         return self._active is not None or bool(self._queue)
@@ -279,9 +290,10 @@ class LLMEngine(WorkSignal):
 
     def queue_state(self) -> LlmQueueState:
         with self._lock:
-            active = self._active
+            # A cancelled answer ends at its next unit: the request behind it is what waits.
+            active = self._active if self._active is not None and not self._active.cancelled else None
             first = (active is not None and not active.tokens) or (active is None and bool(self._queue))
-            return LlmQueueState(first_pending=first, generating=active is not None or bool(self._queue))
+            return LlmQueueState(first_pending=first, generating=self._active is not None or bool(self._queue))
 
     def step(self, budget_s: float | None = None) -> LlmStepStats | None:
         """One unit of work for the current request (None if there was nothing to do).
@@ -292,8 +304,6 @@ class LLMEngine(WorkSignal):
         started = time.perf_counter()
         with self._lock:
             if self._active is None:
-                while self._queue and self._queue[0].cancelled:
-                    self._finish_unstarted(self._queue.popleft())
                 if not self._queue:
                     return None
                 self._active = self._queue.popleft()

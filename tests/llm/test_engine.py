@@ -156,6 +156,42 @@ def test_a_cancelled_queued_request_never_runs(tiny_llm_path):
     assert [type(e) for e in second] == [LlmFinished] and second[0].finish_reason == "cancelled"
 
 
+def test_max_queued_counts_the_requests_waiting_behind_the_running_one(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, max_queued=1)
+    ask = ChatRequest(QUESTION, max_tokens=50)
+    engine.submit(ask, lambda event: None)
+    engine.submit(ask, lambda event: None)
+    with pytest.raises(OverflowError):
+        engine.submit(ask, lambda event: None)
+    engine.step()
+    with pytest.raises(OverflowError):
+        engine.submit(ask, lambda event: None)
+
+
+def test_an_idle_engine_takes_a_request_even_with_no_room_to_wait(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, max_queued=0)
+    engine.submit(ChatRequest(QUESTION, max_tokens=5), lambda event: None)
+    with pytest.raises(OverflowError):
+        engine.submit(ChatRequest(QUESTION, max_tokens=5), lambda event: None)
+
+
+def test_a_cancelled_waiting_request_leaves_its_place(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, max_queued=1)
+    engine.submit(ChatRequest(QUESTION, max_tokens=50), lambda event: None)
+    engine.step()
+    engine.cancel(engine.submit(ChatRequest(QUESTION, max_tokens=5), lambda event: None))
+    engine.submit(ChatRequest(QUESTION, max_tokens=5), lambda event: None)
+
+
+def test_the_turn_after_a_barge_in_is_urgent_while_the_cut_answer_ends(tiny_llm_path):
+    engine = make_engine(tiny_llm_path)
+    cut = engine.submit(ChatRequest(QUESTION, max_tokens=50), lambda event: None)
+    engine.step()
+    engine.cancel(cut)
+    engine.submit(ChatRequest(QUESTION, max_tokens=5), lambda event: None)
+    assert engine.queue_state().first_pending
+
+
 def test_reasoning_is_off_unless_asked_for(tiny_llm_path):
     engine = make_engine(tiny_llm_path)
     assert engine.template.render(QUESTION).endswith("<think>\n\n</think>\n\n")
