@@ -55,6 +55,16 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class PreparedRequest:
+    """A request rendered and tokenized, ready to queue (``LLMEngine.prepare``)."""
+
+    request: ChatRequest
+    prompt_text: str
+    prompt: list[int]
+    sampler: object
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     cached_tokens: int
@@ -224,21 +234,32 @@ class LLMEngine(WorkSignal):
 
     # ------------------------------------------------------------------ requests (any thread)
 
-    def submit(self, request: ChatRequest, sink: Sink) -> int:
-        """Queue a chat completion; ``sink`` gets its deltas and then one ``LlmFinished``."""
+    def prepare(self, request: ChatRequest) -> PreparedRequest:
+        """Render and tokenize a request, without the engine's lock: megabytes of text take
+        seconds, which must hold up neither the stepping thread nor a server's event loop.
+        Raises ``ContextOverflow``, ``PromptRejected`` or ``SamplingRejected``."""
         prompt_text = self.template.render(
             request.messages, tools=request.tools, enable_thinking=request.enable_thinking
         )
         sampler = self._sampler(request)
+        prompt = self._tokenize(prompt_text)
+        if len(prompt) >= self.context_size:
+            raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.context_size}")
+        return PreparedRequest(request, prompt_text, prompt, sampler)
+
+    def submit(self, request: ChatRequest | PreparedRequest, sink: Sink) -> int:
+        """Queue a chat completion (prepared here if it is not yet); ``sink`` gets its deltas
+        and then one ``LlmFinished``. Raises ``OverflowError`` when too many wait."""
+        prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        request, prompt_text = prepared.request, prepared.prompt_text
         with self._work:
             if self._waiting_with_one_more_locked() > self.max_queued:
                 raise OverflowError(f"{self.max_queued} requests are already waiting")
-            prompt = self._tokenize(prompt_text)
-            if len(prompt) >= self.context_size:
-                raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.context_size}")
             rid = self._next_rid
             self._next_rid += 1
-            generation = _Generation(rid, request, sink, prompt, prompt_text, time.monotonic(), sampler=sampler)
+            generation = _Generation(
+                rid, request, sink, prepared.prompt, prompt_text, time.monotonic(), sampler=prepared.sampler
+            )
             generation.stop = StopMatcher(request.stop)
             generation.reasoning_limit = (
                 self.default_max_thinking_tokens if request.max_thinking_tokens is None else request.max_thinking_tokens

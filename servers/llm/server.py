@@ -167,9 +167,8 @@ class LlmServer(LoadingServer):
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
-            rid = engine.submit(
-                _chat_request(body, grammar), lambda event: loop.call_soon_threadsafe(self._deliver, events, event)
-            )
+            prepared = await asyncio.to_thread(engine.prepare, _chat_request(body, grammar))
+            rid = engine.submit(prepared, lambda event: loop.call_soon_threadsafe(self._deliver, events, event))
         except ContextOverflow as e:
             return self._refuse(HTTPStatus.BAD_REQUEST, "context_length_exceeded", str(e))
         except (PromptRejected, SamplingRejected) as e:

@@ -226,6 +226,26 @@ async def test_a_body_over_the_size_limit_gets_a_json_error(start_llm_server):
             assert (await response.json())["error"]["code"] == "too_large"
 
 
+async def test_the_server_answers_others_while_it_reads_a_huge_prompt(start_llm_server):
+    """Rendering and tokenizing megabytes of text takes seconds, off the event loop."""
+    server = await start_llm_server()
+    body = json.dumps({"messages": [{"role": "user", "content": "hello world " * 300_000}]}).encode()
+    finished = []
+    async with aiohttp.ClientSession() as http:
+
+        async def post_huge():
+            async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", data=body) as response:
+                finished.append(("huge", response.status))
+
+        async def get_health():
+            await asyncio.sleep(0.3)
+            async with http.get(f"http://127.0.0.1:{server.port}/health") as response:
+                finished.append(("health", response.status))
+
+        await asyncio.gather(post_huge(), get_health())
+    assert finished == [("health", 200), ("huge", 400)]
+
+
 async def test_tool_choice_none_drops_the_tools(start_llm_server):
     server = await start_llm_server()
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
