@@ -40,7 +40,7 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     """False: the answer ends after its first tool call."""
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -58,7 +58,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stop: str | list[str] | None = None
-    n: Literal[1] = 1
+    n: Literal[1] | None = None
     response_format: dict[str, Any] | None = None
     """Its grammar is made off the event loop by the server (large schemas take seconds)."""
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -76,6 +76,20 @@ class ChatCompletionRequest(BaseModel):
             {**m, "content": _text_of(m["content"], i)} if isinstance(m.get("content"), list) else m
             for i, m in enumerate(messages)
         ]
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_functions(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(tools or ()):
+            function = tool.get("function")
+            if not (
+                isinstance(function, dict)
+                and isinstance(function.get("name"), str)
+                and function["name"]
+                and isinstance(function.get("parameters") or {}, dict)
+            ):
+                raise ValueError(f"tool {i} needs a function with a name (and its parameters as an object)")
+        return tools
 
     @field_validator("tool_choice")
     @classmethod
@@ -112,6 +126,10 @@ class ChatCompletionRequest(BaseModel):
         if self.tools and self.tool_choice != "none":
             raise ValueError("response_format: JSON answers and tools cannot be asked for together")
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def enable_thinking(self) -> bool:

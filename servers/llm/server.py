@@ -57,6 +57,8 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
 
 _OPENAI_ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "invalid_request_error",
+    HTTPStatus.NOT_FOUND: "invalid_request_error",
+    HTTPStatus.METHOD_NOT_ALLOWED: "invalid_request_error",
     HTTPStatus.UNAUTHORIZED: "authentication_error",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "invalid_request_error",
     HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_error",
@@ -93,7 +95,9 @@ class LlmServer(LoadingServer):
         return self._site._server.sockets[0].getsockname()[1]
 
     async def listen(self) -> None:
-        app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._auth])
+        app = web.Application(
+            client_max_size=self.settings.max_message_bytes, middlewares=[self._json_errors, self._auth]
+        )
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
@@ -114,6 +118,18 @@ class LlmServer(LoadingServer):
         await self._loading.stop()
 
     # ------------------------------------------------------------------ HTTP
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler):
+        """OpenAI's clients read an error from its JSON: a path or method the API lacks is
+        answered with one too."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400 or not request.path.startswith("/v1/"):
+                raise
+            status = HTTPStatus(e.status)
+            return error_response(status, status.name.lower(), f"{request.method} {request.path}: {e.reason}")
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -178,7 +194,7 @@ class LlmServer(LoadingServer):
         except OverflowError as e:
             return self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "busy", str(e))
         self.metrics.active.inc()
-        completion = _Completion(body.model or self.settings.model, time.monotonic())
+        completion = _Completion(body.model or self.settings.model, time.monotonic(), body.include_usage)
         try:
             if body.stream:
                 return await self._stream(request, events, completion, body)
@@ -224,7 +240,7 @@ class LlmServer(LoadingServer):
             for i, call in enumerate(event.tool_calls):
                 await _send_event(response, completion.chunk({"tool_calls": [{"index": i, **call.as_openai()}]}))
             await _send_event(response, completion.chunk({}, finish_reason=event.finish_reason))
-            if body.stream_options is not None and body.stream_options.include_usage:
+            if body.include_usage:
                 await _send_event(response, {**completion.chunk_header(), "choices": [], "usage": _usage(event)})
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -243,7 +259,8 @@ class LlmServer(LoadingServer):
             failure = self._failure(event)
             if failure is not None:
                 return error_response(*failure)
-            message = {"role": "assistant", "content": "".join(content)}
+            # As OpenAI answers a reply that only calls tools: no content at all.
+            message = {"role": "assistant", "content": "".join(content) or (None if event.tool_calls else "")}
             if any(reasoning):
                 message["reasoning_content"] = "".join(reasoning)
             if event.tool_calls:
@@ -286,11 +303,13 @@ class LlmServer(LoadingServer):
 class _Completion:
     """The identity every chunk of one completion repeats."""
 
-    def __init__(self, model: str, started: float):
+    def __init__(self, model: str, started: float, include_usage: bool = False):
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model
         self.started = started
+        self.include_usage = include_usage
+        """Every chunk has ``usage`` (null but the last), as OpenAI streams it when asked."""
         self.first_text_seen = False
 
     def header(self, kind: str) -> dict:
@@ -301,7 +320,7 @@ class _Completion:
 
     def chunk(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**self.chunk_header(), "choices": [choice]}
+        return {**self.chunk_header(), "choices": [choice], **({"usage": None} if self.include_usage else {})}
 
 
 def _answer_grammar(body: ChatCompletionRequest, engine: LLMEngine) -> Grammar | None:

@@ -49,10 +49,8 @@ def tool_call_grammar(tools: list[dict], form: ToolCallForm, *, several: bool) -
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     calls = []
     for i, tool in enumerate(tools):
-        function = tool.get("function") or {}
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tool {i} has no function name")
+        function = tool["function"]
+        name = function["name"]
         parameters = copy.deepcopy(function.get("parameters") or {"type": "object", "properties": {}})
         try:
             check_counts(parameters)

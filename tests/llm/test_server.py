@@ -78,6 +78,12 @@ def _schema(schema: dict) -> dict:
         (json.dumps({"messages": QUESTION, "stop": [""]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "stop": [str(i) for i in range(17)]}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "tool_choice": "required"}).encode(), "invalid_request"),
+        (
+            json.dumps(
+                {"messages": QUESTION, "tools": [{"type": "function", "function": "x"}], "tool_choice": "required"}
+            ).encode(),
+            "invalid_request",
+        ),
         (json.dumps({"messages": QUESTION, "top_logprobs": 2}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}).encode(), "invalid_request"),
         (json.dumps({"messages": QUESTION, "presence_penalty": 2.5}).encode(), "invalid_request"),
@@ -244,6 +250,52 @@ async def test_the_server_answers_others_while_it_reads_a_huge_prompt(start_llm_
 
         await asyncio.gather(post_huge(), get_health())
     assert finished == [("health", 200), ("huge", 400)]
+
+
+async def _sse_events(server, body: dict) -> list:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            text = await response.text()
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+async def test_with_include_usage_every_chunk_has_usage_null_but_the_last(start_llm_server):
+    server = await start_llm_server()
+    body = {"messages": QUESTION, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    events = await _sse_events(server, body)
+    assert all("usage" in e and e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+
+
+async def test_null_for_n_and_stream_is_their_default(start_llm_server):
+    server = await start_llm_server()
+    body = {"messages": QUESTION, "max_tokens": 2, "n": None, "stream": None}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.port}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            answer = await response.json()
+    assert answer["object"] == "chat.completion" and len(answer["choices"]) == 1
+
+
+async def test_a_reply_that_only_calls_tools_has_null_content(start_llm_server, tmp_path):
+    script = ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>']
+    server = await start_llm_server(model=str(write_scripted_llama_gguf(tmp_path / "tools.gguf", script)))
+    reply = await client(server).chat.completions.create(model="m", messages=QUESTION, tools=[WEATHER_TOOL])
+    message = reply.choices[0].message
+    assert message.content is None and [c.function.name for c in message.tool_calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)]
+)
+async def test_a_path_or_method_the_api_lacks_gets_an_openai_error(start_llm_server, method, path, status):
+    server = await start_llm_server()
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, f"http://127.0.0.1:{server.port}{path}") as response:
+            assert response.status == status
+            error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error" and path in error["message"]
 
 
 async def test_tool_choice_none_drops_the_tools(start_llm_server):
