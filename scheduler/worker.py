@@ -9,6 +9,7 @@ or, when the policy holds a unit for an ASR chunk, until the chunk is due.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict, deque
@@ -25,6 +26,16 @@ from servers.common.metrics import LATENCY_BUCKETS
 IDLE_TICK_S = 0.02
 EXPECTED_FROM_LAST = 32
 """A unit kind's expected duration is the 90th percentile of its last this many runs."""
+SIT_OUT_AFTER_FAILURE_S = 1.0
+"""A model whose unit raised is left out of the decisions this long: the others run
+meanwhile (the policy would choose it again at once), and its error is logged about once
+a second, not once a loop."""
+NOTHING_TO_DO = {
+    "asr": {"asr_ready": False, "asr_due_s": None},
+    "llm": {"llm_first_pending": False, "llm_generating": False},
+    "tts": {"tts_first_pending": False, "tts_has_work": False, "tts_min_ahead_s": None, "tts_text_ahead_s": None},
+}
+"""The queue state's fields that, so set, show a model with no work."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,7 @@ class GpuScheduler:
         self._asr_waited = 0
         self.max_asr_wait_units = 0
         """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
+        self._sitting_out_until: dict[str, float] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -157,8 +169,8 @@ class GpuScheduler:
     def run_once(self) -> Unit | None:
         """Choose and run one unit; None if none ran (nothing had work, or the chosen
         unit waits for an ASR chunk)."""
-        state = self.queue_state()
         now = time.monotonic()
+        state = self._without_models_sitting_out(self.queue_state(), now)
         self._note_waiting(state, now)
         decision = plan(state, self.expected_seconds(state), self.targets)
         unit = decision.unit
@@ -179,10 +191,14 @@ class GpuScheduler:
         else:
             self._asr_waited += int(state.asr_ready)
         started = time.monotonic()
-        if decision.budget_s is None:
-            stats = attached.engine.step()
-        else:
-            stats = attached.engine.step(budget_s=decision.budget_s)
+        try:
+            if decision.budget_s is None:
+                stats = attached.engine.step()
+            else:
+                stats = attached.engine.step(budget_s=decision.budget_s)
+        except Exception:
+            self._sitting_out_until[unit.model] = time.monotonic() + SIT_OUT_AFTER_FAILURE_S
+            raise
         seconds = time.monotonic() - started
         self.history.append(UnitRecord(unit, started, seconds))
         if decision.budget_s is None:  # a unit cut short says nothing of a whole one
@@ -194,6 +210,12 @@ class GpuScheduler:
                 self.metrics.deadline_misses.labels(model="asr").inc(misses)
         attached.on_step(stats)
         return unit
+
+    def _without_models_sitting_out(self, state: QueueState, now: float) -> QueueState:
+        for model, until in self._sitting_out_until.items():
+            if until > now:
+                state = dataclasses.replace(state, **NOTHING_TO_DO[model])
+        return state
 
     def _note_waiting(self, state: QueueState, now: float) -> None:
         has_work = {

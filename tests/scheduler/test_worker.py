@@ -103,3 +103,20 @@ def test_tts_steps_that_decode_audio_are_expected_to_take_longer():
     plain = scheduler.expected_seconds(QueueState(tts_next_decodes=False))[Unit.TTS]
     decoding = scheduler.expected_seconds(QueueState(tts_next_decodes=True))[Unit.TTS]
     assert plain < 0.015 < 0.025 < decoding
+
+
+class _FailingLlm(_BusyLlm):
+    def step(self, budget_s: float | None = None) -> None:
+        self.units += 1
+        raise RuntimeError("a bug in the unit")
+
+
+def test_a_model_whose_unit_raises_sits_out_a_while_and_the_others_run():
+    scheduler = GpuScheduler()
+    llm, tts = _FailingLlm(unit_s=0.0), _AlternatingTts()
+    scheduler.driver("llm")(llm, lambda stats: None)
+    scheduler.driver("tts")(tts, lambda stats: None)
+    time.sleep(1.5)
+    scheduler.stop()
+    assert 1 <= llm.units <= 2, "tried again after its time out, not at once"
+    assert tts.steps >= 20
