@@ -16,7 +16,7 @@ from pipecat.utils.errors import ErrorCategory
 from pydantic import BaseModel
 from websockets.protocol import State
 
-from pipecat_nvidia.protocol import ErrorCode, ErrorMessage, ProtocolError
+from pipecat_nvidia.protocol import PROTOCOL_VERSION, ErrorCode, ErrorMessage, ProtocolError
 
 ERROR_CATEGORIES: dict[ErrorCode, ErrorCategory] = {
     **dict.fromkeys(
@@ -100,7 +100,14 @@ class ServerConnection:
             except ProtocolError as e:
                 logger.warning(f"{self}: ignoring a message the protocol does not know ({e})")
                 continue
-            if message.type == "ready":
+            if message.type == "ready" and message.protocol_version != PROTOCOL_VERSION:
+                # Its messages would be misread: no retry or reconnect can fix that.
+                await self.push_error(
+                    f"{self}: the server at {self._url} speaks protocol version {message.protocol_version}; "
+                    f"this service speaks {PROTOCOL_VERSION}. Install matching versions of pipecat-nvidia.",
+                    force_treat_as_permanent=True,
+                )
+            elif message.type == "ready":
                 self._ready = message
                 self._settings.model = message.model
                 self._sync_model_name_to_metrics()

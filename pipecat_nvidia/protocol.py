@@ -21,10 +21,20 @@ ASR_SAMPLE_RATE = 16000
 
 
 class _Message(BaseModel):
+    """A client's message: the server refuses fields it does not know, so a typo is an
+    error rather than a setting silently left out."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+
+class _ServerMessage(_Message):
+    """A server's message: a client reads the fields it knows and passes over those a newer
+    server adds (a change that breaks old clients raises ``PROTOCOL_VERSION``)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
 
 
 class ErrorCode(str, Enum):
@@ -89,7 +99,7 @@ AsrClientMessage = Annotated[Union[AsrReset], Field(discriminator="type")]  # no
 # ASR: server -> client
 
 
-class AsrReady(_Message):
+class AsrReady(_ServerMessage):
     """Sent once per connection when the session can take audio."""
 
     type: Literal["ready"] = "ready"
@@ -111,7 +121,7 @@ class AsrReady(_Message):
     step_samples: int
 
 
-class AsrTranscript(_Message):
+class AsrTranscript(_ServerMessage):
     """The text of the current utterance: interim while it may change, final once."""
 
     type: Literal["transcript"] = "transcript"
@@ -131,7 +141,7 @@ class AsrTranscript(_Message):
     last audio byte for an interim, the reset for a final) to sending this message."""
 
 
-class ErrorMessage(_Message):
+class ErrorMessage(_ServerMessage):
     """Either server's error. TTS errors about one segment name its context and segment."""
 
     type: Literal["error"] = "error"
@@ -193,7 +203,7 @@ TtsClientMessage = Annotated[TtsSpeak | TtsFlush | TtsCancel, Field(discriminato
 # TTS: server -> client
 
 
-class TtsPreset(_Message):
+class TtsPreset(_ServerMessage):
     """How a streamed segment is cut into audio chunks."""
 
     first_frames: int
@@ -205,7 +215,7 @@ class TtsPreset(_Message):
     chunks join exactly, below it approximately."""
 
 
-class TtsReady(_Message):
+class TtsReady(_ServerMessage):
     type: Literal["ready"] = "ready"
     protocol_version: int = PROTOCOL_VERSION
     session_id: str
@@ -221,7 +231,7 @@ class TtsReady(_Message):
     default_preset: str
 
 
-class TtsAudio(_Message):
+class TtsAudio(_ServerMessage):
     """A piece of a segment's audio: mono signed 16-bit little-endian PCM."""
 
     type: Literal["audio"] = "audio"
@@ -240,7 +250,7 @@ class TtsAudio(_Message):
         return base64.b64decode(self.audio)
 
 
-class TtsSegmentDone(_Message):
+class TtsSegmentDone(_ServerMessage):
     type: Literal["segment_done"] = "segment_done"
     context_id: str
     segment_id: str
@@ -253,12 +263,12 @@ class TtsSegmentDone(_Message):
     """Whether the model ended the speech itself or the length cap did."""
 
 
-class TtsDone(_Message):
+class TtsDone(_ServerMessage):
     type: Literal["done"] = "done"
     context_id: str
 
 
-class TtsCancelled(_Message):
+class TtsCancelled(_ServerMessage):
     type: Literal["cancelled"] = "cancelled"
     context_id: str
 

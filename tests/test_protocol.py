@@ -29,6 +29,7 @@ def test_reset_defaults_to_finalize_with_no_trailing_silence():
         ('{"type": "reset", "trailing_silence_ms": Infinity}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "reset", "trailing_silence_ms": 1e9}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "reset", "finalize": "maybe"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "finalise": false}', ErrorCode.INVALID_MESSAGE),
     ],
 )
 def test_bad_client_messages_get_their_error_code(text, code):
@@ -55,3 +56,9 @@ def test_bad_client_messages_get_their_error_code(text, code):
 )
 def test_server_messages_round_trip(message):
     assert parse_asr_server_message(message.to_json()) == message
+
+
+def test_a_field_a_newer_server_adds_is_passed_over():
+    message = AsrTranscript(text="hi", is_final=False, utterance_id=0, audio_ms=160, latency_ms=3.0)
+    newer = message.to_json()[:-1] + ', "confidence": 0.9}'
+    assert parse_asr_server_message(newer) == message

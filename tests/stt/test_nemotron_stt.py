@@ -28,7 +28,10 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transcriptions.language import Language
 from pipecat.utils.errors import ErrorCategory
 
+from pipecat_nvidia.protocol import PROTOCOL_VERSION, AsrReady
 from pipecat_nvidia.stt import NemotronSTTService
+from servers.asr.config import AsrServerSettings
+from servers.asr.server import AsrServer
 from tests.asr.client import server_url
 from tests.pipeline import Clock, FrameLog, run_worker
 from tests.stt.harness import pcm_frames, run_pipeline, silence
@@ -294,6 +297,26 @@ async def test_a_refused_token_is_an_authentication_error_and_is_not_retried(sta
     errors = [e.frame for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
     assert [(e.category, "HTTP 401" in e.error) for e in errors] == [(ErrorCategory.AUTHENTICATION, True)], errors
     assert not stt.is_usable
+
+
+class _FutureAsrServer(AsrServer):
+    """A server of a later protocol version."""
+
+    def ready_message(self, engine, session_id: str) -> AsrReady:
+        return super().ready_message(engine, session_id).model_copy(update={"protocol_version": PROTOCOL_VERSION + 1})
+
+
+async def test_a_server_of_another_protocol_version_is_refused_not_misread(tiny_asr_path, speech_int16):
+    server = _FutureAsrServer(AsrServerSettings(model=str(tiny_asr_path), port=0, device="cpu"))
+    await server.start()
+    try:
+        stt = NemotronSTTService(url=server_url(server))
+        run = await run_pipeline(stt, _speech(speech_int16, (1.0, 2.0)), wait_ready=False)
+    finally:
+        await server.stop()
+    errors = [e.frame.error for e in run.head.of(ErrorFrame, FrameDirection.UPSTREAM)]
+    assert len(errors) == 1 and f"protocol version {PROTOCOL_VERSION + 1}" in errors[0]
+    assert stt.ready is None and not stt.is_usable and run.finals() == []
 
 
 async def test_a_refused_settings_change_does_not_revive_a_written_off_service(start_asr_server, speech_int16):
