@@ -168,7 +168,10 @@ class StreamingASREngine(SessionEngine):
                 self._pool.release(session.slot)
 
     def push_audio(self, sid: int, pcm16: bytes) -> None:
-        """Queue 16-bit little-endian mono PCM for a session."""
+        """Queue 16-bit little-endian mono PCM for a session. An empty frame is nothing: it
+        must not count as a push, which would tell the scheduler the stream went quiet."""
+        if not pcm16:
+            return
         samples = np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0
         now = time.monotonic()
         with self._work:

@@ -376,6 +376,15 @@ def test_the_engine_says_when_a_streaming_sessions_next_chunk_will_be_complete(t
     assert engine.due_in_s() is None, "the client stopped streaming"
 
 
+def test_an_empty_frame_does_not_hide_a_streaming_session(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    sid = engine.open_session(lambda message: None)
+    for start in range(0, 320 * 2, 320):
+        engine.push_audio(sid, speech_int16[start : start + 320].tobytes())
+    engine.push_audio(sid, b"")
+    assert engine.due_in_s() > 0
+
+
 def test_a_client_sending_large_frames_still_counts_as_streaming(tiny_asr_path, speech_int16):
     """Clients that send 100 ms at a time leave longer gaps than a 20 ms client's: the
     engine still expects their next chunk, whole frames after their last."""
