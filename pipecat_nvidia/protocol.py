@@ -57,7 +57,8 @@ class ErrorCode(str, Enum):
     SERVER_FULL = "server_full"
     """The server is at ``max_sessions``; the connection is closed."""
     INTERNAL = "internal"
-    """The server failed on this session's work; the utterance (or segment) was dropped."""
+    """The server failed on this session's work: the ASR utterance ends (its text so far
+    follows as a final), the TTS segment is dropped."""
     EMPTY_TEXT = "empty_text"
     """TTS: nothing speakable in the segment's text; the segment was dropped."""
     TEXT_TOO_LONG = "text_too_long"
@@ -134,8 +135,8 @@ class AsrTranscript(_ServerMessage):
     padding_ms: float = 0.0
     """Synthetic silence the server appended before the final step (finals only)."""
     rollover: bool = False
-    """A final the server made on its own, ending an utterance at ``max_utterance_s``; every
-    other final answers a ``reset``."""
+    """A final the server made on its own, ending an utterance at ``max_utterance_s`` (or
+    after a failed step); every other final answers a ``reset``."""
     latency_ms: float
     """Server time from the moment the last input this text needed arrived (the chunk's
     last audio byte for an interim, the reset for a final) to sending this message."""

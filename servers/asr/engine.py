@@ -258,7 +258,11 @@ class StreamingASREngine(SessionEngine):
                     if session.closed:
                         self._pool.release(session.slot)
                     elif tokens is None:
+                        # The text the client was shown stays: it becomes final (the answer
+                        # to a pending reset, else one the server made on its own).
                         events.append((session.sink, error))
+                        final = self._transcript(session, True, row.ready_at, rollover=session.reset is None)
+                        events.append((session.sink, final))
                         self._end_utterance(session)
                     else:
                         self._after_row(row, tokens[i], events)

@@ -176,6 +176,25 @@ def test_a_step_that_fails_ends_its_utterances_with_an_error_and_the_sessions_go
     assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, padding_ms=120)
 
 
+def test_a_failed_step_keeps_the_text_already_streamed_as_the_resets_final(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path)
+    messages = []
+    sid = engine.open_session(messages.append)
+    stream(engine, sid, speech_int16[16000 : 16000 * 3])
+    shown = [m.text for m in messages if m.type == "transcript"][-1]
+    model = engine._step.model
+    working = model.preprocessor
+    model.preprocessor = torch.nn.Identity()
+    try:
+        engine.reset(sid, finalize=True, trailing_silence_ms=0)
+        engine.run_until_idle()
+    finally:
+        model.preprocessor = working
+    error, final = messages[-2:]
+    assert error.code == ErrorCode.INTERNAL
+    assert final.is_final and not final.rollover and final.text == shown != ""
+
+
 def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_asr_path):
     engine = make_engine(tiny_asr_path)
     engine._step.model.preprocessor = torch.nn.Identity()  # as a broken checkpoint would
