@@ -48,5 +48,7 @@ class AsrMetrics(ServerMetrics):
             self.chunk_latency.observe(latency)
 
     def observe_transcript(self, message: AsrTranscript) -> None:
-        histogram = self.final_latency if message.is_final else self.interim_latency
-        histogram.observe(message.latency_ms / 1000.0)
+        if not message.is_final:
+            self.interim_latency.observe(message.latency_ms / 1000.0)
+        elif not message.rollover:  # a rollover answers no reset: its wait began at a chunk
+            self.final_latency.observe(message.latency_ms / 1000.0)
