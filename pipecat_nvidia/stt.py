@@ -13,6 +13,7 @@ waiting on a timer.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -137,8 +138,9 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._after_final = False
         """A final came after the VAD's stop: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
-        self._finalize_sent_at: float | None = None
-        """``time.time()`` when the pending finalize was sent."""
+        self._finalizes_sent: deque[float] = deque()
+        """``time.time()`` when each finalize still unanswered was sent, oldest first: the
+        server answers each with one final, in order."""
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -231,23 +233,26 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         if not self._is_open():
             return
         self.request_finalize()
-        # Measured once the final comes: one that never does (the server lost) must not
-        # leave a measurement open for the next interruption to report.
-        self._finalize_sent_at = time.time()
         reset = AsrReset(finalize=True, trailing_silence_ms=1000.0 * vad_stop_secs)
         rest = self._held_audio.end_utterance()
+        sent_at = time.time()
         try:
             if rest:
                 await self._send_pcm(rest)
             await self._websocket.send(reset.to_json())
         except Exception as e:
             logger.warning(f"{self}: sending finalize failed: {e}")
+            return
+        # Measured once the final comes: one that never does (the server lost) must not
+        # leave a measurement open for the next interruption to report.
+        self._finalizes_sent.append(sent_at)
 
     # ------------------------------------------------------------------ server messages
 
     async def _on_server_ready(self) -> None:
         self._held_audio = StepAlignedAudio.for_server(self.ready)
         self._preroll.clear()  # from before the connection was lost: not joined to what follows
+        self._finalizes_sent.clear()  # a new connection owes no finals
         if self._dropped_before_ready:
             logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")
             self._dropped_before_ready = 0
@@ -265,13 +270,14 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
                     )
                 )
             return
-        if not message.rollover:
-            # The answer to the finalize, even when a rollover final came after the VAD stop.
-            self.confirm_finalize()
-            if self._finalize_sent_at is not None:
-                await self.start_processing_metrics(start_time=self._finalize_sent_at)
-                await self.stop_processing_metrics()
-                self._finalize_sent_at = None
+        if not message.rollover and self._finalizes_sent:
+            # The answer to the oldest finalize, even when a rollover final came after the
+            # VAD stop. It ends the turn only if no later one waits for its own: the user
+            # spoke again before this final came, and those words belong to the turn.
+            await self.start_processing_metrics(start_time=self._finalizes_sent.popleft())
+            await self.stop_processing_metrics()
+            if not self._finalizes_sent:
+                self.confirm_finalize()
         # Only while the user is silent: a final can come while they speak (a late one,
         # or the server ending a long utterance), and their words go on.
         self._after_final = self._speaking is False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,42 @@ async def test_a_rollover_final_after_the_vad_stop_is_not_taken_for_the_finalize
     assert late_rollovers, "no rollover final came after the finalize: the race did not happen"
     assert [e.frame.finalized for e in finals] == [False] * (len(finals) - 1) + [True]
     assert not finals[-1].frame.result["rollover"]
+
+
+async def test_a_final_that_comes_after_the_user_spoke_again_does_not_end_the_turn(start_asr_server, speech_int16):
+    """A loaded server answers the first finalize after the VAD's second stop: only the
+    second final, which answers the latest finalize, ends the turn."""
+    server = await start_asr_server()
+    step = server.engine.step
+
+    def slow_step():
+        time.sleep(0.2)
+        return step()
+
+    server.engine.step = slow_step
+    stt = NemotronSTTService(url=server_url(server))
+    log = FrameLog(Clock())
+
+    async def feed(worker):
+        while stt.ready is None:
+            await asyncio.sleep(0.01)
+        for span in ((1.0, 2.5), (5.0, 6.9)):
+            # The VAD's frames overtake audio still queued: each waits for the audio before it.
+            await worker.queue_frame(VADUserStartedSpeakingFrame())
+            await asyncio.sleep(0.05)
+            for chunk in pcm_frames(speech_int16[int(span[0] * 16000) : int(span[1] * 16000)], 16000):
+                await worker.queue_frame(InputAudioRawFrame(audio=chunk, sample_rate=16000, num_channels=1))
+            await asyncio.sleep(0.2)
+            await worker.queue_frame(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+        while len(log.of(TranscriptionFrame)) < 2:
+            await asyncio.sleep(0.05)
+        await worker.queue_frame(EndFrame())
+
+    await run_worker([stt, log], feed, PipelineParams(audio_in_sample_rate=16000), timeout=60)
+    [_, second_stop] = log.of(VADUserStoppedSpeakingFrame)
+    finals = log.of(TranscriptionFrame)
+    assert finals[0].t > second_stop.t, "the first final came before the second stop: the race did not happen"
+    assert [e.frame.finalized for e in finals] == [False, True]
 
 
 async def test_finalize_tells_the_server_the_silence_the_vad_already_streamed(start_asr_server, speech_int16):
