@@ -140,8 +140,8 @@ class StreamingASREngine(SessionEngine):
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
         self._ended_slots: list[int] = []
-        """Slots of utterances that ended under the lock now held, reset together before
-        it is released."""
+        """Slots to put back to the initial state before their next step (of new sessions
+        and of utterances that ended), reset together on the stepping thread."""
 
     @property
     def encoder_graphs(self) -> GraphedEncoderStep | None:
@@ -152,9 +152,11 @@ class StreamingASREngine(SessionEngine):
 
     def open_session(self, sink: Sink) -> int:
         with self._lock:
-            return self._add_session_locked(
+            sid = self._add_session_locked(
                 lambda sid: _Session(sid=sid, slot=self._pool.acquire(), sink=sink, audio=self._new_audio())
             )
+            self._ended_slots.append(self._sessions[sid].slot)
+            return sid
 
     def close_session(self, sid: int) -> None:
         """Forget the session now; its slot is reused once any step running it is done."""

@@ -78,16 +78,16 @@ class StatePool:
         self._capacity = capacity
 
     def acquire(self) -> int:
-        """A slot holding the initial state."""
+        """A free slot, holding what its last session left (a new one, the initial state):
+        ``reset`` it before its first step. Not here: a write to a GPU tensor from the
+        thread that opens sessions would wait for the step running on the GPU."""
         with self._lock:
             if not self._free:
                 if self.fixed:
                     # Sessions closed during a step hold their slots until it ends.
                     raise EngineFull(f"all {self._max_capacity} session slots are in use")
                 self._grow(min(2 * self._capacity, self._max_capacity))
-            slot = self._free.pop()
-            self._reset([slot])
-            return slot
+            return self._free.pop()
 
     def release(self, slot: int) -> None:
         with self._lock:

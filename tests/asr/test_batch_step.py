@@ -37,7 +37,9 @@ def _stream_all(step: BatchedStreamingStep, utterances, starts, padding_ms=0.0, 
     for utterance, start in zip(utterances, starts):
         audio = UtteranceAudio(g)
         audio.append(utterance)
-        streams.append(_Stream(audio, padding, step.pool.acquire(), start))
+        slot = step.pool.acquire()
+        step.pool.reset([slot])
+        streams.append(_Stream(audio, padding, slot, start))
     tick = 0
     while not all(s.done for s in streams):
         active = [s for s in streams if not s.done and s.starts_at <= tick]

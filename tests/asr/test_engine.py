@@ -202,6 +202,23 @@ def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_asr_path):
         engine.warm_up()
 
 
+def test_opening_a_session_runs_no_tensor_work(tiny_asr_path, speech_int16):
+    """The event loop opens sessions; on a GPU a write to the state would wait for the step
+    running there. A reused slot is put back to the initial state on the stepping thread."""
+    engine = make_engine(tiny_asr_path, initial_slots=1)
+    earlier = engine.open_session(lambda message: None)
+    stream(engine, earlier, speech_int16[16000 * 4 : 16000 * 5])  # leaves its state in the slot
+    engine.close_session(earlier)
+    messages = []
+    with torch.profiler.profile() as profile:
+        sid = engine.open_session(messages.append)
+    assert len(profile.events()) == 0
+    stream(engine, sid, speech_int16[16000 : 16000 * 3])
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    engine.run_until_idle()
+    assert messages[-1].text == offline_text(engine, speech_int16[16000 : 16000 * 3], padding_ms=120)
+
+
 def test_sessions_beyond_the_limit_are_refused(tiny_asr_path):
     engine = make_engine(tiny_asr_path, max_sessions=2)
     a = engine.open_session(lambda m: None)
