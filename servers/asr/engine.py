@@ -246,12 +246,12 @@ class StreamingASREngine(SessionEngine):
         events: list[tuple[Sink, AsrServerMessage]] = []
         with self._lock:
             rows = self._plan(events)
+        tokens = None
         if rows:
             try:
                 tokens = self._step.run([r.step for r in rows]).tokens
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
                 logger.exception("ASR step failed")
-                tokens = None
                 error = ErrorMessage(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
             with self._lock:
                 for i, row in enumerate(rows):
@@ -278,7 +278,8 @@ class StreamingASREngine(SessionEngine):
             first_rows=sum(r.step.first for r in rows),
             final_rows=sum(r.step.final for r in rows),
             seconds=time.perf_counter() - started,
-            chunk_latencies=tuple(done - r.ready_at for r in rows if not r.step.final),
+            # A failed step transcribed nothing: it has no latency to report.
+            chunk_latencies=() if tokens is None else tuple(done - r.ready_at for r in rows if not r.step.final),
         )
 
     # ------------------------------------------------------------------ planning (under the lock)

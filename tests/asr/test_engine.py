@@ -195,6 +195,16 @@ def test_a_failed_step_keeps_the_text_already_streamed_as_the_resets_final(tiny_
     assert final.is_final and not final.rollover and final.text == shown != ""
 
 
+def test_a_failed_step_reports_no_chunk_latency(tiny_asr_path, speech_int16):
+    """Nothing was transcribed: a latency would count towards the ASR's deadline misses."""
+    engine = make_engine(tiny_asr_path)
+    sid = engine.open_session(lambda message: None)
+    engine.push_audio(sid, speech_int16[: engine.geometry.first_step_samples].tobytes())
+    engine._step.model.preprocessor = torch.nn.Identity()
+    stats = engine.step()
+    assert stats.batch_size == 1 and stats.chunk_latencies == ()
+
+
 def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_asr_path):
     engine = make_engine(tiny_asr_path)
     engine._step.model.preprocessor = torch.nn.Identity()  # as a broken checkpoint would
