@@ -2,7 +2,8 @@
 
 Every LLM request carries the whole conversation, so a long call outgrows the model's
 context: the server then refuses each request as too long and the bot falls silent. Past
-the budget the oldest turns are dropped, down to half the budget at once. The LLM server
+the budget the oldest turns are dropped, down to half the room the system messages leave,
+at once. The LLM server
 reuses its cache for a conversation that only grows, and dropping the oldest turns
 changes its beginning: trimming a little on every turn would have the server evaluate
 the whole conversation again on every turn; halving it does so once in a while.
@@ -20,10 +21,11 @@ characters a token: room for the system prompt, the answer and an estimate that 
 
 
 def trim_conversation(context: LLMContext, max_tokens: int) -> None:
-    """Past ``max_tokens``, drop the oldest turns, in place, until at most half of it is
-    left. The leading system messages stay, and what is kept starts with a user message,
-    so no tool result loses its call. A latest turn too long on its own (a long run of
-    tool calls) keeps its user message and its latest tool rounds."""
+    """Past ``max_tokens``, drop the oldest turns, in place, until the turns take at most
+    half of what the leading system messages leave of it (they stay: half the budget,
+    were they large, would be over it again at the next turn). What is kept starts with a
+    user message, so no tool result loses its call. A latest turn too long on its own (a
+    long run of tool calls) keeps its user message and its latest tool rounds."""
     messages = context.messages
     if _estimate(messages) <= max_tokens:
         return
@@ -33,7 +35,7 @@ def trim_conversation(context: LLMContext, max_tokens: int) -> None:
     users = [i for i in range(leading, len(messages)) if _role(messages[i]) == "user"]
     if not users:
         return
-    half = max_tokens // 2
+    half = (max_tokens - _estimate(messages[:leading])) // 2
     kept = next((messages[i:] for i in users if _estimate(messages[i:]) <= half), None)
     if kept is None:
         kept = _latest_rounds(messages[users[-1] :], half)

@@ -35,6 +35,21 @@ def test_past_its_budget_the_oldest_turns_go_down_to_half_of_it():
     assert len(kept) > 5
 
 
+def test_a_large_system_prompt_does_not_make_every_turn_trim():
+    """Each trim changes the conversation's beginning, and the server evaluates all of it
+    again: the turns go down to half the room the prompt leaves."""
+    system = {"role": "system", "content": "rule " * 2000}
+    context = LLMContext(messages=[system])
+    trims = 0
+    for message in turns(60):
+        context.add_message(message)
+        before = len(context.messages)
+        trim_conversation(context, max_tokens=4000)
+        trims += len(context.messages) < before
+    assert _estimate([system]) > 2000
+    assert _estimate(context.messages) <= 4000 and 0 < trims <= 10
+
+
 def test_a_tool_result_is_never_kept_without_its_call():
     """The cut falls at a user message: cutting at the latest message that fits would
     keep the tool's result and drop its call."""
