@@ -4,14 +4,16 @@ Pipecat's own ``OpenAILLMService`` does all the work (contexts, tools, interrupt
 subclass points it at the host, names the model, and keeps the conversation within the
 host's context (``history_tokens``). Anything OpenAI-compatible
 (vLLM, NIM) can stand in for the host by changing ``base_url``. The host decodes a short
-first segment before anything else so the TTS can start speaking early, and reasoning
-is off unless the settings ask for it, here for at most about 64 tokens of reasoning::
+first segment before anything else so the TTS can start speaking early. Reasoning is off
+(each request says so: Nemotron 3's chat template reasons unless told not to, and vLLM
+and NIM follow it) unless the settings ask for it, here for at most about 64 tokens::
 
     NemotronLLMService(settings=NemotronLLMService.Settings(extra=reasoning_extra(64)))
 """
 
 from __future__ import annotations
 
+from pipecat.adapters.llm.services.open_ai_adapter import OpenAILLMInvocationParams
 from pipecat.frames.frames import Frame, LLMContextFrame
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.openai.llm import OpenAILLMService
@@ -55,6 +57,12 @@ class NemotronLLMService(OpenAILLMService):
         if settings is not None:
             default_settings.apply_update(settings)
         super().__init__(base_url=base_url, api_key=api_key, settings=default_settings, **kwargs)
+
+    def build_chat_completion_params(self, params_from_context: OpenAILLMInvocationParams) -> dict:
+        params = super().build_chat_completion_params(params_from_context)
+        # Settings.extra's extra_body (reasoning_extra) wins key by key.
+        self._merge_extra_body(params, {"chat_template_kwargs": {"enable_thinking": False}})
+        return params
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         if isinstance(frame, LLMContextFrame) and self._history_tokens is not None:

@@ -16,7 +16,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.services.llm_service import FunctionCallParams
 
-from pipecat_nvidia.llm import NemotronLLMService
+from pipecat_nvidia.llm import NemotronLLMService, reasoning_extra
 from servers.llm.engine import ChatRequest
 from tests.llm.helpers import SYSTEM, make_engine, run
 from tests.llm.scripted_model import write_scripted_llama_gguf
@@ -115,3 +115,18 @@ async def test_the_request_after_a_tool_result_keeps_the_conversation_within_its
 def test_settings_that_name_no_model_keep_the_nemotron_default():
     service = NemotronLLMService(settings=NemotronLLMService.Settings(temperature=0.3))
     assert (service._settings.model, service._settings.temperature) == ("nemotron-3-nano", 0.3)
+
+
+def _request_body(service: NemotronLLMService) -> dict:
+    return service.build_chat_completion_params({"messages": [{"role": "user", "content": "hi"}]})["extra_body"]
+
+
+def test_each_request_says_reasoning_is_off():
+    """Nemotron 3's chat template reasons unless told not to; vLLM and NIM follow it."""
+    assert _request_body(NemotronLLMService())["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_reasoning_asked_for_in_the_settings_is_on():
+    service = NemotronLLMService(settings=NemotronLLMService.Settings(extra=reasoning_extra(64)))
+    body = _request_body(service)
+    assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["nvext"] == {"max_thinking_tokens": 64}
