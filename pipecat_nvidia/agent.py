@@ -80,6 +80,10 @@ class AgentSettings:
         "record_dir": "BOT_RECORD_DIR",
     }
 
+    LEAST = {"max_tokens": 1, "history_tokens": 2}
+    """The smallest value that works, where it is not 0 (a bot with none would fail later,
+    on the first call, without naming the variable)."""
+
     HOST_PORTS = {
         "asr_url": ("HOST_ASR_PORT", "ws://127.0.0.1:{}"),
         "tts_url": ("HOST_TTS_PORT", "ws://127.0.0.1:{}"),
@@ -97,17 +101,20 @@ class AgentSettings:
             if raw in (None, ""):
                 continue
             if types[name] in ("int", "int | None"):
-                values[name] = _parse_int(var, raw)
+                values[name] = _parse_int(var, raw, least=cls.LEAST.get(name, 0))
             elif types[name] == "bool":
                 values[name] = _parse_bool(var, raw)
             else:
                 values[name] = raw
         remote = tuple(n for n in ("asr_url", "tts_url", "llm_url") if n in values)
         local = {
-            name: url.format(_parse_int(var, env[var]))
+            name: url.format(_parse_int(var, env[var], least=1, most=65535))
             for name, (var, url) in cls.HOST_PORTS.items()
             if name not in values and env.get(var)
         }
+        if not remote and "auth_token" not in values and env.get("HOST_AUTH_TOKEN"):
+            # The local host's own setting: the bot sends what its host will ask for.
+            values["auth_token"] = env["HOST_AUTH_TOKEN"]
         return cls(**values, **local, remote=remote)
 
     @property
@@ -115,14 +122,15 @@ class AgentSettings:
         return not self.remote
 
 
-def _parse_int(var: str, raw: str) -> int:
-    """A count or a port: never negative."""
+def _parse_int(var: str, raw: str, least: int = 0, most: int | None = None) -> int:
+    """A count or a port, from ``least`` to ``most``."""
     try:
         value = int(raw)
     except ValueError:
-        value = None
-    if value is None or value < 0:
-        raise ValueError(f"{var}={raw!r} is not a whole number")
+        raise ValueError(f"{var}={raw!r} is not a whole number") from None
+    if value < least or (most is not None and value > most):
+        within = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise ValueError(f"{var}={raw!r} is out of range: it must be {within}")
     return value
 
 

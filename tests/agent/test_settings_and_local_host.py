@@ -25,6 +25,11 @@ def test_reasoning_is_off_unless_a_thinking_limit_is_set():
     assert AgentSettings.from_env({"BOT_THINKING_TOKENS": "0"}).thinking_tokens == 0
 
 
+def test_the_local_hosts_token_is_the_one_the_bot_sends():
+    assert AgentSettings.from_env({"HOST_AUTH_TOKEN": "s3cret"}).auth_token == "s3cret"
+    assert AgentSettings.from_env({"HOST_AUTH_TOKEN": "s3cret", "NVIDIA_AUTH_TOKEN": "other"}).auth_token == "other"
+
+
 def test_any_server_url_means_remote_servers():
     settings = AgentSettings.from_env({"NVIDIA_LLM_URL": "http://gpu-box:8000/v1"})
     assert not settings.uses_local_host and settings.llm_url == "http://gpu-box:8000/v1"
@@ -41,7 +46,16 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
 
 
 @pytest.mark.parametrize(
-    ("var", "raw"), [("BOT_MAX_TOKENS", "300tokens"), ("BOT_GREETING", "ture"), ("BOT_THINKING_TOKENS", "-1")]
+    ("var", "raw"),
+    [
+        ("BOT_MAX_TOKENS", "300tokens"),
+        ("BOT_GREETING", "ture"),
+        ("BOT_THINKING_TOKENS", "-1"),
+        ("BOT_MAX_TOKENS", "0"),
+        ("BOT_HISTORY_TOKENS", "1"),
+        ("HOST_LLM_PORT", "70000"),
+        ("HOST_ASR_PORT", "0"),
+    ],
 )
 def test_a_setting_that_does_not_parse_is_an_error_naming_its_variable(var, raw):
     with pytest.raises(ValueError, match=var):
