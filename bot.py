@@ -2,9 +2,9 @@
 
 With no ``NVIDIA_ASR_URL`` / ``NVIDIA_TTS_URL`` / ``NVIDIA_LLM_URL`` set, it first starts
 the local GPU host (ASR, TTS and LLM on one GPU; models download on first run) and stops
-it on exit; otherwise it uses those servers. ``-t daily`` and ``-t twilio`` work as in
-Pipecat's examples (credentials from the environment or ``.env``). Settings:
-``.env.example``.
+it on exit; otherwise it uses those servers. Every transport of Pipecat's runner works as
+in Pipecat's examples (``-t daily``, ``-t twilio``, a WebSocket client at ``/ws-client``, …;
+credentials from the environment or ``.env``). Settings: ``.env.example``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import sys
+from typing import TYPE_CHECKING
 
 from dotenv import load_dotenv
 from pipecat.runner.types import RunnerArguments
@@ -21,24 +22,49 @@ from pipecat.workers.runner import WorkerRunner
 
 from pipecat_nvidia.agent import AgentSettings, build_agent
 
-load_dotenv(override=True)
+if TYPE_CHECKING:
+    from pipecat_nvidia.local_host import LocalHost
 
 
 def _transport_params() -> dict:
+    """Parameters for each transport the runner may hand the bot (without ``-t`` it serves
+    every one whose packages are installed)."""
+    from pipecat.runner.run import TELEPHONY_TRANSPORTS
+
+    def audio() -> TransportParams:
+        return TransportParams(audio_in_enabled=True, audio_out_enabled=True)
+
     def daily():
         from pipecat.transports.daily.transport import DailyParams
 
         return DailyParams(audio_in_enabled=True, audio_out_enabled=True)
 
-    def websocket():
+    def livekit():
+        from pipecat.transports.livekit.transport import LiveKitParams
+
+        return LiveKitParams(audio_in_enabled=True, audio_out_enabled=True)
+
+    def websocket_client():
+        from pipecat.serializers.protobuf import ProtobufFrameSerializer
         from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 
+        return FastAPIWebsocketParams(
+            audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=ProtobufFrameSerializer()
+        )
+
+    def telephony():
+        from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
+
+        # The runner sets the provider's serializer.
         return FastAPIWebsocketParams(audio_in_enabled=True, audio_out_enabled=True)
 
     return {
-        "webrtc": lambda: TransportParams(audio_in_enabled=True, audio_out_enabled=True),
+        "webrtc": audio,
+        "moq": audio,
         "daily": daily,
-        "twilio": websocket,
+        "livekit": livekit,
+        "websocket": websocket_client,
+        **dict.fromkeys(TELEPHONY_TRANSPORTS, telephony),
     }
 
 
@@ -51,26 +77,13 @@ async def bot(runner_args: RunnerArguments):
     await runner.run()
 
 
-def _runner_address(argv: list[str]) -> tuple[str, int] | None:
-    """Where the Pipecat runner will listen (None with ``--direct``: it will not)."""
-    from pipecat.runner.run import RUNNER_HOST, RUNNER_PORT
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--host", default=RUNNER_HOST)
-    p.add_argument("--port", type=int, default=RUNNER_PORT)
-    p.add_argument("-d", "--direct", action="store_true")
-    args, _ = p.parse_known_args(argv)
-    return None if args.direct else (args.host, args.port)
-
-
-def _start_local_host(settings: AgentSettings) -> None:
+def _start_local_host(settings: AgentSettings, args: argparse.Namespace) -> LocalHost:
     """Before the minutes of loading: refuse a runner port that is taken, which the
-    runner itself would find only afterwards."""
+    runner itself would find only afterwards (with ``--direct`` it listens on none)."""
     from pipecat_nvidia.local_host import LocalHost, port_in_use
 
-    address = _runner_address(sys.argv[1:])
-    if address is not None and port_in_use(*address):
-        sys.exit(f"Port {address[1]} is taken (another bot?): stop it, or choose another with --port")
+    if not args.direct and port_in_use(args.host, args.port):
+        sys.exit(f"Port {args.port} is taken (another bot?): stop it, or choose another with --port")
     host = LocalHost(settings)
     atexit.register(host.stop)
     try:
@@ -80,16 +93,35 @@ def _start_local_host(settings: AgentSettings) -> None:
         sys.exit(f"The local GPU host cannot serve the agent: {e}")
     except KeyboardInterrupt:
         sys.exit("Stopped while the local GPU host was starting")
+    return host
+
+
+class _StartsTheHostOnceParsed(argparse.ArgumentParser):
+    """The parser Pipecat's runner adds its arguments to: the local host starts once they
+    parse, so a mistyped one (or ``--help``) costs no loading, and the port they give the
+    runner is checked before it."""
+
+    def __init__(self, settings: AgentSettings):
+        super().__init__(description="pipecat-nvidia voice agent (Pipecat's development runner)")
+        self._settings = settings
+        self.host: LocalHost | None = None
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if self._settings.uses_local_host:
+            self.host = _start_local_host(self._settings, parsed)
+        return parsed
 
 
 def main() -> None:
     from pipecat.runner.run import main as run_runner
 
-    settings = AgentSettings.from_env()
-    asking_for_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
-    if settings.uses_local_host and not asking_for_help:
-        _start_local_host(settings)
-    run_runner()
+    load_dotenv(override=True)  # here, not on import: a module importing this one keeps its environment
+    parser = _StartsTheHostOnceParsed(AgentSettings.from_env())
+    run_runner(parser)
+    if parser.host is not None and parser.host.died.is_set():
+        # A supervisor that restarts a failed bot must see this as a failure.
+        sys.exit("The bot stopped because its local GPU host died")
 
 
 if __name__ == "__main__":

@@ -73,15 +73,20 @@ def read_health(url: str) -> dict | None:
         return None
 
 
-def stop_bot_if_it_dies(process: subprocess.Popen, stopping: threading.Event, force_after_s: float = 5.0) -> None:
+def stop_bot_if_it_dies(
+    process: subprocess.Popen, stopping: threading.Event, force_after_s: float = 5.0
+) -> threading.Event:
     """The agent cannot hear or speak without its host: if the host dies unasked, say so
     and end the bot (SIGINT, as Ctrl-C would) rather than fail every turn quietly. A call
-    in progress holds the runner's graceful shutdown open; a second SIGINT ends it."""
+    in progress holds the runner's graceful shutdown open; a second SIGINT ends it.
+    Returns what is set when that happens (the bot then exits with a failure)."""
+    died = threading.Event()
 
     def watch() -> None:
         code = process.wait()
         if stopping.is_set():
             return
+        died.set()
         logger.error(f"The local GPU host exited with code {code}; stopping the bot")
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(force_after_s)
@@ -89,6 +94,7 @@ def stop_bot_if_it_dies(process: subprocess.Popen, stopping: threading.Event, fo
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=watch, name="local-host-watch", daemon=True).start()
+    return died
 
 
 class PortTaken(RuntimeError):
@@ -109,6 +115,8 @@ class LocalHost:
         self._args = [sys.executable, "-m", "scheduler", *_port_args(settings), *extra_args]
         self._process: subprocess.Popen | None = None
         self._stopping = threading.Event()
+        self.died = threading.Event()
+        """Set if the host, once ready, exits unasked."""
 
     def start(self) -> None:
         """Start the host; refuse if one of its ports is taken (a host left running by
@@ -154,7 +162,7 @@ class LocalHost:
             statuses = {name: _progress(r) for name, r in reports.items()}
             if all(s == "ready" for s in statuses.values()):
                 logger.info(f"Local GPU host ready in {time.monotonic() - started:.0f} s")
-                stop_bot_if_it_dies(self._process, self._stopping)
+                self.died = stop_bot_if_it_dies(self._process, self._stopping)
                 return
             failed = {n: r.get("error") for n, r in reports.items() if r and r.get("status") == "error"}
             if failed:

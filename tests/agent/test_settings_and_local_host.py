@@ -177,18 +177,19 @@ import os, signal, sys, threading, time
 from pipecat_nvidia.local_host import spawn_child, stop_bot_if_it_dies
 how, wait_s, interrupts_to_end = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 interrupts = 0
+died = threading.Event()
 
 def on_sigint(*_):
     global interrupts
     interrupts += 1
-    print("interrupted", flush=True)
+    print("interrupted, the host died" if died.is_set() else "interrupted", flush=True)
     if interrupts == interrupts_to_end:
         sys.exit(0)
 
 signal.signal(signal.SIGINT, on_sigint)
 child = spawn_child([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
 stopping = threading.Event()
-stop_bot_if_it_dies(child, stopping, force_after_s=0.5)
+died = stop_bot_if_it_dies(child, stopping, force_after_s=0.5)
 if how == "stop":
     stopping.set()
 print(child.pid, flush=True)
@@ -211,9 +212,9 @@ def _watched_bot(how: str, wait_s: float, interrupts_to_end: int = 1) -> tuple[s
 @pytest.mark.parametrize(
     ("how", "wait_s", "interrupts_to_end", "expected"),
     [
-        ("dies", 30, 1, ["interrupted"]),
+        ("dies", 30, 1, ["interrupted, the host died"]),
         ("stop", 3, 1, ["still running"]),
-        ("dies", 30, 2, ["interrupted", "interrupted"]),  # a call in progress holds the first one off
+        ("dies", 30, 2, ["interrupted, the host died"] * 2),  # a call in progress holds the first one off
     ],
 )
 def test_the_bot_ends_when_its_host_dies_unasked_only(how, wait_s, interrupts_to_end, expected):
@@ -239,6 +240,29 @@ def test_ctrl_c_in_the_terminal_reaches_the_bot_not_its_host():
         bot.wait()
         if _alive(host):
             os.kill(host, signal.SIGKILL)
+
+
+def test_a_mistyped_argument_is_refused_before_the_host_starts():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NVIDIA_", "HOST_"))}
+    result = subprocess.run(
+        [sys.executable, "bot.py", "-t", "twillio"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "invalid choice: 'twillio'" in result.stderr
+    assert "Starting the local GPU host" not in result.stderr
+
+
+def test_the_bot_has_parameters_for_every_transport_the_runner_serves():
+    """Without ``-t`` the runner serves every installed transport; a session on one the bot
+    has no parameters for fails (Pipecat: "Missing transport params")."""
+    from pipecat.runner.run import TELEPHONY_TRANSPORTS
+
+    from bot import _transport_params
+
+    params = _transport_params()
+    for transport in ("webrtc", "websocket", *TELEPHONY_TRANSPORTS):
+        made = params[transport]()
+        assert made.audio_in_enabled and made.audio_out_enabled
+    assert type(params["websocket"]().serializer).__name__ == "ProtobufFrameSerializer"
 
 
 def test_the_bot_stops_before_loading_anything_when_its_own_port_is_taken():
