@@ -9,7 +9,7 @@ See docs/PROTOCOL.md for the conversation as a whole.
 from __future__ import annotations
 
 import base64
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -37,7 +37,7 @@ class _ServerMessage(_Message):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Why a message was refused. Only ``fatal`` errors end the session."""
 
     BAD_JSON = "bad_json"

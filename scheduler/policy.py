@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Unit(str, Enum):
+class Unit(StrEnum):
     ASR = "asr"
     LLM_FIRST = "llm_first"
     """Decode a turn's first (short) segment of text."""
