@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from abc import abstractmethod
 from collections import deque
@@ -60,27 +61,37 @@ PutPolicy = Callable[[deque, Any], None]
 class Outbox:
     """What waits to be sent to one client, in order, as the server's ``put_policy`` says:
     a slow reader then gets fresh interims rather than a backlog, and a cancelled turn's
-    unsent audio is dropped. Past ``limit`` unsent messages the client is not reading at
-    all: ``on_overflow`` is called, once."""
+    unsent audio is dropped. Past ``limit`` unsent messages while a send has waited
+    ``stalled_after_s`` for the client to read, the client is not reading at all:
+    ``on_overflow`` is called, once. (A count alone would drop a client that reads: one
+    step may finish many turns' audio at once.)"""
 
     def __init__(
         self,
         put_policy: PutPolicy = deque.append,
         limit: int | None = None,
         on_overflow: Callable[[], None] | None = None,
+        stalled_after_s: float = 0.0,
     ):
         self._items: deque[BaseModel | CloseRequest] = deque()
         self._nonempty = asyncio.Event()
         self._put_policy = put_policy
         self._limit = limit
         self._on_overflow = on_overflow
+        self._stalled_after_s = stalled_after_s
+        self.sending_since: float | None = None
+        """``time.monotonic()`` when the send now waiting for the client began (None: none waits)."""
 
     def put(self, message: BaseModel | CloseRequest) -> None:
         self._put_policy(self._items, message)
         self._nonempty.set()
-        if self._limit is not None and len(self._items) > self._limit and self._on_overflow is not None:
+        if self._limit is not None and len(self._items) > self._limit and self._stalled():
             on_overflow, self._on_overflow = self._on_overflow, None
-            on_overflow()
+            if on_overflow is not None:
+                on_overflow()
+
+    def _stalled(self) -> bool:
+        return self.sending_since is not None and time.monotonic() - self.sending_since >= self._stalled_after_s
 
     async def get(self) -> BaseModel | CloseRequest:
         while not self._items:
@@ -138,8 +149,10 @@ class EngineServer(LoadingServer, Generic[E]):
     kind: str
     """"ASR" or "TTS", for logs and the worker thread's name."""
     max_unsent_messages = 512
-    """A client with this many messages waiting (minutes of TTS audio) has stopped reading:
-    its connection is dropped, which ends its session and the work done for it."""
+    """A client with this many messages waiting (minutes of TTS audio), while a send has
+    waited ``stalled_send_s`` for it to read, has stopped reading: its connection is
+    dropped, which ends its session and the work done for it."""
+    stalled_send_s = 5.0
 
     def __init__(self, settings: ServerSettings, metrics: ServerMetrics, driver: Driver | None = None):
         """``driver`` starts the loaded engine (default: its own worker thread)."""
@@ -210,7 +223,7 @@ class EngineServer(LoadingServer, Generic[E]):
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: ServerConnection) -> None:
-        outbox = Outbox(self.put_policy, self.max_unsent_messages, lambda: self._drop_stalled(ws))
+        outbox = Outbox(self.put_policy, self.max_unsent_messages, lambda: self._drop_stalled(ws), self.stalled_send_s)
         sender = asyncio.create_task(self._send_loop(ws, outbox))
         connection: Connection | None = None
         try:
@@ -299,7 +312,9 @@ class EngineServer(LoadingServer, Generic[E]):
                 if isinstance(message, CloseRequest):
                     await ws.close(message.code, message.reason)
                     return
+                outbox.sending_since = time.monotonic()
                 await ws.send(message.model_dump_json())
+                outbox.sending_since = None
                 self.observe_sent(message)
         except ConnectionClosed:
             pass

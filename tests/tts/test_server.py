@@ -135,11 +135,22 @@ async def test_metrics_report_first_audio_and_realtime_factor(start_tts_server):
     assert health["status"] == "ready"
 
 
+async def test_a_client_that_reads_is_not_dropped_for_a_burst_of_audio(start_tts_server):
+    """A batched segment's audio (one message a second) is sent at once when it is whole:
+    more than the limit of unsent messages, to a client reading all along."""
+    server = await start_tts_server()
+    server.max_unsent_messages = 2
+    messages = await _speak_and_wait(
+        server_url(server), "turn", "A long sentence to speak for a while. " * 3, mode="batch"
+    )
+    assert [m.type for m in messages].count("audio") > 2 and messages[-1].type == "done"
+
+
 async def test_a_client_that_stops_reading_is_dropped_and_its_work_stops(start_tts_server):
     """Its audio would pile up in the server for as long as the turn lasts (and the GPU
     would go on making it): past a limit of unsent messages the connection is dropped."""
     server = await start_tts_server()
-    server.max_unsent_messages = 4
+    server.max_unsent_messages, server.stalled_send_s = 4, 0.2
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once when unread
     stalled.connect(("127.0.0.1", server.port))
