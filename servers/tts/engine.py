@@ -11,7 +11,7 @@ never takes part in another step and nothing more is sent for it.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -327,7 +327,7 @@ class TTSEngine(SessionEngine):
             first_pending = any(c.playout_start is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
             text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
-            current = [c.segments[0] for c in contexts[: self._max_batch]]
+            current = self._batch_locked()
             decodes = any(self._decodes_after_a_step(s, now) for s in current)
             starts = any(s.sequence is None for s in current)
         return TtsQueueState(
@@ -343,7 +343,7 @@ class TTSEngine(SessionEngine):
         started = time.perf_counter()
         events: list[tuple[_Context, TtsServerMessage]] = []
         with self._lock:
-            segments = [context.segments[0] for context in list(self._busy)[: self._max_batch]]
+            segments = self._batch_locked()
         new = [s for s in segments if s.sequence is None and self._start(s)]
         running = [s for s in segments if s.sequence is not None]
         try:
@@ -388,6 +388,21 @@ class TTSEngine(SessionEngine):
             step_audio_seconds=self._decoder.frames_per_step * self.frame_ms / 1000.0,
             first_audio_latencies=tuple(latencies),
         )
+
+    def _batch_locked(self) -> list[_Segment]:
+        """This step's segments: those running go on (a step without them drops their
+        cached state); rows left go to waiting turns, those of a session with fewer in the
+        batch first, so that one client's many turns cannot keep another's waiting."""
+        running = [c for c in self._busy if c.segments[0].sequence is not None][: self._max_batch]
+        holding = Counter(c.session.sid for c in running)
+        waiting = [c for c in self._busy if c.segments[0].sequence is None]
+        chosen = running
+        while waiting and len(chosen) < self._max_batch:
+            turn = min(waiting, key=lambda c: holding[c.session.sid])  # the first of equals
+            waiting.remove(turn)
+            chosen.append(turn)
+            holding[turn.session.sid] += 1
+        return [c.segments[0] for c in chosen]
 
     def _advance(self, running: list[_Segment]) -> tuple[list[tuple[_Segment, DecodeRequest]], list[np.ndarray]]:
         """One decoder step for the running segments, then the audio that is due."""

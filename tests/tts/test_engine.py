@@ -81,6 +81,25 @@ def test_concurrent_sessions_share_steps_and_each_gets_only_its_own_audio(engine
         assert mine[-1].type == "done"
 
 
+def test_one_sessions_many_turns_do_not_keep_anothers_waiting(tiny_tts_path):
+    """With the batch full of one session's turns, another session's turn takes the first
+    row that frees, ahead of the first session's next sentences."""
+    engine = make_tts_engine(tiny_tts_path, max_batch=2)
+    busy, other = [], []
+    a, b = engine.open_session(busy.append), engine.open_session(other.append)
+    for context_id in ("a1", "a2"):
+        for _ in range(3):
+            engine.speak(a, TtsSpeak(context_id=context_id, text=TEXT, mode="stream"))
+    engine.step()
+    engine.speak(b, TtsSpeak(context_id="b", text=TEXT, mode="stream"))
+    while not any(m.type == "audio" for m in other):
+        engine.step()
+    assert sum(m.type == "segment_done" for m in busy) <= 2, "no more of its sentences started meanwhile"
+    engine.close_session(a)
+    engine.close_session(b)
+    engine.run_until_idle()
+
+
 def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
     """The CUDA-graph paths of the decoder step, the prefill, code sampling and codec decode
     (on a CPU their fixed buffers run eagerly): three concurrent segments in a batch of four
