@@ -133,13 +133,15 @@ class Deliveries:
 
 @dataclass
 class Connection:
-    """One client's session: its engine session id and its outbox."""
+    """One client's session: its engine session id, and the way its messages reach its
+    outbox, the engine's: an error the server gives at once (a refused ``speak`` after a
+    ``cancel``) keeps its place after what the engine said before it."""
 
     sid: int
-    outbox: Outbox
+    send: Callable[[BaseModel], None]
 
     def error(self, code: ErrorCode, message: str, **fields) -> None:
-        self.outbox.put(ErrorMessage(code=code, message=message, **fields))
+        self.send(ErrorMessage(code=code, message=message, **fields))
 
 
 E = TypeVar("E", bound=SteppedEngine)
@@ -236,13 +238,17 @@ class EngineServer(LoadingServer, Generic[E]):
                 await sender
                 return
             deliveries = self._deliveries
+
+            def send(message: BaseModel) -> None:
+                deliveries.post(outbox, message)
+
             try:
-                sid = await self._open_session(engine, lambda message: deliveries.post(outbox, message))
+                sid = await self._open_session(engine, send)
             except EngineFull as e:
                 self._fatal(outbox, ErrorCode.SERVER_FULL, str(e), CLOSE_TRY_AGAIN_LATER)
                 await sender
                 return
-            connection = Connection(sid, outbox)
+            connection = Connection(sid, send)
             self.metrics.sessions.inc()
             self.metrics.sessions_total.inc()
             session_id = uuid.uuid4().hex[:12]

@@ -82,6 +82,20 @@ async def test_cancel_stops_a_turn_and_nothing_of_it_follows_cancelled(start_tts
     assert len(audio_of(after, "next")) > 0
 
 
+async def test_a_refusal_right_after_a_cancel_comes_after_its_cancelled(start_tts_server):
+    """``cancelled`` is the last message of its context, and messages come in the order
+    the server made them."""
+    server = await start_tts_server()
+    async with connect(server_url(server)) as ws:
+        await recv_message(ws)
+        await send(ws, type="speak", context_id="a", text=TEXT)
+        await until(ws, lambda m: m.type == "audio")
+        await send(ws, type="cancel", context_id="a")
+        await send(ws, type="speak", context_id="a", text=TEXT, voice="nobody")
+        messages = await until(ws, lambda m: m.type == "error")
+    assert [m.type for m in messages if m.type != "audio"] == ["cancelled", "error"]
+
+
 @pytest.mark.parametrize(
     ("frame", "code"),
     [
