@@ -246,7 +246,7 @@ class TTSEngine(SessionEngine):
                 context = session.contexts[request.context_id] = _Context(
                     session, request.context_id, first_text_at=self._clock()
                 )
-            session.queued_chars += len(request.text)
+            session.queued_chars += _charge(request.text)
             segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
             context.numbered += 1
             context.segments.append(
@@ -274,7 +274,7 @@ class TTSEngine(SessionEngine):
             raise SegmentRejected(
                 ErrorCode.TEXT_OVERFLOW, f"{MAX_OPEN_CONTEXTS} contexts are open; flush or cancel one first"
             )
-        if session.queued_chars + len(text) > self._max_queued_chars:
+        if session.queued_chars + _charge(text) > self._max_queued_chars:
             raise SegmentRejected(
                 ErrorCode.TEXT_OVERFLOW,
                 f"{session.queued_chars} characters are waiting to be spoken; "
@@ -299,7 +299,7 @@ class TTSEngine(SessionEngine):
             context = session.contexts.pop(context_id, None)
             if context is not None:
                 context.cancelled = True
-                session.queued_chars -= sum(len(segment.text) for segment in context.segments)
+                session.queued_chars -= sum(_charge(segment.text) for segment in context.segments)
                 if context in self._busy:
                     self._busy.remove(context)
             session.sink(TtsCancelled(context_id=context_id))
@@ -551,9 +551,11 @@ class TTSEngine(SessionEngine):
         if context.cancelled:
             return
         segment.sequence = None
-        if segment.resampler is not None:
-            events.extend((context, piece) for piece in self._audio_messages(segment, np.zeros(0, np.float32), True))
         if sent:
+            if segment.resampler is not None:  # the resampler's last samples, before the segment's end
+                events.extend(
+                    (context, piece) for piece in self._audio_messages(segment, np.zeros(0, np.float32), True)
+                )
             events.append(
                 (
                     context,
@@ -568,7 +570,7 @@ class TTSEngine(SessionEngine):
                 )
             )
         context.segments.popleft()
-        context.session.queued_chars -= len(segment.text)
+        context.session.queued_chars -= _charge(segment.text)
         if context.segments:
             context.segments[0].started_at = self._clock()
             return
@@ -616,3 +618,9 @@ class _Average:
 
     def add(self, seconds: float) -> None:
         self.value = seconds if self.value == 0.0 else (1 - self._weight) * self.value + self._weight * seconds
+
+
+def _charge(text: str) -> int:
+    """What a segment counts against a session's ``max_queued_chars``: its characters, and
+    at least one, so that empty segments (refused only when spoken) cannot pile up."""
+    return max(1, len(text))

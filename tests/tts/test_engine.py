@@ -315,6 +315,25 @@ def test_a_step_that_fails_ends_its_segments_with_an_error_and_the_engine_serves
     assert_same_audio(pcm(messages), pcm(synthesize(engine, TEXT)))
 
 
+def test_no_audio_of_a_segment_follows_its_error(engine):
+    """A resampled segment that fails midway: its resampler's last samples are not sent
+    after the error that ended it."""
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="stream", sample_rate=16000))
+    while not messages:
+        engine.step()
+    working = engine.model.final_proj
+    engine.model.final_proj = torch.nn.Linear(working.in_features + 1, working.out_features)
+    try:
+        engine.step()
+    finally:
+        engine.model.final_proj = working
+    engine.close_session(sid)
+    engine.run_until_idle()
+    assert messages[-1].type == "error" and all(m.type == "audio" for m in messages[:-1])
+
+
 def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_tts_path):
     broken = make_tts_engine(tiny_tts_path)
     working = broken.model.final_proj
@@ -363,6 +382,17 @@ def test_text_beyond_the_sessions_limit_is_refused_until_speaking_or_cancelling_
     engine.run_until_idle()
     assert _refused_code(engine, sid, "d") is None
     assert _refused_code(engine, sid, "e") is None
+    engine.close_session(sid)
+
+
+def test_empty_segments_count_against_the_sessions_limit(tiny_tts_path):
+    engine = make_tts_engine(tiny_tts_path, max_queued_chars=3)
+    sid = engine.open_session(lambda message: None)
+    for _ in range(3):
+        engine.speak(sid, TtsSpeak(context_id="turn", text=""))
+    with pytest.raises(SegmentRejected) as refused:
+        engine.speak(sid, TtsSpeak(context_id="turn", text=""))
+    assert refused.value.code == ErrorCode.TEXT_OVERFLOW
     engine.close_session(sid)
 
 
