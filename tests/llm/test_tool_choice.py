@@ -82,7 +82,7 @@ async def test_required_makes_a_random_model_call_the_tools(server, sampling):
 async def test_a_named_function_is_called_once(server, sampling):
     named = {"type": "function", "function": {"name": "get_weather"}}
     [call], finish_reason, content = await _calls(server, named, **sampling)
-    assert (call.function.name, finish_reason, content) == ("get_weather", "tool_calls", "")
+    assert (call.function.name, finish_reason, content) == ("get_weather", "tool_calls", None)
     _check_weather_arguments(call.function.arguments)
 
 
@@ -131,7 +131,11 @@ async def test_with_reasoning_on_the_call_is_forced_after_the_reasoning(start_ll
         extra_body={"chat_template_kwargs": {"enable_thinking": True}},
     )
     message = response.choices[0].message
-    assert (message.reasoning_content, message.content, response.choices[0].finish_reason) == ("hmm", "", "tool_calls")
+    assert (message.reasoning_content, message.content, response.choices[0].finish_reason) == (
+        "hmm",
+        None,
+        "tool_calls",
+    )
     [call] = message.tool_calls
     assert call.function.name == "get_weather"
     _check_weather_arguments(call.function.arguments)
