@@ -16,6 +16,7 @@ from pipecat_nvidia.protocol import (
     TtsCancelled,
     TtsFlush,
     TtsReady,
+    TtsSegmentDone,
     parse_tts_client_message,
 )
 from servers.common.cuda_graphs import graph_max_batch
@@ -89,9 +90,11 @@ class TtsServer(EngineServer[TTSEngine]):
                 connection.error(e.code, str(e), context_id=request.context_id, segment_id=request.segment_id)
 
     def put_policy(self, items: deque, message) -> None:
-        """A cancelled turn's audio that has not left yet is dropped, not sent stale."""
+        """A cancelled turn's audio that has not left yet is dropped, not sent stale, and so
+        is the ``segment_done`` that would count it."""
         if isinstance(message, TtsCancelled):
-            stale = [m for m in items if isinstance(m, TtsAudio) and m.context_id == message.context_id]
-            for item in stale:
-                items.remove(item)
+            stale = (TtsAudio, TtsSegmentDone)
+            kept = [m for m in items if not (isinstance(m, stale) and m.context_id == message.context_id)]
+            items.clear()
+            items.extend(kept)
         items.append(message)
