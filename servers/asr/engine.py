@@ -329,7 +329,10 @@ class StreamingASREngine(SessionEngine):
                 rows.append(self._row(session, remaining, True, reset.received, padding))
             else:
                 # More than a real-time client can have buffered: a chunk now, the rest later.
-                rows.append(self._row(session, chunk, False, reset.received, padding))
+                # Its wait began when its own audio came (or the reset, for padding in it).
+                end = self.geometry.samples_for_frames(session.audio.next_frame + chunk)
+                ready_at = session.arrival_of(end) if end <= session.audio.total_samples else reset.received
+                rows.append(self._row(session, chunk, False, ready_at, padding))
         for row in rows:
             row.session.in_flight = True
         self._reset_ended_slots()

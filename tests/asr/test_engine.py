@@ -205,6 +205,17 @@ def test_a_failed_step_reports_no_chunk_latency(tiny_asr_path, speech_int16):
     assert stats.batch_size == 1 and stats.chunk_latencies == ()
 
 
+def test_a_chunk_stepped_after_a_reset_is_timed_from_its_own_audio(tiny_asr_path, speech_int16):
+    """Audio sent ahead waits for its step as long as it waits, reset or not."""
+    engine = make_engine(tiny_asr_path)
+    sid = engine.open_session(lambda message: None)
+    engine.push_audio(sid, speech_int16[: 16000 * 4].tobytes())
+    time.sleep(0.5)
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    stats = engine.step()
+    assert stats.final_rows == 0 and stats.chunk_latencies[0] >= 0.5
+
+
 def test_a_model_whose_steps_fail_fails_warm_up_not_each_client(tiny_asr_path):
     engine = make_engine(tiny_asr_path)
     engine._step.model.preprocessor = torch.nn.Identity()  # as a broken checkpoint would
