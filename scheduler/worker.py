@@ -9,7 +9,6 @@ or, when the policy holds a unit for an ASR chunk, until the chunk is due.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import defaultdict, deque
@@ -30,12 +29,6 @@ SIT_OUT_AFTER_FAILURE_S = 1.0
 """A model whose unit raised is left out of the decisions this long: the others run
 meanwhile (the policy would choose it again at once), and its error is logged about once
 a second, not once a loop."""
-NOTHING_TO_DO = {
-    "asr": {"asr_ready": False, "asr_due_s": None},
-    "llm": {"llm_first_pending": False, "llm_generating": False},
-    "tts": {"tts_first_pending": False, "tts_has_work": False, "tts_min_ahead_s": None, "tts_text_ahead_s": None},
-}
-"""The queue state's fields that, so set, show a model with no work."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +123,10 @@ class GpuScheduler:
 
     # ------------------------------------------------------------------ one decision
 
-    def queue_state(self) -> QueueState:
-        e = self._engines
+    def queue_state(self, now: float) -> QueueState:
+        """What each model has to do at ``now``; a model sitting out (see
+        ``SIT_OUT_AFTER_FAILURE_S``) shows as one not loaded."""
+        e = {model: a for model, a in self._engines.items() if self._sitting_out_until.get(model, 0.0) <= now}
         asr = e.get("asr")
         tts = e["tts"].engine.queue_state() if "tts" in e else None
         llm = e["llm"].engine.queue_state() if "llm" in e else None
@@ -170,7 +165,7 @@ class GpuScheduler:
         """Choose and run one unit; None if none ran (nothing had work, or the chosen
         unit waits for an ASR chunk)."""
         now = time.monotonic()
-        state = self._without_models_sitting_out(self.queue_state(), now)
+        state = self.queue_state(now)
         self._note_waiting(state, now)
         decision = plan(state, self.expected_seconds(state), self.targets)
         unit = decision.unit
@@ -210,12 +205,6 @@ class GpuScheduler:
                 self.metrics.deadline_misses.labels(model="asr").inc(misses)
         attached.on_step(stats)
         return unit
-
-    def _without_models_sitting_out(self, state: QueueState, now: float) -> QueueState:
-        for model, until in self._sitting_out_until.items():
-            if until > now:
-                state = dataclasses.replace(state, **NOTHING_TO_DO[model])
-        return state
 
     def _note_waiting(self, state: QueueState, now: float) -> None:
         has_work = {
