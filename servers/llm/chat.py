@@ -249,17 +249,14 @@ class OutputSplitter:
 
     def _close_call(self) -> None:
         call = parse_tool_call(self._call_body, self._tools)
-        if call is None:
-            logger.warning(f"The model's tool call is malformed and was dropped: {self._call_body!r}")
-        elif call.name not in self._tool_names:
-            # A model may call a tool it saw earlier in the conversation, or none was
-            # offered (tool_choice "none"): a client cannot run it.
-            logger.warning(f"The model called {call.name!r}, a tool the request does not offer; dropped")
-        else:
+        # A model may call a tool it saw earlier in the conversation, or none was offered
+        # (tool_choice "none"): a client cannot run it.
+        if call is not None and call.name in self._tool_names:
             self.tool_calls.append(call)
-            self._call_body = ""
-            return
-        self.dropped_calls.append(self._call_body)
+        else:
+            why = "is malformed" if call is None else f"calls {call.name!r}, a tool the request does not offer"
+            logger.warning(f"The model's tool call {why}; it was dropped: {self._call_body!r}")
+            self.dropped_calls.append(self._call_body)
         self._call_body = ""
 
 
