@@ -7,7 +7,7 @@ found it, as vLLM reports them by default.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ def token_logprob(logits: np.ndarray, token: int, top: int, text_of: Callable[[i
     )
 
 
-def openai_logprobs(entries: list[TokenLogprob]) -> dict:
+def openai_logprobs(entries: Sequence[TokenLogprob]) -> dict:
     """The ``logprobs`` object of a choice (or of a stream chunk's)."""
     return {
         "content": [

@@ -226,7 +226,7 @@ class LlmServer(LoadingServer):
                 delta = {"content": event.content} if event.content else {}
                 if event.reasoning:
                     delta["reasoning_content"] = event.reasoning
-                logprobs = openai_logprobs(list(event.logprobs)) if event.logprobs else None
+                logprobs = openai_logprobs(event.logprobs) if event.logprobs else None
                 await _send_event(response, completion.chunk(delta, logprobs=logprobs))
                 continue
             failure = self._failure(event)
