@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -34,6 +33,7 @@ from pipecat_nvidia.stt import NemotronSTTService
 from servers.asr.config import AsrServerSettings
 from servers.asr.server import AsrServer
 from tests.asr.client import server_url
+from tests.loaded_server import slow_down
 from tests.pipeline import Clock, FrameLog, run_worker
 from tests.stt.harness import pcm_frames, run_pipeline, silence
 
@@ -127,13 +127,7 @@ async def test_a_final_that_comes_after_the_user_spoke_again_does_not_end_the_tu
     """A loaded server answers the first finalize after the VAD's second stop: only the
     second final, which answers the latest finalize, ends the turn."""
     server = await start_asr_server()
-    step = server.engine.step
-
-    def slow_step():
-        time.sleep(0.2)
-        return step()
-
-    server.engine.step = slow_step
+    slow_down(server, 0.2)
     stt = NemotronSTTService(url=server_url(server))
     log = FrameLog(Clock())
 

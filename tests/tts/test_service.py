@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 from pipecat.frames.frames import (
@@ -31,6 +30,7 @@ from pipecat_nvidia.tts import MagpieTTSService
 from servers.tts.config import TtsServerSettings
 from servers.tts.server import TtsServer
 from tests.asr.client import server_url
+from tests.loaded_server import slow_down
 from tests.pipeline import Clock, FrameLog, run_worker
 
 pytestmark = pytest.mark.slow
@@ -49,17 +49,6 @@ def record_speak(server) -> list:
 
     server.engine.speak = recording
     return requests
-
-
-def slow_down(server, seconds_per_step: float) -> None:
-    """Make every engine step take ``seconds_per_step`` longer, like a loaded GPU."""
-    step = server.engine.step
-
-    def slow():
-        time.sleep(seconds_per_step)
-        return step()
-
-    server.engine.step = slow
 
 
 def _turn(sentences):
