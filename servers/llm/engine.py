@@ -12,7 +12,6 @@ back, so keeping the cached history append-only is what makes the reuse work for
 from __future__ import annotations
 
 import codecs
-import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +20,17 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 from servers.common.engine import WorkSignal
-from servers.llm.chat import THINK_CLOSE, ChatTemplate, OutputSplitter, PromptRejected, StopMatcher, ToolCall
+from servers.llm.chat import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    ChatTemplate,
+    OutputSplitter,
+    PromptRejected,
+    StopMatcher,
+    ToolCall,
+)
 from servers.llm.logprobs import TokenLogprob, token_logprob
 from servers.llm.sampling import Sampling, logits_at, sampler_chain, token_sampler
 from servers.llm.state import StateSnapshot, can_roll_back, restore_snapshot, take_snapshot
@@ -215,6 +224,14 @@ class LLMEngine(WorkSignal):
         self.reasoning_end = (think_close[0], THINK_CLOSE) if len(think_close) == 1 else None
         """The token that ends the model's reasoning, and its text, where ``</think>`` is one
         token: a grammar for the answer waits for it."""
+        self._tag_tokens = frozenset(
+            tokens[0]
+            for tag in (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+            if len(tokens := self._tokenize(tag)) == 1
+        )
+        """The tags the output is split at, where they are single tokens: their text is kept
+        even where the GGUF types them CONTROL (Nemotron-3-Nano's reasoning tags), which
+        llama.cpp otherwise renders as nothing."""
         self._end_of_turn = end_of_turn_token(llm, self.template)
         self._end_of_turn_text = llm._model.token_get_text(self._end_of_turn)
         super().__init__()
@@ -516,7 +533,7 @@ class LLMEngine(WorkSignal):
                 generation.logprobs.append(self._token_logprob(token, generation.request.top_logprobs))
             if generation.splitter.in_reasoning:
                 generation.reasoning_tokens += 1
-            said = generation.decoder.decode(token_bytes(llm, token))
+            said = generation.decoder.decode(self._token_text(token))
             generation.at_line_end = said.endswith("\n")
             text = generation.stop.push(said)
             piece = generation.splitter.push(text)
@@ -532,11 +549,14 @@ class LLMEngine(WorkSignal):
                 return produced
         return produced
 
+    def _token_text(self, token: int) -> bytes:
+        return token_bytes(self._llm, token, special=token in self._tag_tokens)
+
     def _token_logprob(self, token: int, top: int) -> TokenLogprob:
         """``token``'s log probability under the logits it was chosen from (before it is
         evaluated), with the ``top`` likeliest tokens'."""
         llm = self._llm
-        return token_logprob(logits_at(llm._ctx, -1, llm.n_vocab()), token, top, functools.partial(token_bytes, llm))
+        return token_logprob(logits_at(llm._ctx, -1, llm.n_vocab()), token, top, self._token_text)
 
     @staticmethod
     def _reasoning_over(generation: _Generation) -> bool:
@@ -599,9 +619,10 @@ class LLMEngine(WorkSignal):
         self._conversation = _Conversation(request.tools, request.enable_thinking, resumes)
 
 
-def token_bytes(llm, token: int) -> bytes:
-    """The token's text. ``Llama.detokenize`` reads at most 32 bytes of a token and returns
-    nothing at all for a longer one (llama.cpp answers with the size it needs)."""
+def token_bytes(llm, token: int, *, special: bool = False) -> bytes:
+    """The token's text (a CONTROL token's only when ``special``). ``Llama.detokenize``
+    reads at most 32 bytes of a token and returns nothing at all for a longer one (llama.cpp
+    answers with the size it needs)."""
     import ctypes
 
     from llama_cpp import llama_token_to_piece
@@ -609,7 +630,7 @@ def token_bytes(llm, token: int) -> bytes:
     size = 32
     while True:
         buffer = ctypes.create_string_buffer(size)
-        n = llama_token_to_piece(llm._model.vocab, token, buffer, size, 0, False)
+        n = llama_token_to_piece(llm._model.vocab, token, buffer, size, 0, special)
         if n >= 0:
             return buffer.raw[:n]
         size = -n

@@ -68,8 +68,10 @@ def vocabulary(extra: tuple[str, ...] = (), *, think_tags: bool = True):
         ("</s>", T.CONTROL),
         ("<|im_start|>", T.CONTROL),
         ("<|im_end|>", T.CONTROL),
-        ("<think>", T.USER_DEFINED),
-        ("</think>", T.USER_DEFINED),
+        # Nemotron-3-Nano's GGUF types its reasoning tags CONTROL (llama.cpp then renders
+        # them as nothing unless asked), Qwen's types its tool-call tags USER_DEFINED.
+        ("<think>", T.CONTROL),
+        ("</think>", T.CONTROL),
         ("<tool_call>", T.USER_DEFINED),
         ("</tool_call>", T.USER_DEFINED),
     ]
