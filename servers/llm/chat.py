@@ -89,8 +89,9 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-_XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.S)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
+# A closing tag the model left out ends at what follows (the call's end, the next parameter).
+_XML_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|\Z)", re.S)
 
 
 def parse_tool_call(body: str, tools: list[dict] | None = None) -> ToolCall | None:

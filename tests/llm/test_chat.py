@@ -56,6 +56,22 @@ def test_the_function_parameter_form_is_parsed():
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</function>",
+        "<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n</parameter>\n",
+        "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3",
+    ],
+    ids=["no-last-parameter-close", "no-parameter-or-function-close", "no-closes-at-the-end"],
+)
+def test_the_function_parameter_form_survives_missing_closing_tags(body):
+    """Nemotron 3 may leave out a closing tag before the call ends (llama.cpp's parser
+    allows for it): no parameter and no call is lost."""
+    call = parse_tool_call(body)
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris", "days": 3}
+
+
+@pytest.mark.parametrize(
     "text_schema",
     [
         {"type": "string"},
