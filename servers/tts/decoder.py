@@ -218,17 +218,22 @@ class MagpieDecoder:
         positions = max(self._cache_positions(self._context_lengths[s.voice], s.max_frames) for s in sequences)
         rows = self.transformer.pool.allocate(len(sequences) * self._branches, positions, text.shape[1])
         count = len(sequences)
-        self.transformer.write_text(torch.tensor(rows[:count], device=self.device), encoded)
-        if self.use_cfg:  # the unconditional branch's text: NeMo's dummy, one zero vector
-            self.transformer.write_text(
-                torch.tensor(rows[count:], device=self.device), torch.zeros_like(encoded[:, :1])
+        try:
+            self.transformer.write_text(torch.tensor(rows[:count], device=self.device), encoded)
+            if self.use_cfg:  # the unconditional branch's text: NeMo's dummy, one zero vector
+                self.transformer.write_text(
+                    torch.tensor(rows[count:], device=self.device), torch.zeros_like(encoded[:, :1])
+                )
+            self._codes.ensure(self.transformer.pool.rows, self._code_frames(max(s.max_frames for s in sequences)))
+            self._codes.write(
+                rows[:count],
+                [0] * count,
+                torch.full((count, m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device),
             )
-        self._codes.ensure(self.transformer.pool.rows, self._code_frames(max(s.max_frames for s in sequences)))
-        self._codes.write(
-            rows[:count],
-            [0] * count,
-            torch.full((count, m.num_audio_codebooks, fs), m.audio_bos_id, device=self.device),
-        )
+        except BaseException:
+            # No sequence holds these rows yet: nothing else would give them back.
+            self.transformer.pool.release(rows)
+            raise
         for i, s in enumerate(sequences):
             s.rows = rows[i::count]
             s._store, s._slot, s._length, s._bos_frames = self._codes, rows[i], fs, fs
@@ -302,8 +307,8 @@ class MagpieDecoder:
         present = {id(s) for s in sequences}
         for key in [key for key in self._live if key not in present]:
             s = self._live.pop(key)
-            s._store, s._slot = CodeStore(s.codes[None].clone()), 0
             self.transformer.pool.release(s.rows)
+            s._store, s._slot = CodeStore(s.codes[None].clone()), 0
 
     def _prefill(self, sequences: list[Sequence]) -> Decoded:
         """Each new sequence's prefix (its voice's context, then the BOS frames) into the cache."""

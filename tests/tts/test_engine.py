@@ -315,6 +315,35 @@ def test_a_step_that_fails_ends_its_segments_with_an_error_and_the_engine_serves
     assert_same_audio(pcm(messages), pcm(synthesize(engine, TEXT)))
 
 
+def test_a_segment_that_fails_to_start_gives_its_cache_rows_back(tiny_tts_path, monkeypatch):
+    """A start that fails after taking its rows (say, out of GPU memory on a shared card):
+    the rows come back, or the next full batch grows the cache and every later step runs
+    without graphs."""
+    graphed = make_tts_engine(tiny_tts_path, max_batch=2, graph_max_batch=2)
+    graphed.warm_up()
+    pool = graphed._decoder.transformer.pool
+    rows, generation = pool.rows, pool.generation
+    write_text = graphed._decoder.transformer.write_text
+    failures = iter([RuntimeError("out of memory")])
+
+    def fails_once(*args):
+        for error in failures:
+            raise error
+        return write_text(*args)
+
+    monkeypatch.setattr(graphed._decoder.transformer, "write_text", fails_once)
+    messages = []
+    sid = graphed.open_session(messages.append)
+    graphed.speak(sid, TtsSpeak(context_id="failed", text=TEXT))
+    graphed.step()
+    assert [m.type for m in messages][:1] == ["error"]
+    for turn in ("a", "b"):
+        graphed.speak(sid, TtsSpeak(context_id=turn, text=TEXT, mode="batch"))
+    assert max(s.batch_size for s in graphed.run_until_idle()) == 2
+    assert (pool.rows, pool.generation) == (rows, generation)
+    assert graphed.graph_batches["decoder_step"] == 2
+
+
 def test_no_audio_of_a_segment_follows_its_error(engine):
     """A resampled segment that fails midway: its resampler's last samples are not sent
     after the error that ended it."""
