@@ -266,13 +266,16 @@ class MagpieDecoder:
         if fresh:
             parts.append(self._prefill(fresh))
         hidden, alignment = self._join(parts)
-        # On its way to the host while the GPU samples: NeMo's bookkeeping below then runs
-        # on the CPU during the sampling instead of after it.
+        # On its way to the host while the GPU projects the logits: NeMo's bookkeeping then
+        # runs on the CPU meanwhile. It goes before sampling, as in NeMo: whether speech may
+        # (or must) end follows this step's attention.
         alignment = _HostCopy(alignment.float()) if alignment is not None else None
         logits = m.final_proj(hidden)
         newest_logits = logits[:batch]
         if self.use_cfg:
             newest_logits = (1 - ip.cfg_scale) * logits[batch:] + ip.cfg_scale * newest_logits
+        if alignment is not None:
+            self._update_attention(sequences, alignment.wait())
 
         eos_forbidden = torch.tensor(
             [s.steps * fs < ip.min_generated_frames or s.unfinished for s in sequences], device=self.device
@@ -280,8 +283,6 @@ class MagpieDecoder:
         eos_forced = torch.tensor(self._eos_forced(sequences), device=self.device)
         next_codes = self._sample(hidden, eos_forbidden, eos_forced)
         argmax_codes = self.argmax_codes(newest_logits, eos_forbidden, eos_forced)
-        if alignment is not None:
-            self._update_attention(sequences, alignment.wait())
         # On host copies: the GPU is waited for once, not per row.
         eos_frames = first_eos_frames(
             next_codes.cpu().numpy(), argmax_codes.cpu().numpy(), m.audio_eos_id, self._eos_method

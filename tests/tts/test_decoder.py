@@ -26,7 +26,7 @@ def _tokens(model, text):
 
 def _generate_speech(model, text, frames, voice):
     """NeMo's whole-utterance loop with its decoder cache on (as NeMo's inference runs a
-    single-chunk batch), stopped after ``frames`` codec frames."""
+    single-chunk batch), stopped after ``frames`` codec frames: the codes it says are speech."""
     model.inference_parameters.max_decoder_steps = frames
     tokens = _tokens(model, text)
     batch = {"text": tokens[None], "text_lens": torch.tensor([len(tokens)]), "speaker_indices": voice}
@@ -42,7 +42,7 @@ def _generate_speech(model, text, frames, voice):
         )
     model.inference_parameters.max_decoder_steps = 500
     model.decoder.reset_cache(use_cache=False)
-    return out.predicted_codes[0]
+    return out.predicted_codes[0, :, : int(out.predicted_codes_lens[0])]
 
 
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
@@ -66,6 +66,20 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
     if graph_max_batch:  # the fixed-shape steps stayed in use (the cache never outgrew them)
         assert decoder.advance_graphs.captured == decoder.prefill_graphs.captured == [1, 2, 4]
         assert decoder.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4}
+
+
+@pytest.mark.parametrize("text", ["Hi.", "Hello there, how are you?"])
+def test_end_of_speech_follows_text_progress_at_the_step_nemo_does(model, monkeypatch, text):
+    """With finished-sentence tracking on, end of speech is forced a set number of steps
+    after the text is read, judged (as in NeMo) from the step's own attention."""
+    monkeypatch.setattr(model.inference_parameters, "ignore_finished_sentence_tracking", False)
+    sequence = Sequence(tokens=_tokens(model, text), voice=0, max_frames=120)
+    decoder = MagpieDecoder(model)
+    while not sequence.done:
+        decoder.step([sequence])
+    assert sequence.speech_frames < 120, "tracking never ended the speech"
+    ours = sequence.codes[:, sequence._bos_frames : sequence._bos_frames + sequence.speech_frames]
+    assert torch.equal(ours, _generate_speech(model, text, 120, 0))
 
 
 def test_a_decoder_step_does_the_same_work_late_in_a_segment_as_early(model):
