@@ -1,4 +1,5 @@
-"""Random-weight GGUF models of the llama architecture, for tests and benchmarks.
+"""Random-weight GGUF models, for tests and benchmarks: the llama architecture, and the
+hybrid Mamba-2 + attention + MoE one of Nemotron-3-Nano (``nemotron_h_moe``).
 
 The file is what a real checkpoint looks like to llama.cpp: SentencePiece vocabulary with
 ChatML control tokens, a chat template (tools, reasoning switch) in the metadata, and the
@@ -112,11 +113,7 @@ def write_random_llama_gguf(
     ``think_tags``: see :func:`vocabulary`."""
     vocab = vocabulary(extra_pieces, think_tags=think_tags)
     pieces = vocab[0]
-    rng = np.random.default_rng(seed)
-
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * init_std).astype(np.float32)
-
+    weight = _random_weights(seed, init_std)
     head_dim = n_embd // n_head
     tensors = {"token_embd.weight": weight(len(pieces), n_embd), "output.weight": weight(len(pieces), n_embd)}
     for i in range(n_layer):
@@ -152,16 +149,10 @@ def write_llama_gguf(
 ) -> Path:
     """A llama-architecture chat model with these weights (the norms' are ones), its shape
     read from them, and the vocabulary from :func:`vocabulary`."""
-    import gguf
-
-    path = Path(path)
-    pieces, scores, types = vocab
     n_embd = tensors["token_embd.weight"].shape[1]
     n_layer = len([name for name in tensors if name.endswith(".attn_q.weight")])
     head_dim = n_embd // n_head
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("random-llama")
-    w.add_context_length(context_length)
+    w = _chat_model_writer(path, "llama", vocab, context_length, chat_template, eos_token_id)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
     w.add_feed_forward_length(tensors["blk.0.ffn_gate.weight"].shape[0])
@@ -170,6 +161,127 @@ def write_llama_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
+    ones = np.ones(n_embd, np.float32)
+    w.add_tensor("token_embd.weight", tensors["token_embd.weight"])
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", tensors["output.weight"])
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        for part in ("ffn_gate", "ffn_up", "ffn_down"):
+            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
+    return _write(w, path)
+
+
+def write_random_nemotron_h_gguf(
+    path: str | Path,
+    *,
+    layers: str = "MEM*E",
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_expert: int = 4,
+    n_expert_used: int = 2,
+    init_std: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Write a random hybrid chat model of Nemotron-3-Nano's architecture (llama.cpp's
+    ``nemotron_h_moe``) to ``path``, with the vocabulary and template of
+    :func:`write_random_llama_gguf` (f32, under 1 MiB by default). ``layers`` is the
+    converter's pattern: ``M`` Mamba-2, ``*`` attention, ``E`` routed experts plus a shared
+    one. llama.cpp cannot cut a recurrent state back, so this model runs the engine's
+    snapshot path on its real hybrid memory."""
+    vocab = vocabulary()
+    weight = _random_weights(seed, init_std)
+    head_dim = n_embd // n_head
+    # Mamba-2 mixer: 32-wide heads over twice the width, B and C in 2 groups of 16 states.
+    d_inner, d_state, n_group, d_conv = 2 * n_embd, 16, 2, 4
+    ssm_heads = d_inner // 32
+    conv_channels = d_inner + 2 * n_group * d_state
+    n_ff_exp, n_ff_shexp = n_embd // 2, n_embd
+    w = _chat_model_writer(path, "nemotron_h_moe", vocab, 4096, CHAT_TEMPLATE, END_OF_TURN)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(len(layers))
+    # A layer with neither attention heads nor a feed-forward is a Mamba-2 layer.
+    w.add_feed_forward_length([n_ff_exp if kind == "E" else 0 for kind in layers])
+    w.add_head_count(n_head)
+    w.add_head_count_kv([n_head_kv if kind == "*" else 0 for kind in layers])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_eps(1e-5)  # never used, but llama.cpp refuses the file without it
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(ssm_heads)
+    w.add_ssm_group_count(n_group)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(n_expert_used)
+    w.add_expert_feed_forward_length(n_ff_exp)
+    w.add_expert_shared_count(1)
+    w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    w.add_expert_weights_norm(True)
+    w.add_expert_weights_scale(2.5)
+    w.add_tensor("token_embd.weight", weight(len(vocab[0]), n_embd))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor("output.weight", weight(len(vocab[0]), n_embd))
+    for i, kind in enumerate(layers):
+        block = f"blk.{i}."
+        w.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+        if kind == "M":
+            w.add_tensor(block + "ssm_in.weight", weight(2 * d_inner + 2 * n_group * d_state + ssm_heads, n_embd))
+            w.add_tensor(block + "ssm_conv1d.weight", weight(conv_channels, d_conv))
+            w.add_tensor(block + "ssm_conv1d.bias", weight(conv_channels))
+            w.add_tensor(block + "ssm_dt.bias", weight(ssm_heads))
+            w.add_tensor(block + "ssm_a", -np.exp(weight(ssm_heads, 1)))  # A = -exp(A_log), as converted
+            w.add_tensor(block + "ssm_d", weight(ssm_heads, 1))
+            w.add_tensor(block + "ssm_norm.weight", np.ones((n_group, d_inner // n_group), np.float32))
+            w.add_tensor(block + "ssm_out.weight", weight(n_embd, d_inner))
+        elif kind == "*":
+            w.add_tensor(block + "attn_q.weight", weight(n_head * head_dim, n_embd))
+            w.add_tensor(block + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
+            w.add_tensor(block + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+            w.add_tensor(block + "attn_output.weight", weight(n_embd, n_head * head_dim))
+        elif kind == "E":
+            w.add_tensor(block + "ffn_gate_inp.weight", weight(n_expert, n_embd))
+            w.add_tensor(block + "exp_probs_b.bias", weight(n_expert))
+            w.add_tensor(block + "ffn_up_exps.weight", weight(n_expert, n_ff_exp, n_embd))
+            w.add_tensor(block + "ffn_down_exps.weight", weight(n_expert, n_embd, n_ff_exp))
+            w.add_tensor(block + "ffn_up_shexp.weight", weight(n_ff_shexp, n_embd))
+            w.add_tensor(block + "ffn_down_shexp.weight", weight(n_embd, n_ff_shexp))
+        else:
+            raise ValueError(f"layer kind {kind!r}: M (Mamba-2), * (attention) or E (experts)")
+    return _write(w, path)
+
+
+def _random_weights(seed: int, init_std: float):
+    """Draws f32 weights of a shape, in the order asked for (the same seed, the same model)."""
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * init_std).astype(np.float32)
+
+    return weight
+
+
+def _chat_model_writer(
+    path: str | Path,
+    arch: str,
+    vocab: tuple[list, list, list],
+    context_length: int,
+    chat_template: str,
+    eos_token_id: int,
+):
+    """A ``gguf.GGUFWriter`` for ``arch`` holding what every model here shares: f32
+    weights, the vocabulary from :func:`vocabulary` and the chat template."""
+    import gguf
+
+    pieces, scores, types = vocab
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"random-{arch}")
+    w.add_context_length(context_length)
     w.add_vocab_size(len(pieces))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
@@ -183,26 +295,19 @@ def write_llama_gguf(
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
     w.add_chat_template(chat_template)
-    ones = np.ones(n_embd, np.float32)
-    w.add_tensor("token_embd.weight", tensors["token_embd.weight"])
-    w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", tensors["output.weight"])
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        for part in ("ffn_gate", "ffn_up", "ffn_down"):
-            w.add_tensor(f"blk.{i}.{part}.weight", tensors[f"blk.{i}.{part}.weight"])
+    return w
+
+
+def _write(w, path: str | Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return Path(path)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write a random-weight llama-architecture GGUF (tests, benchmarks).")
+    p = argparse.ArgumentParser(description="Write a random-weight GGUF (tests, benchmarks): llama, or Nemotron-H MoE.")
     p.add_argument("path")
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
@@ -210,16 +315,18 @@ def main() -> None:
     p.add_argument("--n-head-kv", type=int, default=2)
     p.add_argument("--n-ff", type=int, default=128)
     p.add_argument("--init-std", type=float, default=0.5)
-    a = p.parse_args()
-    write_random_llama_gguf(
-        a.path,
-        n_embd=a.n_embd,
-        n_layer=a.n_layer,
-        n_head=a.n_head,
-        n_head_kv=a.n_head_kv,
-        n_ff=a.n_ff,
-        init_std=a.init_std,
+    p.add_argument(
+        "--nemotron-h",
+        metavar="LAYERS",
+        help="write a hybrid Nemotron-H MoE instead, its layers in this pattern (M Mamba-2, * attention, "
+        "E experts, e.g. MEM*E); --n-layer and --n-ff do not apply",
     )
+    a = p.parse_args()
+    shape = {"n_embd": a.n_embd, "n_head": a.n_head, "n_head_kv": a.n_head_kv, "init_std": a.init_std}
+    if a.nemotron_h:
+        write_random_nemotron_h_gguf(a.path, layers=a.nemotron_h, **shape)
+    else:
+        write_random_llama_gguf(a.path, n_layer=a.n_layer, n_ff=a.n_ff, **shape)
 
 
 if __name__ == "__main__":

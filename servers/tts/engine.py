@@ -434,7 +434,6 @@ class TTSEngine(SessionEngine):
         spoken_tokens = len(chunk.tokens) - 1  # EOS excluded
         max_frames = min(self._max_frames, max(self._min_frames, int(self._max_frames_per_token * spoken_tokens)))
         segment.sequence = Sequence(tokens=chunk.tokens, voice=segment.voice, max_frames=max_frames)
-        segment.sent_frames = 0
         return True
 
     def _audio_due(self, segment: _Segment, now: float) -> DecodeRequest | None:
@@ -539,8 +538,10 @@ class TTSEngine(SessionEngine):
         if segment.sequence.end_frame == segment.sequence.max_frames:
             segment.stopped_by = "max_frames"
         if not self._last_chunk(segment):
+            # The next chunk's audio counts from nothing sent, already while it waits to
+            # start (what the scheduler is told its first step will bring).
             segment.chunk_index += 1
-            segment.sequence = None
+            segment.sequence, segment.sent_frames = None, 0
             return
         self._finish(segment, events, sent=True)
 

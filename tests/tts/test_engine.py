@@ -525,3 +525,20 @@ def test_the_engine_foresees_which_steps_decode_audio_or_start_a_segment(tiny_tt
     assert foreseen == happened
     assert sum(decoded for decoded, _ in happened) >= (3 if mode == "stream" else 2)
     assert sum(started for _, started in happened) == 2
+
+
+def test_the_engine_foresees_the_audio_of_a_long_segments_later_sentences(tiny_tts_path):
+    """Each sentence of a long segment (over 45 words, NeMo's split) is spoken as a
+    sequence of its own, whose first audio comes as soon as the first one's did."""
+    engine = make_tts_engine(tiny_tts_path, clock=lambda: 0.0)
+    sid = engine.open_session(lambda message: None)
+    sentence = "This sentence has exactly eight words in it. "
+    engine.speak(sid, TtsSpeak(context_id="turn", text=sentence * 6, mode="stream", preset="fast"))
+    foreseen, happened, started = [], [], 0
+    while engine.has_work():
+        foreseen.append(engine.queue_state().next_step_decodes)
+        stats = engine.step()
+        happened.append(stats.audio_seconds > 0)
+        started += stats.started
+    assert started == 6, "the text was not split into sentences"
+    assert foreseen == happened
