@@ -141,7 +141,7 @@ class StreamingASREngine(SessionEngine):
         work and planning cost nothing per idle session."""
         self._ended_slots: list[int] = []
         """Slots to put back to the initial state before their next step (of new sessions
-        and of utterances that ended), reset together on the stepping thread."""
+        and of utterances that ended), reset together by the next step, as it starts."""
 
     @property
     def encoder_graphs(self) -> GraphedEncoderStep | None:
@@ -246,14 +246,19 @@ class StreamingASREngine(SessionEngine):
         events: list[tuple[Sink, AsrServerMessage]] = []
         with self._lock:
             rows = self._plan(events)
+            ended, self._ended_slots = (self._ended_slots, []) if rows else ([], self._ended_slots)
         tokens = None
         if rows:
             try:
+                # Off the lock: on a GPU the write waits for work queued before it.
+                self._pool.reset(ended)
+                ended = []
                 tokens = self._step.run([r.step for r in rows]).tokens
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
                 logger.exception("ASR step failed")
                 error = ErrorMessage(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
             with self._lock:
+                self._ended_slots += ended  # left by a failed reset: the next step writes them
                 for i, row in enumerate(rows):
                     session = row.session
                     session.in_flight = False
@@ -269,7 +274,6 @@ class StreamingASREngine(SessionEngine):
                     else:
                         self._after_row(row, tokens[i], events)
                         self._mark_if_ready(session)
-                self._reset_ended_slots()
         done = time.monotonic()
         for sink, message in events:
             sink(message)
@@ -335,7 +339,6 @@ class StreamingASREngine(SessionEngine):
                 rows.append(self._row(session, chunk, False, ready_at, padding))
         for row in rows:
             row.session.in_flight = True
-        self._reset_ended_slots()
         return rows
 
     def _row(self, session: _Session, count: int, final: bool, ready_at: float, padding: int | None = None) -> _Row:
@@ -395,10 +398,6 @@ class StreamingASREngine(SessionEngine):
     def _next_segment(self, session: _Session) -> None:
         session.utterance_id += 1
         session.text = session.sent_text = ""
-
-    def _reset_ended_slots(self) -> None:
-        self._pool.reset(self._ended_slots)
-        self._ended_slots.clear()
 
     def _end_utterance(self, session: _Session) -> None:
         """Start the next utterance: fresh state (see ``_ended_slots``), then whatever

@@ -195,6 +195,33 @@ def test_a_failed_step_keeps_the_text_already_streamed_as_the_resets_final(tiny_
     assert final.is_final and not final.rollover and final.text == shown != ""
 
 
+def test_a_failed_state_reset_fails_only_its_step(tiny_asr_path, speech_int16, monkeypatch):
+    """Fresh state for a new session's slot is written before the step that needs it; a
+    write that fails (say, a transient GPU error) is that step's failure: its sessions get
+    an error, and streams on to their finals like any other."""
+    engine = make_engine(tiny_asr_path)
+    utterance = speech_int16[16000 : 16000 * 3]
+    messages = []
+    sid = engine.open_session(messages.append)
+    reset = engine._pool.reset
+    failures = iter([RuntimeError("out of memory")])
+
+    def fails_once(slots):
+        for error in failures:
+            raise error
+        reset(slots)
+
+    monkeypatch.setattr(engine._pool, "reset", fails_once)
+    engine.push_audio(sid, utterance[: engine.geometry.first_step_samples].tobytes())
+    engine.step()
+    assert [m.code for m in messages if m.type == "error"] == [ErrorCode.INTERNAL]
+    messages.clear()
+    stream(engine, sid, utterance)
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    engine.run_until_idle()
+    assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, padding_ms=120)
+
+
 def test_a_failed_step_reports_no_chunk_latency(tiny_asr_path, speech_int16):
     """Nothing was transcribed: a latency would count towards the ASR's deadline misses."""
     engine = make_engine(tiny_asr_path)
