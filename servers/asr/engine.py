@@ -359,11 +359,20 @@ class StreamingASREngine(SessionEngine):
             return
         if session.text.strip() != session.sent_text:
             events.append((session.sink, self._transcript(session, False, row.ready_at)))
-        if self._transcribed(session) - session.segment_start_samples >= self._max_utterance:
+        segment = self._transcribed(session) - session.segment_start_samples
+        if segment >= self._max_utterance:
             # Bound the text a never-ending utterance holds: the text so far becomes final
-            # while the audio streams on through the same encoder state.
+            # while the audio streams on through the same encoder state. Its last word may
+            # go on in the next chunk: it opens the next segment (clients join segments with
+            # a space), and a segment with no word ended yet waits for one, up to twice as long.
+            words, _, last_word = session.text.rpartition(" ")
+            if not words.strip() and segment < 2 * self._max_utterance:
+                return
+            if words.strip():
+                session.text = words
             events.append((session.sink, self._transcript(session, True, row.ready_at, rollover=True)))
             self._next_segment(session)
+            session.text = last_word if words.strip() else ""
             session.segment_start_samples = self._transcribed(session)
 
     def _transcript(

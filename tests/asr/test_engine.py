@@ -105,23 +105,27 @@ def test_audio_sent_after_a_reset_belongs_to_the_next_utterance(tiny_asr_path, s
     assert finals[1].text == offline_text(engine, second, 120)
 
 
-def test_a_never_ending_utterance_is_finalised_in_segments_without_losing_text(tiny_asr_path, speech_int16):
+def test_a_never_ending_utterance_is_finalised_in_segments_without_losing_or_splitting_words(
+    tiny_asr_path, speech_int16
+):
     utterance = speech_int16[: 16000 * 9]
     whole = transcribe(make_engine(tiny_asr_path), utterance)[-1].text
     segmented = transcribe(make_engine(tiny_asr_path, max_utterance_s=2.0), utterance)
     finals = [m for m in segmented if m.is_final]
     assert len(finals) >= 4
     assert [m.utterance_id for m in finals] == list(range(len(finals)))
-    assert "".join(m.text + " " for m in finals).replace(" ", "") == whole.replace(" ", "")
+    # Joined as Pipecat joins them: a word the segments split would read as two.
+    assert " ".join(m.text for m in finals if m.text) == whole
 
 
 def test_a_long_utterance_sent_at_once_is_segmented_by_the_audio_transcribed(tiny_asr_path, speech_int16):
-    """Audio a client sends ahead is not yet transcribed: segments are cut every
-    ``max_utterance_s`` of audio the encoder took, and say how much that was."""
+    """Audio a client sends ahead is not yet transcribed: segments are cut after
+    ``max_utterance_s`` of audio the encoder took (at the next word's end, within twice
+    that), and say how much that was."""
     messages = transcribe(make_engine(tiny_asr_path, max_utterance_s=1.0), speech_int16[: 16000 * 5], piece=16000 * 5)
     segment_ends = [m for m in messages if m.is_final][:-1]
-    assert len(segment_ends) >= 4
-    assert all(1000.0 <= m.audio_ms < 1200.0 for m in segment_ends), [m.audio_ms for m in segment_ends]
+    assert len(segment_ends) >= 2
+    assert all(1000.0 <= m.audio_ms < 2200.0 for m in segment_ends), [m.audio_ms for m in segment_ends]
     assert all(m.rollover for m in segment_ends) and not messages[-1].rollover
     assert all(m.audio_ms >= 0 for m in messages)
 
