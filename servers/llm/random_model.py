@@ -9,11 +9,16 @@ weights. Only the values are random, so the production loader and engine run unc
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from servers.llm.chat import THINK_CLOSE, THINK_OPEN
+
+if TYPE_CHECKING:
+    import gguf
 
 CHAT_TEMPLATE = r"""{%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}
@@ -182,25 +187,27 @@ def write_random_nemotron_h_gguf(
     n_embd: int = 64,
     n_head: int = 4,
     n_head_kv: int = 2,
-    n_expert: int = 4,
-    n_expert_used: int = 2,
     init_std: float = 0.5,
     seed: int = 0,
 ) -> Path:
     """Write a random hybrid chat model of Nemotron-3-Nano's architecture (llama.cpp's
     ``nemotron_h_moe``) to ``path``, with the vocabulary and template of
     :func:`write_random_llama_gguf` (f32, under 1 MiB by default). ``layers`` is the
-    converter's pattern: ``M`` Mamba-2, ``*`` attention, ``E`` routed experts plus a shared
-    one. llama.cpp cannot cut a recurrent state back, so this model runs the engine's
-    snapshot path on its real hybrid memory."""
+    converter's pattern: ``M`` Mamba-2, ``*`` attention, ``E`` 4 routed experts (2 a token)
+    plus a shared one. llama.cpp cannot cut a recurrent state back, so this model runs the
+    engine's snapshot path on a real hybrid memory."""
+    if set(layers) - set("M*E"):
+        raise ValueError(f"layers {layers!r}: M (Mamba-2), * (attention) or E (experts) each")
     vocab = vocabulary()
+    n_vocab = len(vocab[0])
     weight = _random_weights(seed, init_std)
     head_dim = n_embd // n_head
     # Mamba-2 mixer: 32-wide heads over twice the width, B and C in 2 groups of 16 states.
     d_inner, d_state, n_group, d_conv = 2 * n_embd, 16, 2, 4
     ssm_heads = d_inner // 32
-    conv_channels = d_inner + 2 * n_group * d_state
-    n_ff_exp, n_ff_shexp = n_embd // 2, n_embd
+    conv_channels = d_inner + 2 * n_group * d_state  # x, B and C
+    in_proj = d_inner + conv_channels + ssm_heads  # z, x, B, C and the time steps
+    n_expert, n_expert_used, n_ff_exp, n_ff_shexp = 4, 2, n_embd // 2, n_embd
     w = _chat_model_writer(path, "nemotron_h_moe", vocab, 4096, CHAT_TEMPLATE, END_OF_TURN)
     w.add_embedding_length(n_embd)
     w.add_block_count(len(layers))
@@ -211,7 +218,7 @@ def write_random_nemotron_h_gguf(
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_layer_norm_eps(1e-5)  # never used, but llama.cpp refuses the file without it
+    w.add_layer_norm_eps(1e-5)  # unused (RMS norms), but converted models carry it and llama.cpp requires it
     w.add_ssm_conv_kernel(d_conv)
     w.add_ssm_inner_size(d_inner)
     w.add_ssm_state_size(d_state)
@@ -224,14 +231,14 @@ def write_random_nemotron_h_gguf(
     w.add_expert_shared_feed_forward_length(n_ff_shexp)
     w.add_expert_weights_norm(True)
     w.add_expert_weights_scale(2.5)
-    w.add_tensor("token_embd.weight", weight(len(vocab[0]), n_embd))
+    w.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("output.weight", weight(len(vocab[0]), n_embd))
+    w.add_tensor("output.weight", weight(n_vocab, n_embd))
     for i, kind in enumerate(layers):
         block = f"blk.{i}."
         w.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
         if kind == "M":
-            w.add_tensor(block + "ssm_in.weight", weight(2 * d_inner + 2 * n_group * d_state + ssm_heads, n_embd))
+            w.add_tensor(block + "ssm_in.weight", weight(in_proj, n_embd))
             w.add_tensor(block + "ssm_conv1d.weight", weight(conv_channels, d_conv))
             w.add_tensor(block + "ssm_conv1d.bias", weight(conv_channels))
             w.add_tensor(block + "ssm_dt.bias", weight(ssm_heads))
@@ -244,19 +251,17 @@ def write_random_nemotron_h_gguf(
             w.add_tensor(block + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
             w.add_tensor(block + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
             w.add_tensor(block + "attn_output.weight", weight(n_embd, n_head * head_dim))
-        elif kind == "E":
+        else:
             w.add_tensor(block + "ffn_gate_inp.weight", weight(n_expert, n_embd))
             w.add_tensor(block + "exp_probs_b.bias", weight(n_expert))
             w.add_tensor(block + "ffn_up_exps.weight", weight(n_expert, n_ff_exp, n_embd))
             w.add_tensor(block + "ffn_down_exps.weight", weight(n_expert, n_embd, n_ff_exp))
             w.add_tensor(block + "ffn_up_shexp.weight", weight(n_ff_shexp, n_embd))
             w.add_tensor(block + "ffn_down_shexp.weight", weight(n_embd, n_ff_shexp))
-        else:
-            raise ValueError(f"layer kind {kind!r}: M (Mamba-2), * (attention) or E (experts)")
     return _write(w, path)
 
 
-def _random_weights(seed: int, init_std: float):
+def _random_weights(seed: int, init_std: float) -> Callable[..., np.ndarray]:
     """Draws f32 weights of a shape, in the order asked for (the same seed, the same model)."""
     rng = np.random.default_rng(seed)
 
@@ -273,7 +278,7 @@ def _chat_model_writer(
     context_length: int,
     chat_template: str,
     eos_token_id: int,
-):
+) -> gguf.GGUFWriter:
     """A ``gguf.GGUFWriter`` for ``arch`` holding what every model here shares: f32
     weights, the vocabulary from :func:`vocabulary` and the chat template."""
     import gguf
@@ -298,7 +303,7 @@ def _chat_model_writer(
     return w
 
 
-def _write(w, path: str | Path) -> Path:
+def _write(w: gguf.GGUFWriter, path: str | Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
