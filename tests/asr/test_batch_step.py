@@ -83,6 +83,43 @@ def test_streamed_encoder_output_equals_full_utterance_pass(tiny_asr_path, speec
     torch.testing.assert_close(streamed, offline, rtol=0, atol=1e-4)
 
 
+def _nemo_streamed_encoder(model, audio: np.ndarray) -> torch.Tensor:
+    """NeMo's own cache-aware streaming of ``audio``: its buffer's chunks, its step."""
+    from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
+
+    buffer = CacheAwareStreamingAudioBuffer(model=model, online_normalization=False)
+    buffer.append_audio(audio)
+    cache = model.encoder.get_initial_cache_state(batch_size=1)
+    pieces = []
+    with torch.no_grad():
+        for i, (chunk, lengths) in enumerate(buffer):
+            encoded, encoded_len, *cache = model.encoder.cache_aware_stream_step(
+                chunk,
+                lengths,
+                *cache,
+                keep_all_outputs=buffer.is_buffer_empty(),
+                drop_extra_pre_encoded=0 if i == 0 else model.encoder.streaming_cfg.drop_extra_pre_encoded,
+            )
+            pieces.append(encoded[0, :, : encoded_len[0]])
+    return torch.cat(pieces, dim=1)
+
+
+def test_streamed_encoder_output_at_no_right_context_equals_nemos_own_streaming(tiny_asr_path, speech):
+    """At R = 0 the first chunk is shorter than the pre-encode cache, zero-filled as NeMo's
+    streaming buffer does, so the output differs from the whole-utterance pass (by about
+    1e-2 here) but not from NeMo's streaming; the last frame, which NeMo's buffer leaves
+    out, the final step keeps, as the whole-utterance pass has it."""
+    model = load_streaming_model(str(tiny_asr_path), right_context=0, device="cpu")
+    step = BatchedStreamingStep(model, read_geometry(model, 0), max_sessions=4)
+    utterance = speech[: 16000 * 4 + 777]
+    [(streamed, _)], padding = _stream_all(step, [utterance], [0])
+    padded = np.concatenate([utterance, np.zeros(padding, np.float32)])
+    nemo = _nemo_streamed_encoder(model, padded)
+    assert streamed.shape == _offline_encoder(model, padded).shape
+    assert streamed.shape[1] - nemo.shape[1] in (0, 1)
+    torch.testing.assert_close(streamed[:, : nemo.shape[1]], nemo, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("decoder", ["label_looping", "cuda_graphs_impl"])
 def test_batch_rows_equal_each_stream_alone(tiny_asr_path, speech, decoder):
     """Streams that join at different ticks and end at different ticks (first chunks,
