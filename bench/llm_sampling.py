@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import string
 import tempfile
 import time
 from dataclasses import replace
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from servers.llm.engine import ChatRequest, LLMEngine
 from servers.llm.model import GgufSource, load_llama
-from servers.llm.random_model import vocabulary, write_random_llama_gguf
+from servers.llm.random_model import random_pieces, vocabulary, write_random_llama_gguf
 from servers.llm.sampling import Sampling, sampler_chain
 from servers.llm.structured import Grammar, grammar_sampler, response_grammar
 
@@ -39,19 +37,6 @@ WEATHER = {
     "properties": {"city": {"enum": ["Paris", "Oslo"]}, "rain": {"type": "boolean"}, "days": {"type": "integer"}},
     "required": ["city", "rain", "days"],
 }
-
-
-def random_pieces(count: int, taken: set[str], seed: int = 0) -> tuple[str, ...]:
-    """``count`` distinct word pieces not in ``taken``, half of them word starts (a leading
-    ``\\u2581``)."""
-    rng = random.Random(seed)
-    pieces: set[str] = set()
-    while len(pieces) < count:
-        word = "".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(2, 9)))
-        piece = ("\u2581" if rng.random() < 0.5 else "") + word
-        if piece not in taken:
-            pieces.add(piece)
-    return tuple(sorted(pieces))
 
 
 def write_model(path: Path, vocab: int) -> Path:

@@ -9,7 +9,10 @@ weights. Only the values are random, so the production loader and engine run unc
 from __future__ import annotations
 
 import argparse
+import random
+import string
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,85 +183,156 @@ def write_llama_gguf(
     return _write(w, path)
 
 
+@dataclass(frozen=True)
+class NemotronHShape:
+    """The shape of a ``nemotron_h_moe`` model; the default is a tiny one for tests."""
+
+    layers: str = "MEM*E"
+    """The converter's pattern: ``M`` Mamba-2, ``*`` attention, ``E`` routed experts plus a
+    shared one."""
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 16
+    ssm_heads: int = 4
+    ssm_head_dim: int = 32
+    ssm_state: int = 16
+    ssm_groups: int = 2
+    n_expert: int = 4
+    n_expert_used: int = 2
+    n_ff_exp: int = 32
+    n_ff_shexp: int = 64
+    n_vocab: int = 0
+    """Pad the vocabulary with random word pieces up to this many (0: the small one)."""
+
+
+NEMOTRON_3_NANO_PROXY = NemotronHShape(
+    layers="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    n_embd=2688,
+    n_head=32,
+    n_head_kv=2,
+    head_dim=128,
+    ssm_heads=64,
+    ssm_head_dim=64,
+    ssm_state=128,
+    ssm_groups=8,
+    n_expert=8,
+    n_expert_used=6,
+    n_ff_exp=1856,
+    n_ff_shexp=3712,
+    n_vocab=131072,
+)
+"""Nemotron-3-Nano-30B-A3B's layers, widths and vocabulary with 8 routed experts instead of
+128: the same ~3.2 B parameters a token reads (6 experts, the shared one, Mamba-2 and
+attention), in 4 B instead of 32 B. A prefill, whose tokens together reach most of the
+real model's experts, reads less of this one."""
+
+
 def write_random_nemotron_h_gguf(
     path: str | Path,
+    shape: NemotronHShape = NemotronHShape(),
     *,
-    layers: str = "MEM*E",
-    n_embd: int = 64,
-    n_head: int = 4,
-    n_head_kv: int = 2,
     init_std: float = 0.5,
     seed: int = 0,
+    q8_0: bool = False,
 ) -> Path:
     """Write a random hybrid chat model of Nemotron-3-Nano's architecture (llama.cpp's
     ``nemotron_h_moe``) to ``path``, with the vocabulary and template of
-    :func:`write_random_llama_gguf` (f32, under 1 MiB by default). ``layers`` is the
-    converter's pattern: ``M`` Mamba-2, ``*`` attention, ``E`` 4 routed experts (2 a token)
-    plus a shared one. llama.cpp cannot cut a recurrent state back, so this model runs the
-    engine's snapshot path on a real hybrid memory."""
-    if set(layers) - set("M*E"):
-        raise ValueError(f"layers {layers!r}: M (Mamba-2), * (attention) or E (experts) each")
-    vocab = vocabulary()
-    n_vocab = len(vocab[0])
+    :func:`write_random_llama_gguf` (f32, under 1 MiB by default). llama.cpp cannot cut a
+    recurrent state back, so this model runs the engine's snapshot path on a real hybrid
+    memory. ``q8_0``: the matrices are random Q8_0 blocks, as a Q8 checkpoint holds them
+    (and drawn as such: a full-size model is written in seconds, not minutes)."""
+    import gguf
+
+    if set(shape.layers) - set("M*E"):
+        raise ValueError(f"layers {shape.layers!r}: M (Mamba-2), * (attention) or E (experts) each")
+    base = vocabulary()
+    vocab = vocabulary(random_pieces(shape.n_vocab - len(base[0]), set(base[0]))) if shape.n_vocab else base
+    n_vocab, n_embd = len(vocab[0]), shape.n_embd
     weight = _random_weights(seed, init_std)
-    head_dim = n_embd // n_head
-    # Mamba-2 mixer: 32-wide heads over twice the width, B and C in 2 groups of 16 states.
-    d_inner, d_state, n_group, d_conv = 2 * n_embd, 16, 2, 4
-    ssm_heads = d_inner // 32
-    conv_channels = d_inner + 2 * n_group * d_state  # x, B and C
-    in_proj = d_inner + conv_channels + ssm_heads  # z, x, B, C and the time steps
-    n_expert, n_expert_used, n_ff_exp, n_ff_shexp = 4, 2, n_embd // 2, n_embd
+    rng = np.random.default_rng(seed + 1)
+    d_inner = shape.ssm_heads * shape.ssm_head_dim
+    conv_channels = d_inner + 2 * shape.ssm_groups * shape.ssm_state  # x, B and C
+    in_proj = d_inner + conv_channels + shape.ssm_heads  # z, x, B, C and the time steps
     w = _chat_model_writer(path, "nemotron_h_moe", vocab, 4096, CHAT_TEMPLATE, END_OF_TURN)
+
+    def matrix(name: str, *dims: int) -> None:
+        if not q8_0:
+            w.add_tensor(name, weight(*dims))
+            return
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+        blocks = np.empty((*dims[:-1], dims[-1] // block, size), np.uint8)
+        # Uniform in ±127 steps of one scale: the standard deviation asked for.
+        scale = np.float16(init_std * np.sqrt(3.0) / 127.0)
+        blocks[..., :2] = np.frombuffer(scale.tobytes(), np.uint8)
+        blocks[..., 2:] = rng.integers(-127, 128, (*dims[:-1], dims[-1] // block, block), np.int8).view(np.uint8)
+        w.add_tensor(name, blocks.reshape(*dims[:-1], -1), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
     w.add_embedding_length(n_embd)
-    w.add_block_count(len(layers))
+    w.add_block_count(len(shape.layers))
     # A layer with neither attention heads nor a feed-forward is a Mamba-2 layer.
-    w.add_feed_forward_length([n_ff_exp if kind == "E" else 0 for kind in layers])
-    w.add_head_count(n_head)
-    w.add_head_count_kv([n_head_kv if kind == "*" else 0 for kind in layers])
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
+    w.add_feed_forward_length([shape.n_ff_exp if kind == "E" else 0 for kind in shape.layers])
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv([shape.n_head_kv if kind == "*" else 0 for kind in shape.layers])
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_layer_norm_eps(1e-5)  # unused (RMS norms), but converted models carry it and llama.cpp requires it
-    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_conv_kernel(4)
     w.add_ssm_inner_size(d_inner)
-    w.add_ssm_state_size(d_state)
-    w.add_ssm_time_step_rank(ssm_heads)
-    w.add_ssm_group_count(n_group)
-    w.add_expert_count(n_expert)
-    w.add_expert_used_count(n_expert_used)
-    w.add_expert_feed_forward_length(n_ff_exp)
+    w.add_ssm_state_size(shape.ssm_state)
+    w.add_ssm_time_step_rank(shape.ssm_heads)
+    w.add_ssm_group_count(shape.ssm_groups)
+    w.add_expert_count(shape.n_expert)
+    w.add_expert_used_count(shape.n_expert_used)
+    w.add_expert_feed_forward_length(shape.n_ff_exp)
     w.add_expert_shared_count(1)
-    w.add_expert_shared_feed_forward_length(n_ff_shexp)
+    w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
     w.add_expert_weights_norm(True)
     w.add_expert_weights_scale(2.5)
-    w.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+    matrix("token_embd.weight", n_vocab, n_embd)
     w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    w.add_tensor("output.weight", weight(n_vocab, n_embd))
-    for i, kind in enumerate(layers):
+    matrix("output.weight", n_vocab, n_embd)
+    for i, kind in enumerate(shape.layers):
         block = f"blk.{i}."
         w.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
         if kind == "M":
-            w.add_tensor(block + "ssm_in.weight", weight(in_proj, n_embd))
-            w.add_tensor(block + "ssm_conv1d.weight", weight(conv_channels, d_conv))
+            matrix(block + "ssm_in.weight", in_proj, n_embd)
+            w.add_tensor(block + "ssm_conv1d.weight", weight(conv_channels, 4))
             w.add_tensor(block + "ssm_conv1d.bias", weight(conv_channels))
-            w.add_tensor(block + "ssm_dt.bias", weight(ssm_heads))
-            w.add_tensor(block + "ssm_a", -np.exp(weight(ssm_heads, 1)))  # A = -exp(A_log), as converted
-            w.add_tensor(block + "ssm_d", weight(ssm_heads, 1))
-            w.add_tensor(block + "ssm_norm.weight", np.ones((n_group, d_inner // n_group), np.float32))
-            w.add_tensor(block + "ssm_out.weight", weight(n_embd, d_inner))
+            w.add_tensor(block + "ssm_dt.bias", weight(shape.ssm_heads))
+            w.add_tensor(block + "ssm_a", -np.exp(weight(shape.ssm_heads, 1)))  # A = -exp(A_log), as converted
+            w.add_tensor(block + "ssm_d", weight(shape.ssm_heads, 1))
+            w.add_tensor(
+                block + "ssm_norm.weight", np.ones((shape.ssm_groups, d_inner // shape.ssm_groups), np.float32)
+            )
+            matrix(block + "ssm_out.weight", n_embd, d_inner)
         elif kind == "*":
-            w.add_tensor(block + "attn_q.weight", weight(n_head * head_dim, n_embd))
-            w.add_tensor(block + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
-            w.add_tensor(block + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
-            w.add_tensor(block + "attn_output.weight", weight(n_embd, n_head * head_dim))
+            matrix(block + "attn_q.weight", shape.n_head * shape.head_dim, n_embd)
+            matrix(block + "attn_k.weight", shape.n_head_kv * shape.head_dim, n_embd)
+            matrix(block + "attn_v.weight", shape.n_head_kv * shape.head_dim, n_embd)
+            matrix(block + "attn_output.weight", n_embd, shape.n_head * shape.head_dim)
         else:
-            w.add_tensor(block + "ffn_gate_inp.weight", weight(n_expert, n_embd))
-            w.add_tensor(block + "exp_probs_b.bias", weight(n_expert))
-            w.add_tensor(block + "ffn_up_exps.weight", weight(n_expert, n_ff_exp, n_embd))
-            w.add_tensor(block + "ffn_down_exps.weight", weight(n_expert, n_embd, n_ff_exp))
-            w.add_tensor(block + "ffn_up_shexp.weight", weight(n_ff_shexp, n_embd))
-            w.add_tensor(block + "ffn_down_shexp.weight", weight(n_embd, n_ff_shexp))
+            w.add_tensor(block + "ffn_gate_inp.weight", weight(shape.n_expert, n_embd))
+            w.add_tensor(block + "exp_probs_b.bias", weight(shape.n_expert))
+            matrix(block + "ffn_up_exps.weight", shape.n_expert, shape.n_ff_exp, n_embd)
+            matrix(block + "ffn_down_exps.weight", shape.n_expert, n_embd, shape.n_ff_exp)
+            matrix(block + "ffn_up_shexp.weight", shape.n_ff_shexp, n_embd)
+            matrix(block + "ffn_down_shexp.weight", n_embd, shape.n_ff_shexp)
     return _write(w, path)
+
+
+def random_pieces(count: int, taken: set[str], seed: int = 0) -> tuple[str, ...]:
+    """``count`` distinct word pieces not in ``taken``, half of them word starts (a leading
+    ``\u2581``): a vocabulary of a real model's size."""
+    rng = random.Random(seed)
+    pieces: set[str] = set()
+    while len(pieces) < count:
+        word = "".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(2, 9)))
+        piece = ("\u2581" if rng.random() < 0.5 else "") + word
+        if piece not in taken:
+            pieces.add(piece)
+    return tuple(sorted(pieces))
 
 
 def _random_weights(seed: int, init_std: float) -> Callable[..., np.ndarray]:
@@ -322,16 +396,25 @@ def main() -> None:
     p.add_argument("--init-std", type=float, default=0.5)
     p.add_argument(
         "--nemotron-h",
-        metavar="LAYERS",
-        help="write a hybrid Nemotron-H MoE instead, its layers in this pattern (M Mamba-2, * attention, "
-        "E experts, e.g. MEM*E); --n-layer and --n-ff do not apply",
+        choices=["tiny", "nano-proxy"],
+        help="write a hybrid Nemotron-H MoE instead: tiny (tests) or nano-proxy (Nemotron-3-Nano's shape with "
+        "8 experts, Q8_0: benchmarks); only --init-std applies",
     )
     a = p.parse_args()
-    shape = {"n_embd": a.n_embd, "n_head": a.n_head, "n_head_kv": a.n_head_kv, "init_std": a.init_std}
     if a.nemotron_h:
-        write_random_nemotron_h_gguf(a.path, layers=a.nemotron_h, **shape)
+        proxy = a.nemotron_h == "nano-proxy"
+        shape = NEMOTRON_3_NANO_PROXY if proxy else NemotronHShape()
+        write_random_nemotron_h_gguf(a.path, shape, init_std=a.init_std, q8_0=proxy)
     else:
-        write_random_llama_gguf(a.path, n_layer=a.n_layer, n_ff=a.n_ff, **shape)
+        write_random_llama_gguf(
+            a.path,
+            n_embd=a.n_embd,
+            n_layer=a.n_layer,
+            n_head=a.n_head,
+            n_head_kv=a.n_head_kv,
+            n_ff=a.n_ff,
+            init_std=a.init_std,
+        )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ random model's text happens to stay the same."""
 from pathlib import Path
 
 import pytest
+from llama_cpp import llama_model_n_layer
 
 from servers.llm.engine import ChatRequest, LlmDelta, LLMEngine, LlmFinished
-from servers.llm.random_model import write_random_nemotron_h_gguf
+from servers.llm.random_model import NemotronHShape, write_random_nemotron_h_gguf
 from servers.llm.state import can_roll_back
 from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, run
 
@@ -129,3 +130,14 @@ def test_a_conversation_edited_before_the_snapshot_starts_over(hybrid_path):
     said, finished = answer(engine, turn)
     assert finished.usage.cached_tokens == 0
     assert said == same_answer(answer(make_engine(hybrid_path), turn)[0])
+
+
+def test_the_benchmarks_q8_0_writer_gives_the_shape_asked_for(tmp_path):
+    """The GPU benchmarks' proxy is written this way at full size: quantized blocks drawn
+    directly, a vocabulary padded to the real model's size."""
+    shape = NemotronHShape(n_embd=128, head_dim=32, n_vocab=3000)
+    llm = make_llm(write_random_nemotron_h_gguf(tmp_path / "q8.gguf", shape, q8_0=True))
+    layers = llama_model_n_layer(llm._model.model)
+    assert (llm.n_vocab(), llm.n_embd(), layers) == (3000, 128, len(shape.layers))
+    _, finished = run(make_engine(llm.model_path), ChatRequest(QUESTION, max_tokens=8))
+    assert finished.finish_reason == "length" and finished.usage.completion_tokens == 8
