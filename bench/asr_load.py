@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
 
-from bench.common import SPEECH, delta, histogram_quantiles, percentiles_ms, run_clients, scrape
+from bench.common import SPEECH, delta, histogram_quantiles, percentiles_ms, run_clients, scrape, write_json
 from pipecat_nvidia.protocol import AsrReady, AsrTranscript, ErrorMessage, parse_asr_server_message
 from pipecat_nvidia.step_audio import StepAlignedAudio
 
@@ -188,11 +188,18 @@ def main() -> None:
         result = run_load(args.url, n, shape, args.processes)
         results.append(result)
         print(json.dumps(result), flush=True)
-    sustained = [r["sessions"] for r in results if _within_budget(r, args.budget_ms)]
-    summary = {"largest_sessions_within_budget": max(sustained) if sustained else None, "budget_ms": args.budget_ms}
-    print(json.dumps(summary), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"runs": results, **summary}, indent=2))
+        if args.json:  # after every load: a run cut short keeps the loads it finished
+            write_json(args.json, _report(results, args.budget_ms))
+    print(json.dumps({k: v for k, v in _report(results, args.budget_ms).items() if k != "runs"}), flush=True)
+
+
+def _report(results: list[dict], budget_ms: float) -> dict:
+    sustained = [r["sessions"] for r in results if _within_budget(r, budget_ms)]
+    return {
+        "runs": results,
+        "largest_sessions_within_budget": max(sustained) if sustained else None,
+        "budget_ms": budget_ms,
+    }
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,16 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, then
+    ``os.replace``): the runners rewrite their results after every load, so a process killed
+    at the device's time limit leaves the loads it finished, never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def http_url(ws_url: str) -> str:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import soundfile as sf
 
-from bench.common import SPEECH, percentiles_ms
+from bench.common import SPEECH, percentiles_ms, write_json
 from pipecat_nvidia.protocol import TtsAudio, TtsDone, TtsSpeak
 from scheduler.host import HostSettings
 from scheduler.policy import Targets
@@ -156,24 +158,31 @@ def run_mode(mode: str, engines: dict, args) -> dict:
     observed = Observed()
     scheduler = GpuScheduler(Targets(asr_holds=mode == "scheduled")) if mode != "free" else None
     observers = {"asr": observed.on_asr_step, "tts": lambda s: None, "llm": lambda s: None}
-    stops = []
-    for name, engine in engines.items():
-        drive = scheduler.driver(name) if scheduler else own_worker(name)
-        stops.append(drive(engine, observers[name]))
-    speech, _ = sf.read(SPEECH, dtype="int16")
-    streams = AsrStreams(asr, args.asr_streams, speech)
-    router = TtsRouter()
-    tts_sid = tts.open_session(router)
-    streams.start()
-    time.sleep(args.idle_s)
-    idle = list(observed.chunk_latencies)
-    observed.chunk_latencies.clear()
-    ttfa = [bot_turn(llm, tts, tts_sid, router, turn, args.max_tokens) for turn in range(args.turns)]
-    loaded = list(observed.chunk_latencies)
-    streams.stop()
-    tts.close_session(tts_sid)
-    for stop in stops:
-        stop()
+    stops: list[Callable[[], None]] = []
+    streams = tts_sid = None
+    # Whatever fails, the mode's drivers, streams and session end with it, so that the next
+    # mode runs alone on the same engines.
+    try:
+        for name, engine in engines.items():
+            drive = scheduler.driver(name) if scheduler else own_worker(name)
+            stops.append(drive(engine, observers[name]))
+        speech, _ = sf.read(SPEECH, dtype="int16")
+        streams = AsrStreams(asr, args.asr_streams, speech)
+        router = TtsRouter()
+        tts_sid = tts.open_session(router)
+        streams.start()
+        time.sleep(args.idle_s)
+        idle = list(observed.chunk_latencies)
+        observed.chunk_latencies.clear()
+        ttfa = [bot_turn(llm, tts, tts_sid, router, turn, args.max_tokens) for turn in range(args.turns)]
+        loaded = list(observed.chunk_latencies)
+    finally:
+        if streams is not None:
+            streams.stop()
+        if tts_sid is not None:
+            tts.close_session(tts_sid)
+        for stop in stops:
+            stop()
     result = {
         "time_to_first_audio_ms_p50": percentile_ms(ttfa, 50),
         "time_to_first_audio_ms_p90": percentile_ms(ttfa, 90),
@@ -190,6 +199,23 @@ def run_mode(mode: str, engines: dict, args) -> dict:
         result["max_asr_wait_units"] = scheduler.max_asr_wait_units
         result["holds_for_asr"] = scheduler.metrics.registry.get_sample_value("scheduler_holds_total")
     return result
+
+
+def run_modes(modes: list[str], engines: dict, args) -> dict:
+    """Each mode in turn. A mode that raises gets ``{"error": ...}`` and the next one runs;
+    ``--json`` is rewritten after every mode, so a run cut short keeps the modes it finished."""
+    results: dict[str, dict] = {}
+    for mode in modes:
+        started = time.monotonic()
+        try:
+            results[mode] = run_mode(mode, engines, args)
+        except Exception as e:  # one mode's failure must not lose the others
+            traceback.print_exc()
+            results[mode] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"{mode}: {json.dumps(results[mode])} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, results)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,11 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "llm": load_llm(LlmServerSettings(model=args.llm, gpu_layers=args.llm_gpu_layers)),
     }
-    results = {mode: run_mode(mode, engines, args) for mode in args.modes}
+    results = run_modes(args.modes, engines, args)
     print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     return results
 
 

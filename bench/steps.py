@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_json
+
 
 class profiled:
     """torch.profiler over one batch's steps; op tables by host and by GPU time on exit."""
@@ -39,13 +41,15 @@ def sweep(
     batches: Iterable[int], measure: Callable[[int], dict], json_path: str | None, profile: Path | None
 ) -> list[dict]:
     """``measure(batch)`` for each batch size (profiled into ``profile`` if given), each
-    result printed as it comes, all written to ``json_path`` if given."""
+    result printed as it comes; ``json_path``, if given, is rewritten after each batch with
+    those done so far, so a run stopped by a hang (the benchmarks' faulthandler timeout) or
+    by a time limit keeps them."""
     results = []
     for batch in batches:
         with profiled(profile, batch) if profile else nullcontext():
             result = measure(batch)
         results.append(result)
         print(json.dumps(result), flush=True)
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2))
+        if json_path:
+            write_json(json_path, results)
     return results

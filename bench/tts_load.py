@@ -30,7 +30,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench.common import delta, histogram_quantiles, percentiles_ms, run_clients, scrape
+from bench.common import delta, histogram_quantiles, percentiles_ms, run_clients, scrape, write_json
 from pipecat_nvidia.protocol import ErrorMessage, TtsAudio, TtsDone, TtsReady, parse_tts_server_message
 
 SENTENCES = (
@@ -139,11 +139,14 @@ def main() -> None:
         result = run_load(args.url, n, args.duration, args.processes)
         results.append(result)
         print(json.dumps(result), flush=True)
+        if args.json:  # after every load: a run cut short keeps the loads it finished
+            write_json(args.json, _report(results))
+    print(json.dumps({k: v for k, v in _report(results).items() if k != "runs"}), flush=True)
+
+
+def _report(results: list[dict]) -> dict:
     sustained = [r["sessions"] for r in results if r["turns"] and r["underrun_turns"] == 0 and not r["error_count"]]
-    summary = {"largest_sessions_without_underrun": max(sustained) if sustained else None}
-    print(json.dumps(summary), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"runs": results, **summary}, indent=2))
+    return {"runs": results, "largest_sessions_without_underrun": max(sustained) if sustained else None}
 
 
 if __name__ == "__main__":

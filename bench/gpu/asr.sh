@@ -8,24 +8,26 @@
 # of 128; FRAME_MS=20 makes audio as Pipecat's transports deliver it, 160 by default; clients
 # send it at the server's step boundaries as NemotronSTTService does, or every frame with
 # UNALIGNED=1). LONG_MINUTES=10 also times one continuous stream minute by minute.
-# Results land in $OUT (default /tmp/out).
+# Results land in $OUT (default /tmp/out): each JSON is rewritten after every batch or load, and the
+# step benchmarks' whole output (stack dumps on a hang included) is in $OUT/asr_steps.log.
 source bench/gpu/setup.sh
 python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
 STEP_BATCHES=${STEP_BATCHES-1 64 256 512}
 if [ -n "$STEP_BATCHES" ]; then
   python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches $STEP_BATCHES \
     --cuda-graph-max-batch "${GRAPH_MAX_BATCH:-512}" --json "$OUT/asr_steps.json" 2>&1 \
-    | grep -E '^\{|buckets ready|state for|Error' || true
+    | tee "$OUT/asr_steps.log" | grep --line-buffered -E '^\{|buckets ready|state for|Error|Traceback|Timeout' || true
 fi
 if [ -n "${LONG_MINUTES:-}" ]; then
   python3 -m bench.asr_long_stream --model /tmp/asr_full.nemo --device cuda --minutes "$LONG_MINUTES" \
-    --json "$OUT/asr_long_stream.json" 2>&1 | grep -E '^\{|Error' || true
+    --json "$OUT/asr_long_stream.json" 2>&1 | tee "$OUT/asr_long_stream.log" \
+    | grep --line-buffered -E '^\{|Error|Traceback|Timeout' || true
 fi
 python3 -m servers.asr --model /tmp/asr_full.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
   ${GRAPH_MAX_BATCH:+--cuda-graph-max-batch "$GRAPH_MAX_BATCH"} \
   > "$OUT/asr_server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-wait_healthy http://127.0.0.1:8080
+wait_healthy $server http://127.0.0.1:8080 "$OUT/asr_server.log"
 python3 -m bench.asr_load --url ws://127.0.0.1:8080 --sessions ${SESSIONS:-1 64 256 512 768 1024 1280} \
   --duration "${DURATION:-20}" --frame-ms "${FRAME_MS:-160}" ${UNALIGNED:+--unaligned} --processes 8 --json "$OUT/asr_load.json"

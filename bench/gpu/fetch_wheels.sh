@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Run here, from the repository root, before a GPU benchmark: fills ./.whl (git-ignored via
-# .git/info/exclude) with the NeMo wheels the GPU image lacks (the shared recipe) plus what
-# our servers and the agent need beyond them (~60 MB in all, under the device tool's 64 MiB
-# carry). The GPU machine reaches no package registry.
+# Run here, from the repository root, before a GPU benchmark: fills ./.whl (git-ignored: this
+# adds /.whl/ to .git/info/exclude) with the NeMo wheels the GPU image lacks (the shared
+# recipe) plus what our servers and the agent need beyond them (~60 MB in all, under the
+# device tool's 64 MiB carry). The GPU machine (x86_64, Python 3.12) reaches no package
+# registry; binary wheels are asked for by its platform, so an aarch64 workstation fetches them too.
 set -euo pipefail
 shared=${SHARED_DIR:-../shared}
+# Keep ./.whl out of git status (and out of the other engineers' `git add -A`) in this checkout only.
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qxF /.whl/ "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
 "$shared/device/fetch_nemo_wheels.sh"
 "$shared/device/fetch_llama_sdist.sh"   # llama-cpp-python, built with CUDA on the GPU machine
 mkdir -p .whl/bench
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  -d .whl/bench websockets==17.4 loguru==0.7.3
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl/bench websockets==17.4 loguru==0.7.3
 ls .whl/bench
 # The agent (bench/gpu/conversation.sh): Pipecat and what it needs beyond the image.
 mkdir -p .whl/agent
