@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/agent-sit
 agent_path=/tmp/agent-site:$PYTHONPATH
 source bench/gpu/host_models.sh
 python3 -m scheduler --device cuda --asr-model /tmp/asr_random.nemo --tts-model /tmp/magpie_random/magpie.nemo \
-  --llm-model /tmp/llm_proxy.gguf --tts-max-frames-per-token 1.5 > "$OUT/host.log" 2>&1 &
+  --llm-model "$LLM_GGUF" --tts-max-frames-per-token 1.5 > "$OUT/host.log" 2>&1 &
 host=$!
 trap 'kill $host ${agent:-} 2>/dev/null || true' EXIT
 for port in 8080 8001 8082; do wait_healthy $host "http://127.0.0.1:$port" "$OUT/host.log"; done

@@ -2,9 +2,14 @@
 # Sourced after setup.sh by the runners that need all three models: builds llama.cpp with
 # CUDA (bench/gpu/llama.sh, ~280 s) in the background while it writes random-weight
 # models of the released ASR and TTS shapes and the LLM proxy (models already under /tmp
-# are reused). The proxy is a dense llama-architecture model of ~3 B parameters in f32:
-# about the bytes read per token of Nemotron-3-Nano's ~3 B active parameters at Q8, since a
-# random nemotron_h_moe GGUF cannot be written with our tools.
+# are reused). The LLM proxy (LLM_PROXY, path in $LLM_GGUF):
+# - nano (default): servers.llm.random_model's NEMOTRON_3_NANO_PROXY, Nemotron-3-Nano's own
+#   architecture (nemotron_h_moe: Mamba-2, attention and MoE layers in its pattern, its
+#   widths and 131k vocabulary) with 8 routed experts instead of 128, in Q8_0: the ~3.2 B
+#   parameters a token reads, a 4.3 GB file (~20 s to write), and llama.cpp's hybrid
+#   memory, so the engine takes state snapshots as it will for the real model;
+# - dense: the proxy of the 2026-11-22 runs, a llama-architecture model of ~3 B parameters
+#   in f32 with a tiny vocabulary.
 # Each model is written under a temporary name and moved into place when whole, so a call
 # killed mid-write (the device's 600 s) leaves nothing the next call would take for a model.
 (source bench/gpu/llama.sh) > "$OUT/llama_build.log" 2>&1 &
@@ -22,9 +27,14 @@ if [ ! -f /tmp/magpie_random/magpie.nemo ]; then
   rm -rf /tmp/magpie_random
   mv /tmp/magpie_random.part /tmp/magpie_random
 fi
-if [ ! -f /tmp/llm_proxy.gguf ]; then
-  python3 -m servers.llm.random_model /tmp/llm_proxy.part.gguf --n-embd 3072 --n-layer 28 \
-    --n-head 24 --n-head-kv 8 --n-ff 8192 --init-std 0.02
-  mv -f /tmp/llm_proxy.part.gguf /tmp/llm_proxy.gguf
+LLM_GGUF=/tmp/llm_proxy_${LLM_PROXY:-nano}.gguf
+if [ ! -f "$LLM_GGUF" ]; then
+  case "${LLM_PROXY:-nano}" in
+    nano) python3 -m servers.llm.random_model "$LLM_GGUF.part" --nemotron-h nano-proxy --init-std 0.02 ;;
+    dense) python3 -m servers.llm.random_model "$LLM_GGUF.part" --n-embd 3072 --n-layer 28 \
+      --n-head 24 --n-head-kv 8 --n-ff 8192 --init-std 0.02 ;;
+    *) echo "LLM_PROXY must be nano or dense" >&2; exit 1 ;;
+  esac
+  mv -f "$LLM_GGUF.part" "$LLM_GGUF"
 fi
 wait "$llama_build" || { tail -n 30 "$OUT/llama_build.log"; exit 1; }
