@@ -55,6 +55,9 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
     )
 
 
+STOP_GRACE_S = 1.0
+"""How long a stop waits for the requests it cancelled to write their ends."""
+
 _OPENAI_ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "invalid_request_error",
     HTTPStatus.NOT_FOUND: "invalid_request_error",
@@ -103,7 +106,9 @@ class LlmServer(LoadingServer):
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         # A client that goes away cancels its handler, and with it the request's generation.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # A client that stalls (half a body sent, a stream not read) must not hold up a stop
+        # for aiohttp's default minute: the others' ends are written within the grace.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_GRACE_S)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         await self._site.start()

@@ -211,6 +211,23 @@ async def test_stopping_the_server_cancels_requests_in_flight(start_llm_server):
     assert 'llm_requests_total{finish_reason="cancelled"} 1.0' in metrics
 
 
+async def test_a_client_stalled_midway_does_not_hold_up_stopping(start_llm_server):
+    """One that sent half a body (or stopped reading its stream): a server asked to stop
+    (Ctrl-C, a container's stop) goes at once, not after aiohttp's minute of grace."""
+    server = await start_llm_server()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"model": '
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    try:
+        await asyncio.wait_for(server.stop(), 5)
+    finally:
+        writer.close()
+
+
 async def test_content_given_as_text_parts_is_the_same_prompt_as_text(start_llm_server):
     server = await start_llm_server()
     llm = client(server)
