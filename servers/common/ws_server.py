@@ -35,6 +35,8 @@ CLOSE_INTERNAL_ERROR = 1011
 SLOT_RELEASE_WAIT_S = 1.0
 """How long a new session waits for a slot that a closed session holds until the step
 running it ends (a client that reconnects at once, at ``max_sessions``)."""
+CLOSE_TIMEOUT_S = 1.0
+"""How long a closing connection waits for the client's close (websockets' default: 10 s)."""
 
 
 class ServerSettings(Protocol):
@@ -203,6 +205,8 @@ class EngineServer(LoadingServer, Generic[E]):
             ),
             max_size=4 * s.max_message_bytes,
             compression=None,  # audio barely deflates; compressing each frame only costs CPU
+            # A client that does not answer a close (stalled, or gone) holds a stop no longer.
+            close_timeout=CLOSE_TIMEOUT_S,
         )
         logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port}")
 

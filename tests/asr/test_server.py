@@ -316,3 +316,21 @@ async def test_unknown_paths_are_not_found(start_asr_server):
     server = await start_asr_server()
     status, _ = await asyncio.to_thread(http_get, server_url(server, "/v2/anything", "http"))
     assert status == 404
+
+
+async def test_a_client_that_never_answers_the_close_does_not_hold_up_stopping(start_asr_server):
+    """A stop closes every connection and waits for each client's close in answer: one
+    gone silent (stalled, or a half-dead network) must not hold it up for long."""
+    server = await start_asr_server()
+    await server.wait_loaded()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    assert b"101" in await reader.readline()
+    try:
+        await asyncio.wait_for(server.stop(), 5)
+    finally:
+        writer.close()
