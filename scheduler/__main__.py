@@ -6,7 +6,7 @@ from scheduler.host import HostSettings, LocalGpuHost
 from scheduler.policy import Targets
 from servers.asr.config import RIGHT_CONTEXTS, AsrServerSettings
 from servers.common.cli import run_server
-from servers.common.settings import EnvDefaultsParser, at_least, device_name
+from servers.common.settings import EnvDefaultsParser, add_access_settings, at_least, device_name
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
 from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
 
@@ -43,7 +43,6 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         "the GPU (cuda, cuda:N, cpu or auto); the LLM's too (cpu: no layers offloaded) unless --llm-main-gpu names one",
         type=device_name,
     )
-    p.add_setting("--auth-token", None, "if set, every endpoint needs 'Authorization: Bearer <token>'")
     p.add_setting("--asr-model", asr.model, "ASR: Hugging Face name or .nemo path")
     p.add_setting("--asr-port", asr.port, "ASR WebSocket port", type=int)
     p.add_setting(
@@ -99,7 +98,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         "a turn's first text or audio waits for an ASR chunk due at most this soon (other work waits for any)",
         type=float,
     )
-    p.add_setting("--log-level", "INFO", "loguru level")
+    add_access_settings(p, None, "INFO")
     a = p.parse_args(argv)
     common = {"host": a.host, "auth_token": a.auth_token, "log_level": a.log_level}
     return HostSettings(

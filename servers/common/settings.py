@@ -8,6 +8,18 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default but a secret's (a token set in the environment must not reach
+    a log through ``--help``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if getattr(action, "secret", False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 class EnvDefaultsParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose ``add_setting`` reads each default from ``$ENV``.
@@ -16,11 +28,21 @@ class EnvDefaultsParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, env_prefix: str, **kwargs: Any):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.env_prefix = env_prefix
 
-    def add_setting(self, flag: str, default: Any, help: str, type: Callable[[str], Any] | None = None, **kwargs):
+    def add_setting(
+        self,
+        flag: str,
+        default: Any,
+        help: str,
+        type: Callable[[str], Any] | None = None,
+        *,
+        secret: bool = False,
+        **kwargs,
+    ):
+        """``secret``: ``--help`` does not show the value."""
         name = flag.lstrip("-").replace("-", "_").upper()
         env_name = f"{self.env_prefix}{name}"
         cast = type or (lambda v: v)
@@ -32,7 +54,8 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         choices = kwargs.get("choices")
         if raw not in (None, "") and choices is not None and value not in choices:
             self.error(f"${env_name}={raw!r} is not one of {', '.join(map(str, choices))}")
-        self.add_argument(flag, default=value, type=type, help=f"{help} [${env_name}]", **kwargs)
+        action = self.add_argument(flag, default=value, type=type, help=f"{help} [${env_name}]", **kwargs)
+        action.secret = secret
 
 
 def device_name(value: str) -> str:
@@ -90,5 +113,16 @@ def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
         "largest frame accepted; larger ones get message_too_big (above 4x the connection closes)",
         type=at_least(1),
     )
-    p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
-    p.add_setting("--log-level", d.log_level, "loguru level")
+    add_access_settings(p, d.auth_token, d.log_level)
+
+
+def add_access_settings(p: EnvDefaultsParser, auth_token: str | None, log_level: str) -> None:
+    """The token clients must show (never printed by ``--help``) and the log level, for
+    every server process."""
+    p.add_setting(
+        "--auth-token",
+        auth_token,
+        "if set, clients must send 'Authorization: Bearer <token>' (/health and /metrics stay open)",
+        secret=True,
+    )
+    p.add_setting("--log-level", log_level, "loguru level", type=str.upper, choices=LOG_LEVELS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from servers.common.settings import EnvDefaultsParser, at_least
+from servers.common.settings import EnvDefaultsParser, add_access_settings, at_least
 from servers.llm.model import DEFAULT_MODEL
 
 
@@ -110,6 +110,5 @@ def parse_settings(argv: list[str] | None = None) -> LlmServerSettings:
         "--port", d.port, "port for /v1/chat/completions, /health and /metrics (0 picks a free one)", type=int
     )
     p.add_setting("--max-message-bytes", d.max_message_bytes, "largest request body", type=at_least(1))
-    p.add_setting("--auth-token", d.auth_token, "if set, clients must send 'Authorization: Bearer <token>'")
-    p.add_setting("--log-level", d.log_level, "loguru level")
+    add_access_settings(p, d.auth_token, d.log_level)
     return LlmServerSettings(**vars(p.parse_args(argv)))

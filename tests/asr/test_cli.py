@@ -45,6 +45,23 @@ def test_an_unsupported_value_from_the_environment_is_refused_too(monkeypatch, c
 
 
 @pytest.mark.slow
+def test_help_names_the_token_variable_but_not_the_token(monkeypatch, capsys):
+    """``--help`` output ends up in logs and bug reports."""
+    monkeypatch.setenv("ASR_AUTH_TOKEN", "s3cret-token")
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"])
+    shown = capsys.readouterr().out
+    assert "$ASR_AUTH_TOKEN" in shown and "s3cret-token" not in shown
+    assert parse_settings([]).auth_token == "s3cret-token"
+
+
+def test_a_log_level_is_taken_in_any_case_and_an_unknown_one_refused(capsys):
+    assert parse_settings(["--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parse_settings(["--log-level", "chatty"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_the_server_runs_from_the_command_line_and_stops_on_sigterm(tiny_asr_path, speech_int16):
     with server_process("servers.asr", "--model", str(tiny_asr_path), "--device", "cpu") as port:
         messages = asyncio.run(transcribe_over_ws(f"ws://127.0.0.1:{port}", speech_int16[16000 : 16000 * 3]))
