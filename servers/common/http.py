@@ -30,7 +30,9 @@ def bearer_token_matches(authorization: str | None, token: str) -> bool:
     """Whether an ``Authorization`` header carries ``token``: the scheme's name in any case,
     as HTTP has it; the token compared in constant time."""
     scheme, _, credentials = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+    # Header bytes that are not UTF-8 come as lone surrogates: kept as they were sent.
+    presented = credentials.strip().encode(errors="surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
 
 
 def make_process_request(

@@ -335,6 +335,17 @@ async def test_a_bearer_token_is_required_when_set(start_llm_server):
     assert ok.choices[0].finish_reason == "length"
 
 
+async def test_a_token_that_is_not_text_is_refused_like_a_wrong_one(start_llm_server):
+    server = await start_llm_server(auth_token="s3cret")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+    assert head.split()[1] == b"401"
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+
+
 async def test_health_says_loading_then_ready(start_llm_server):
     server = await start_llm_server(wait=False)
     assert json.loads(await _get(server, "/health"))["status"] in ("loading", "ready")
