@@ -33,7 +33,12 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
     2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
+"""Seconds: a step's few milliseconds up to a request's wait behind a whole answer."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
