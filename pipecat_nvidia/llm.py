@@ -60,8 +60,13 @@ class NemotronLLMService(OpenAILLMService):
 
     def build_chat_completion_params(self, params_from_context: OpenAILLMInvocationParams) -> dict:
         params = super().build_chat_completion_params(params_from_context)
-        # Settings.extra's extra_body (reasoning_extra) wins key by key.
-        self._merge_extra_body(params, {"chat_template_kwargs": {"enable_thinking": False}})
+        # Settings.extra's extra_body (reasoning_extra) wins key by key, within the
+        # template's arguments too: others given there leave reasoning off. A copy: the
+        # settings' own dict stays as it was.
+        extra_body = dict(params.get("extra_body") or {})
+        given = extra_body.get("chat_template_kwargs") or {}
+        extra_body["chat_template_kwargs"] = {"enable_thinking": False, **given}
+        params["extra_body"] = extra_body
         return params
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):

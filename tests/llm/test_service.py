@@ -130,3 +130,9 @@ def test_reasoning_asked_for_in_the_settings_is_on():
     service = NemotronLLMService(settings=NemotronLLMService.Settings(extra=reasoning_extra(64)))
     body = _request_body(service)
     assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["nvext"] == {"max_thinking_tokens": 64}
+
+
+def test_other_chat_template_arguments_in_the_settings_leave_reasoning_off():
+    extra = {"extra_body": {"chat_template_kwargs": {"truncate_history_thinking": False}}}
+    body = _request_body(NemotronLLMService(settings=NemotronLLMService.Settings(extra=extra)))
+    assert body["chat_template_kwargs"] == {"enable_thinking": False, "truncate_history_thinking": False}
