@@ -6,6 +6,11 @@ the first segment of a turn is streamed, so that first audio comes as early as
 possible, and later segments, which have a sentence of audio ahead of them, are made
 whole (batch mode). A barge-in cancels the turn on the server, and audio still on its way
 for it is dropped.
+
+A sentence's text goes on (to the assistant's context, to RTVI clients) as its audio
+starts playing, timed like a word-timestamp service's words: the text is sent to the
+server long before it is spoken, and a barge-in must leave the sentences not yet heard
+out of the conversation.
 """
 
 from __future__ import annotations
@@ -56,6 +61,18 @@ class MagpieTTSSettings(TTSSettings):
     preset: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
 
 
+@dataclass
+class _Turn:
+    """What the server owes a turn (a context)."""
+
+    segments: int = 0
+    """Segments sent."""
+    unheard: dict[str, str] = field(default_factory=dict)
+    """Text of the segments whose audio has not begun, by segment id."""
+    audio_s: float = 0.0
+    """Audio received so far: where the next segment's audio starts in the turn's."""
+
+
 class MagpieTTSService(ServerConnection, WebsocketTTSService):
     """Text-to-speech on a pipecat-nvidia Magpie TTS server (``python -m servers.tts``).
 
@@ -96,6 +113,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             sample_rate=sample_rate,
             push_start_frame=True,
             push_stop_frames=True,
+            push_text_frames=False,
             settings=default_settings,
             **kwargs,
         )
@@ -105,8 +123,8 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
                 "use TextAggregationMode.SENTENCE (the default), not TOKEN"
             )
         self._init_connection(url, auth_token, parse_tts_server_message)
-        self._segments_sent: dict[str, int] = {}
-        """Segments sent per context (turn) the server still owes audio or its ``done``."""
+        self._turns: dict[str, _Turn] = {}
+        """The turns (contexts) the server still owes audio or their ``done``."""
         self._owed_contexts_task: asyncio.Task | None = None
         self._awaiting_first_audio: tuple[str, float] | None = None
         """The context whose first audio the running TTFB waits for, and when it began."""
@@ -159,7 +177,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         the server still owes audio is kept open."""
         while True:
             await asyncio.sleep(self._stop_frame_timeout_s / 2)
-            for context_id in self._segments_sent:
+            for context_id in self._turns:
                 self._refresh_audio_context(context_id)
 
     # ------------------------------------------------------------------ text in
@@ -167,7 +185,8 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
     def _mode_for(self, context_id: str) -> Literal["stream", "batch"]:
         mode = self._settings.mode
         if mode == "adaptive":
-            return "stream" if self._segments_sent.get(context_id, 0) == 0 else "batch"
+            turn = self._turns.get(context_id)
+            return "stream" if turn is None or turn.segments == 0 else "batch"
         return mode
 
     @traced_tts
@@ -176,8 +195,11 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         if not self._is_open():
             yield ErrorFrame(error=f"{self}: the TTS server is not connected; not speaking [{text}]")
             return
+        turn = self._turns.setdefault(context_id, _Turn())
+        segment_id = str(turn.segments)
         request = TtsSpeak(
             context_id=context_id,
+            segment_id=segment_id,
             text=text,
             voice=self._settings.voice or None,
             language=self._settings.language or "en",
@@ -187,7 +209,8 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         )
         # Counted before the send: a send that waits for the socket has already written
         # its bytes, and a barge-in that lands then must cancel this segment too.
-        self._segments_sent[context_id] = self._segments_sent.get(context_id, 0) + 1
+        turn.segments += 1
+        turn.unheard[segment_id] = text
         try:
             await self._websocket.send(request.to_json())
         except Exception as e:
@@ -203,7 +226,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
     async def flush_audio(self, context_id: str | None = None):
         """The turn's text is complete: the server sends ``done`` after its last audio."""
         context_id = context_id or self.get_active_audio_context_id()
-        if context_id in self._segments_sent and self._is_open():
+        if context_id in self._turns and self._is_open():
             try:
                 await self._websocket.send(TtsFlush(context_id=context_id).to_json())
             except Exception as e:
@@ -211,7 +234,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
 
     async def on_audio_context_interrupted(self, context_id: str):
         """Barge-in: stop the turn on the server; its late audio finds no context and is dropped."""
-        if self._segments_sent.pop(context_id, None) is not None and self._is_open():
+        if self._turns.pop(context_id, None) is not None and self._is_open():
             try:
                 await self._websocket.send(TtsCancel(context_id=context_id).to_json())
             except Exception as e:
@@ -222,9 +245,17 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
 
     async def _on_server_message(self, message) -> None:
         if isinstance(message, TtsAudio):
-            if self.audio_context_available(message.context_id):
-                frame = TTSAudioRawFrame(message.pcm, message.sample_rate, 1, context_id=message.context_id)
-                await self.append_to_audio_context(message.context_id, frame)
+            turn = self._turns.get(message.context_id)
+            if turn is None or not self.audio_context_available(message.context_id):
+                return
+            text = turn.unheard.pop(message.segment_id, None)
+            if text is not None:
+                # Played after the audio before it: told as this sentence starts.
+                await self.add_word_timestamps([(text, turn.audio_s)], message.context_id)
+            pcm = message.pcm
+            turn.audio_s += len(pcm) / (2 * message.sample_rate)
+            frame = TTSAudioRawFrame(pcm, message.sample_rate, 1, context_id=message.context_id)
+            await self.append_to_audio_context(message.context_id, frame)
         elif isinstance(message, TtsDone):
             await self._end_context(message.context_id)
         elif isinstance(message, TtsSegmentDone):
@@ -236,10 +267,10 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
     async def _on_connection_lost(self) -> None:
         """The server is gone and owes nothing: Pipecat has closed the turns' contexts
         (``_close_connection_contexts``), which end with what they got."""
-        self._segments_sent.clear()
+        self._turns.clear()
 
     async def _end_context(self, context_id: str) -> None:
         """The turn's audio is all here: its context ends (Pipecat pushes its stop frame)."""
-        self._segments_sent.pop(context_id, None)
+        self._turns.pop(context_id, None)
         if self.audio_context_available(context_id):
             await self.remove_audio_context(context_id)

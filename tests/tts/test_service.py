@@ -19,6 +19,7 @@ from pipecat.frames.frames import (
     TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    TTSTextFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
@@ -168,6 +169,35 @@ async def test_barge_in_cancels_the_turn_on_the_server_and_drops_its_audio(start
     assert not [e for e in after if isinstance(e.frame, TTSAudioRawFrame) and e.frame.context_id == first_turn]
     assert [e for e in after if isinstance(e.frame, TTSAudioRawFrame)], "the next turn is spoken"
     assert not server.engine.has_work()
+
+
+async def test_a_sentence_goes_on_to_the_context_as_its_audio_starts_not_when_it_is_sent(start_tts_server):
+    """The text is sent long before it is spoken: a barge-in while the first sentence plays
+    must leave the others, which the user never heard, out of the conversation."""
+    server = await start_tts_server()
+    tts = MagpieTTSService(url=server_url(server))
+
+    async def speak_then_interrupt(sink):
+        for frame in _turn(SENTENCES):
+            await tts.queue_frame(frame)
+        while not sink.of(TTSAudioRawFrame):
+            await asyncio.sleep(0.01)
+        await tts.queue_frame(InterruptionFrame())
+        await asyncio.sleep(1.0)
+
+    sink = await run_turns(tts, speak_then_interrupt)
+    told = [e.frame.text for e in sink.of(TTSTextFrame)]
+    assert told == [SENTENCES[0].strip()]
+
+
+async def test_each_sentences_text_comes_just_before_its_audio(start_tts_server):
+    server = await start_tts_server()
+    sink = await run_turns(MagpieTTSService(url=server_url(server)), _turn(SENTENCES))
+    kinds = [type(e.frame) for e in sink.events if isinstance(e.frame, (TTSTextFrame, TTSAudioRawFrame))]
+    starts = [i for i, kind in enumerate(kinds) if kind is TTSTextFrame]
+    assert [e.frame.text for e in sink.of(TTSTextFrame)] == [s.strip() for s in SENTENCES]
+    assert all(kinds[i + 1] is TTSAudioRawFrame for i in starts) and starts[0] == 0
+    assert starts[1] - starts[0] > 1 and starts[2] - starts[1] > 1, "each sentence's audio follows its text"
 
 
 async def test_a_barge_in_before_the_first_audio_reports_no_ttfb(start_tts_server):
