@@ -63,6 +63,11 @@ class ServerUnreachable(ConnectionError):
 class ServerConnection:
     """Connection handling shared by the pipecat-nvidia services."""
 
+    reconnect_attempts: int = 12
+    """Reconnect attempts before the service gives up on its server: about 90 s with
+    Pipecat's default backoff (its own three, about 12 s, end before a restarted server,
+    which takes about as long to import, is listening again)."""
+
     def _init_connection(self, url: str, auth_token: str | None, parse: Callable[[str | bytes], BaseModel]) -> None:
         self._url = url
         self._auth_token = auth_token
@@ -128,6 +133,11 @@ class ServerConnection:
                 await self._on_server_message(message)
 
     # ------------------------------------------------------------------ connection
+
+    async def _try_reconnect(self, max_retries: int | None = None, report_error=None) -> bool:
+        """Pipecat's reconnect loop, with this service's number of attempts."""
+        attempts = self.reconnect_attempts if max_retries is None else max_retries
+        return await super()._try_reconnect(max_retries=attempts, report_error=report_error)
 
     async def _connect(self):
         try:
