@@ -18,8 +18,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import soxr
 from loguru import logger
-from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (
     Frame,
     InterimTranscriptionFrame,
@@ -126,7 +127,8 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             **kwargs,
         )
         self._init_connection(url, auth_token, parse_asr_server_message)
-        self._resampler = create_stream_resampler()
+        self._resampler: soxr.ResampleStream | None = None
+        """From the pipeline's rate to the server's, made at the first audio that needs it."""
         self._dropped_before_ready = 0
         self._held_audio: StepAlignedAudio | None = None
         """Audio held until the server can step on it (set from each connection's ``ready``)."""
@@ -213,7 +215,19 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     async def _at_server_rate(self, audio: bytes) -> bytes:
         if self.sample_rate == ASR_SAMPLE_RATE:
             return audio
-        return await self._resampler.resample(audio, self.sample_rate, ASR_SAMPLE_RATE)
+        if self._resampler is None:
+            self._resampler = soxr.ResampleStream(self.sample_rate, ASR_SAMPLE_RATE, 1, dtype="int16", quality="VHQ")
+        return self._resampler.resample_chunk(np.frombuffer(audio, np.int16)).tobytes()
+
+    def _resampled_tail(self) -> bytes:
+        """What the resampler holds back as look-ahead (tens of milliseconds): a finalize
+        sends it, or the server would have less silence than it is told. The stream then
+        starts afresh for the next utterance."""
+        if self._resampler is None:
+            return b""
+        tail = self._resampler.resample_chunk(np.zeros(0, np.int16), last=True).tobytes()
+        self._resampler.clear()
+        return tail
 
     async def _send_audio(self, audio: bytes) -> None:
         audio = self._held_audio.add(audio)
@@ -234,7 +248,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
             return
         self.request_finalize()
         reset = AsrReset(finalize=True, trailing_silence_ms=1000.0 * vad_stop_secs)
-        rest = self._held_audio.end_utterance()
+        rest = self._held_audio.add(self._resampled_tail()) + self._held_audio.end_utterance()
         sent_at = time.time()
         try:
             if rest:
