@@ -57,6 +57,8 @@ def load_engine(settings: LlmServerSettings) -> LLMEngine:
 
 STOP_GRACE_S = 1.0
 """How long a stop waits for the requests it cancelled to write their ends."""
+STALLED_CLIENT_S = 10.0
+"""How long a streamed chunk may wait for its client to read before the client is dropped."""
 
 _OPENAI_ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "invalid_request_error",
@@ -218,8 +220,10 @@ class LlmServer(LoadingServer):
         await response.prepare(request)
         try:
             await self._send_stream(response, events, completion, body)
-        except ConnectionResetError:
-            logger.debug("LLM client went away; its request is cancelled")
+        except ConnectionResetError as e:
+            logger.debug(f"LLM client dropped ({e}); its request is cancelled")
+            if request.transport is not None:
+                request.transport.close()
         return response
 
     async def _send_stream(self, response, events: asyncio.Queue, completion: _Completion, body) -> None:
@@ -239,7 +243,7 @@ class LlmServer(LoadingServer):
                 # OpenAI's way to fail a stream that has begun: its clients raise APIError.
                 status, code, message = failure
                 await _send_event(response, error_body(code, message, status))
-                await response.write_eof()
+                await _write(response, None)
                 return
             # One call per chunk, as OpenAI streams them (Pipecat reads each chunk's first).
             for i, call in enumerate(event.tool_calls):
@@ -247,8 +251,8 @@ class LlmServer(LoadingServer):
             await _send_event(response, completion.chunk({}, finish_reason=event.finish_reason))
             if body.include_usage:
                 await _send_event(response, {**completion.chunk_header(), "choices": [], "usage": _usage(event)})
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
+            await _write(response, b"data: [DONE]\n\n")
+            await _write(response, None)
             return
 
     async def _collect(self, events: asyncio.Queue, completion: _Completion, body) -> web.Response:
@@ -391,7 +395,16 @@ def _usage(event: LlmFinished) -> dict:
 
 
 async def _send_event(response: web.StreamResponse, payload: dict) -> None:
-    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+    await _write(response, f"data: {json.dumps(payload)}\n\n".encode())
+
+
+async def _write(response: web.StreamResponse, data: bytes | None) -> None:
+    """A write (None: the stream's end) that a client which stopped reading cannot hold
+    for ever: ConnectionResetError, as if it had gone, and its request ends."""
+    try:
+        await asyncio.wait_for(response.write_eof() if data is None else response.write(data), STALLED_CLIENT_S)
+    except TimeoutError:
+        raise ConnectionResetError(f"the client read nothing for {STALLED_CLIENT_S:.0f} s") from None
 
 
 def _validation_message(error: ValidationError) -> str:

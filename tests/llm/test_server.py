@@ -2,17 +2,20 @@
 
 import asyncio
 import json
+import socket
 
 import aiohttp
 import pytest
 from openai import APIError, AsyncOpenAI, AuthenticationError
 from prometheus_client import generate_latest
 
-from servers.llm.random_model import CHAT_TEMPLATE, write_random_llama_gguf
+from servers.llm import server as server_module
+from servers.llm.random_model import CHAT_TEMPLATE, vocabulary, write_random_llama_gguf
 from tests.llm.helpers import SYSTEM
 from tests.llm.scripted_model import write_scripted_llama_gguf
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world"}]
+PIECES = vocabulary()[0]
 
 
 def client(server, **kwargs) -> AsyncOpenAI:
@@ -226,6 +229,39 @@ async def test_a_client_stalled_midway_does_not_hold_up_stopping(start_llm_serve
         await asyncio.wait_for(server.stop(), 5)
     finally:
         writer.close()
+
+
+async def test_a_streaming_client_that_stops_reading_is_dropped(start_llm_server, monkeypatch):
+    """Its answer is done, but the writes wait on a full socket: without a limit the
+    handler, the answer's events and ``llm_requests_active`` would be held for ever."""
+    monkeypatch.setattr(server_module, "STALLED_CLIENT_S", 0.5)
+    server = await start_llm_server(context_size=4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": QUESTION,
+            "max_tokens": 3500,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            # Plain text to the end: an answer of megabytes, more than the sockets hold.
+            "logit_bias": {PIECES.index(p): -100 for p in ("<|im_end|>", "<think>", "<tool_call>")},
+        }
+    ).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(request + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            if server.metrics.registry.get_sample_value("llm_requests_active") == 0:
+                break
+        assert server.metrics.registry.get_sample_value("llm_requests_active") == 0
+    finally:
+        sock.close()
 
 
 async def test_content_given_as_text_parts_is_the_same_prompt_as_text(start_llm_server):
