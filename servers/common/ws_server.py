@@ -207,6 +207,9 @@ class EngineServer(LoadingServer, Generic[E]):
             compression=None,  # audio barely deflates; compressing each frame only costs CPU
             # A client that does not answer a close (stalled, or gone) holds a stop no longer.
             close_timeout=CLOSE_TIMEOUT_S,
+            # Clients are programs (the bot), which send no Origin: a web page the operator
+            # visits, which must, cannot fill the sessions of a server on loopback.
+            origins=[None],
         )
         logger.info(f"{self.kind} server listening on ws://{s.host}:{self.port}")
 

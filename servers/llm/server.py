@@ -60,6 +60,9 @@ STOP_GRACE_S = 1.0
 STALLED_CLIENT_S = 10.0
 """How long a streamed chunk may wait for its client to read before the client is dropped."""
 
+_FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
+"""Content types a browser posts across origins without a preflight."""
+
 _OPENAI_ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "invalid_request_error",
     HTTPStatus.NOT_FOUND: "invalid_request_error",
@@ -67,6 +70,7 @@ _OPENAI_ERROR_TYPES = {
     HTTPStatus.UNAUTHORIZED: "authentication_error",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "invalid_request_error",
     HTTPStatus.TOO_MANY_REQUESTS: "rate_limit_error",
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",
 }
 
 
@@ -169,6 +173,14 @@ class LlmServer(LoadingServer):
                     HTTPStatus.INTERNAL_SERVER_ERROR, "internal", f"the model failed to load: {self._loading.error}"
                 )
             return self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "not_ready", "the model is still loading")
+        if request.content_type in _FORM_TYPES:
+            # What a web page may post to a loopback server without the browser asking
+            # first: it must not fill the queue. OpenAI's clients send application/json.
+            return self._refuse(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request",
+                f"a {request.content_type} body is not taken; send Content-Type: application/json",
+            )
         try:
             body = ChatCompletionRequest.model_validate(json.loads(await request.read()))
         except web.HTTPRequestEntityTooLarge:

@@ -334,3 +334,12 @@ async def test_a_client_that_never_answers_the_close_does_not_hold_up_stopping(s
         await asyncio.wait_for(server.stop(), 5)
     finally:
         writer.close()
+
+
+async def test_a_web_pages_connection_is_refused(start_asr_server):
+    """A browser names the page's origin; the bot sends none."""
+    server = await start_asr_server()
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(server_url(server), origin="https://example.com"):
+            pass
+    assert refused.value.response.status_code == 403

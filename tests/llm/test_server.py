@@ -371,6 +371,17 @@ async def test_a_bearer_token_is_required_when_set(start_llm_server):
     assert ok.choices[0].finish_reason == "length"
 
 
+async def test_a_body_that_is_not_declared_json_is_refused(start_llm_server):
+    """What a web page can post to a loopback server without the browser asking first."""
+    server = await start_llm_server()
+    body = json.dumps({"model": "m", "messages": QUESTION, "max_tokens": 1})
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        async with http.post(url, data=body, headers={"Content-Type": "text/plain"}) as response:
+            assert response.status == 415
+            assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
 async def test_a_token_that_is_not_text_is_refused_like_a_wrong_one(start_llm_server):
     server = await start_llm_server(auth_token="s3cret")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
