@@ -166,6 +166,7 @@ class LlmServer(LoadingServer):
         )
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         engine = self.engine
         if engine is None:
             if self._loading.error is not None:
@@ -213,7 +214,7 @@ class LlmServer(LoadingServer):
         except OverflowError as e:
             return self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "busy", str(e))
         self.metrics.active.inc()
-        completion = _Completion(body.model or self.settings.model, time.monotonic(), body.include_usage)
+        completion = _Completion(body.model or self.settings.model, arrived, body.include_usage)
         try:
             if body.stream:
                 return await self._stream(request, events, completion, body)

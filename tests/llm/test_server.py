@@ -3,6 +3,7 @@
 import asyncio
 import json
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -262,6 +263,24 @@ async def test_a_streaming_client_that_stops_reading_is_dropped(start_llm_server
         assert server.metrics.registry.get_sample_value("llm_requests_active") == 0
     finally:
         sock.close()
+
+
+async def test_time_to_first_token_counts_from_the_requests_arrival(start_llm_server, monkeypatch):
+    """Reading the body and building a grammar (seconds, for a large schema) are part of
+    the wait its client sees."""
+    build_grammar = server_module._answer_grammar
+
+    def slow_grammar(*args):
+        time.sleep(0.5)
+        return build_grammar(*args)
+
+    monkeypatch.setattr(server_module, "_answer_grammar", slow_grammar)
+    server = await start_llm_server()
+    json_answer = {"type": "json_object"}
+    await client(server).chat.completions.create(
+        model="m", messages=QUESTION, max_tokens=2, response_format=json_answer
+    )
+    assert server.metrics.registry.get_sample_value("llm_time_to_first_token_seconds_sum") >= 0.5
 
 
 async def test_content_given_as_text_parts_is_the_same_prompt_as_text(start_llm_server):
