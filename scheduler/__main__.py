@@ -8,7 +8,13 @@ from servers.asr.config import RIGHT_CONTEXTS, AsrServerSettings
 from servers.common.cli import run_server
 from servers.common.settings import EnvDefaultsParser, add_access_settings, at_least, device_name
 from servers.llm.config import LLM_FLAGS, LlmServerSettings, add_llm_settings
-from servers.tts.config import MAX_FRAMES_PER_TOKEN_HELP, VOICE_NAMES_HELP, TtsServerSettings, voice_names
+from servers.tts.config import (
+    MAX_FRAMES_PER_TOKEN_HELP,
+    VOICE_NAMES_HELP,
+    TtsServerSettings,
+    add_sampling_settings,
+    voice_names,
+)
 
 
 def gpu_index(device: str) -> int | None:
@@ -86,6 +92,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         "TTS steps of up to this many segments replay CUDA graphs, captured at start-up (0: eager)",
         type=at_least(0),
     )
+    add_sampling_settings(p, tts, prefix="tts-")
     add_llm_settings(p, llm, prefix="llm-")
     p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)
     p.add_setting("--audio-ahead-s", targets.audio_ahead_s, "TTS audio kept ahead of each turn's playout", type=float)
@@ -119,6 +126,9 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
             voice_names=a.tts_voice_names,
             max_batch=a.tts_max_batch,
             cuda_graph_max_batch=a.tts_cuda_graph_max_batch,
+            temperature=a.tts_temperature,
+            topk=a.tts_topk,
+            cfg_scale=a.tts_cfg_scale,
             device=a.device,
             **common,
         ),

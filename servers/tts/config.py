@@ -64,14 +64,7 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
         type=at_least(0.1, float),
     )
     p.add_setting("--voice-names", ",".join(d.voice_names), VOICE_NAMES_HELP, type=voice_names)
-    p.add_setting(
-        "--temperature",
-        d.temperature,
-        "sampling temperature (0: greedy); default: the checkpoint's",
-        type=at_least(0.0, float),
-    )
-    p.add_setting("--topk", d.topk, "sampling top-k; default: the checkpoint's", type=at_least(1))
-    p.add_setting("--cfg-scale", d.cfg_scale, "classifier-free guidance scale; default: the checkpoint's", type=float)
+    add_sampling_settings(p, d)
     p.add_setting(
         "--cuda-graph-max-batch",
         d.cuda_graph_max_batch,
@@ -79,3 +72,17 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
         type=at_least(0),
     )
     return TtsServerSettings(**vars(p.parse_args(argv)))
+
+
+def add_sampling_settings(p: EnvDefaultsParser, d: TtsServerSettings, prefix: str = "") -> None:
+    """How codes are sampled (the server's flags, and the host's with ``prefix``)."""
+    p.add_setting(
+        f"--{prefix}temperature",
+        d.temperature,
+        "sampling temperature (0: greedy); default: the checkpoint's",
+        type=at_least(0.0, float),
+    )
+    p.add_setting(f"--{prefix}topk", d.topk, "sampling top-k; default: the checkpoint's", type=at_least(1))
+    p.add_setting(
+        f"--{prefix}cfg-scale", d.cfg_scale, "classifier-free guidance scale; default: the checkpoint's", type=float
+    )

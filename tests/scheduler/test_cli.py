@@ -67,3 +67,8 @@ def test_a_device_that_is_not_one_is_refused_with_the_forms_that_are(device, cap
     with pytest.raises(SystemExit):
         parse_settings(["--device", device])
     assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_the_hosts_tts_sampling_can_be_set_as_the_tts_servers_can():
+    tts = parse_settings(["--tts-temperature", "0", "--tts-topk", "20", "--tts-cfg-scale", "2.5"]).tts
+    assert (tts.temperature, tts.topk, tts.cfg_scale) == (0.0, 20, 2.5)
