@@ -136,7 +136,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         self._speaking: bool | None = None
         """What the VAD said last; None before it said anything (then everything streams)."""
         self._preroll = bytearray()
-        self._preroll_bytes = 2 * round(ASR_SAMPLE_RATE * preroll_secs)
+        self._preroll_secs = preroll_secs
         self._after_final = False
         """A final came after the VAD's stop: interims wait for the next speech, since an
         interim would make the turn strategy wait for another finalized transcript."""
@@ -193,7 +193,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         audio = await self._at_server_rate(audio)
         if self._pause_between_turns and self._speaking is False:
             self._preroll += audio
-            del self._preroll[: max(0, len(self._preroll) - self._preroll_bytes)]
+            del self._preroll[: max(0, len(self._preroll) - 2 * round(self._server_rate() * self._preroll_secs))]
         else:
             await self._send_audio(audio)
         yield None
@@ -212,11 +212,16 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
         step boundaries are still counted right."""
         await self._send_audio(await self._at_server_rate(silence))
 
+    def _server_rate(self) -> int:
+        """The rate the server announced (the model's), 16 kHz until it has."""
+        return self.ready.sample_rate if self.ready is not None else ASR_SAMPLE_RATE
+
     async def _at_server_rate(self, audio: bytes) -> bytes:
-        if self.sample_rate == ASR_SAMPLE_RATE:
+        rate = self._server_rate()
+        if self.sample_rate == rate:
             return audio
         if self._resampler is None:
-            self._resampler = soxr.ResampleStream(self.sample_rate, ASR_SAMPLE_RATE, 1, dtype="int16", quality="VHQ")
+            self._resampler = soxr.ResampleStream(self.sample_rate, rate, 1, dtype="int16", quality="VHQ")
         return self._resampler.resample_chunk(np.frombuffer(audio, np.int16)).tobytes()
 
     def _resampled_tail(self) -> bytes:
@@ -241,7 +246,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     async def _send_pcm(self, pcm: bytes) -> None:
         """Server-rate audio to the server, counted as usage once sent."""
         await self._websocket.send(pcm)
-        self._stt_usage_pending_seconds += len(pcm) / (2 * ASR_SAMPLE_RATE)
+        self._stt_usage_pending_seconds += len(pcm) / (2 * self._server_rate())
 
     async def _finalize(self, vad_stop_secs: float) -> None:
         if not self._is_open():
@@ -266,6 +271,7 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     async def _on_server_ready(self) -> None:
         self._held_audio = StepAlignedAudio.for_server(self.ready)
         self._preroll.clear()  # from before the connection was lost: not joined to what follows
+        self._resampler = None  # made afresh for this server's rate
         self._finalizes_sent.clear()  # a new connection owes no finals
         if self._dropped_before_ready:
             logger.info(f"{self}: {self._dropped_before_ready} audio frames were dropped while the server loaded")

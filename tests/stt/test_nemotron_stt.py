@@ -291,6 +291,18 @@ async def test_a_finalize_sends_all_the_audio_resampled_so_far(start_asr_server,
     assert at_reset[0] == pytest.approx(at_finalize[0], abs=2)
 
 
+async def test_audio_goes_at_the_rate_the_server_announces(start_asr_server, speech_int16):
+    """A model of another rate (here a server that says 8 kHz) gets audio at its rate."""
+    server = await start_asr_server()
+    announce = server.ready_message
+    server.ready_message = lambda engine, sid: announce(engine, sid).model_copy(update={"sample_rate": 8000})
+    stt = NemotronSTTService(url=server_url(server), pause_between_turns=False)
+    audio = _speech(speech_int16, (1.0, 4.3))
+    await run_pipeline(stt, audio)
+    received = float(server.metrics.audio_seconds._value.get())  # counted at the model's 16 kHz
+    assert received == pytest.approx(len(audio) / 16000 / 2, abs=0.25)
+
+
 async def test_the_service_reconnects_when_the_server_restarts(start_asr_server, speech_int16):
     """Mid-conversation the server goes away and comes back on the same port, after
     longer than Pipecat's three attempts take (a real restart imports for ~12 s): the
