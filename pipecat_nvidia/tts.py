@@ -71,6 +71,8 @@ class _Turn:
     """Text of the segments whose audio has not begun, by segment id."""
     audio_s: float = 0.0
     """Audio received so far: where the next segment's audio starts in the turn's."""
+    heard_at: float = field(default_factory=time.monotonic)
+    """When the server last sent something for it (or the turn last sent text)."""
 
 
 class MagpieTTSService(ServerConnection, WebsocketTTSService):
@@ -87,6 +89,10 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
 
     Settings = MagpieTTSSettings
     _settings: Settings
+
+    owed_audio_timeout_s: float = 30.0
+    """A turn the server sends nothing for this long (a stalled server that still answers
+    pings) is given up: longer than any one sentence takes to make in batch mode."""
 
     def __init__(
         self,
@@ -177,8 +183,16 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         the server still owes audio is kept open."""
         while True:
             await asyncio.sleep(self._stop_frame_timeout_s / 2)
-            for context_id in self._turns:
-                self._refresh_audio_context(context_id)
+            now = time.monotonic()
+            for context_id, turn in list(self._turns.items()):
+                if now - turn.heard_at < self.owed_audio_timeout_s:
+                    self._refresh_audio_context(context_id)
+                    continue
+                logger.warning(
+                    f"{self}: the server sent nothing for turn {context_id} in {self.owed_audio_timeout_s:.0f} s; "
+                    "giving it up"
+                )
+                await self._cancel_turn(context_id)
 
     # ------------------------------------------------------------------ text in
 
@@ -211,6 +225,7 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
         # its bytes, and a barge-in that lands then must cancel this segment too.
         turn.segments += 1
         turn.unheard[segment_id] = text
+        turn.heard_at = time.monotonic()
         try:
             await self._websocket.send(request.to_json())
         except Exception as e:
@@ -233,19 +248,25 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
                 logger.warning(f"{self}: sending flush failed: {e}")
 
     async def on_audio_context_interrupted(self, context_id: str):
-        """Barge-in: stop the turn on the server; its late audio finds no context and is dropped."""
+        """Barge-in: the turn stops on the server."""
+        await self._cancel_turn(context_id)
+        await super().on_audio_context_interrupted(context_id)
+
+    async def _cancel_turn(self, context_id: str) -> None:
+        """Stop the turn on the server; its late audio finds no turn and is dropped."""
         if self._turns.pop(context_id, None) is not None and self._is_open():
             try:
                 await self._websocket.send(TtsCancel(context_id=context_id).to_json())
             except Exception as e:
                 logger.warning(f"{self}: sending cancel failed: {e}")
-        await super().on_audio_context_interrupted(context_id)
 
     # ------------------------------------------------------------------ server messages
 
     async def _on_server_message(self, message) -> None:
+        turn = self._turns.get(getattr(message, "context_id", None))
+        if turn is not None:
+            turn.heard_at = time.monotonic()
         if isinstance(message, TtsAudio):
-            turn = self._turns.get(message.context_id)
             if turn is None or not self.audio_context_available(message.context_id):
                 return
             text = turn.unheard.pop(message.segment_id, None)

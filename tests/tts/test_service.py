@@ -275,6 +275,18 @@ async def test_a_batched_sentence_slower_than_pipecats_context_timeout_is_still_
     assert not head.of(ErrorFrame, FrameDirection.UPSTREAM)
 
 
+async def test_a_turn_a_stalled_server_sends_nothing_for_ends_in_time(start_tts_server, monkeypatch):
+    """The server answers pings but its engine is stuck: the turn, and the pipeline's end
+    that waits for it, are not held for ever."""
+    server = await start_tts_server()
+    slow_down(server, 4.0)
+    monkeypatch.setattr(MagpieTTSService, "owed_audio_timeout_s", 0.5)
+    tts = MagpieTTSService(url=server_url(server), stop_frame_timeout_s=0.4)
+    sink = await run_turns(tts, _turn(SENTENCES[:1]))
+    assert len(sink.of(TTSStoppedFrame)) == 1 and not sink.of(TTSAudioRawFrame)
+    assert sink.of(TTSStoppedFrame)[0].t - sink.of(TTSStartedFrame)[0].t < 2.0
+
+
 async def test_a_turn_cut_off_by_the_servers_loss_ends_with_its_stop_frame(start_tts_server):
     server = await start_tts_server()
     slow_down(server, 0.05)
