@@ -27,7 +27,7 @@ from pathlib import Path
 
 from servers.llm.engine import ChatRequest, LLMEngine
 from servers.llm.model import GgufSource, load_llama
-from servers.llm.random_model import random_pieces, vocabulary, write_random_llama_gguf
+from servers.llm.random_model import padding_pieces, write_random_llama_gguf
 from servers.llm.sampling import Sampling, sampler_chain
 from servers.llm.structured import Grammar, grammar_sampler, response_grammar
 
@@ -40,8 +40,7 @@ WEATHER = {
 
 
 def write_model(path: Path, vocab: int) -> Path:
-    base = set(vocabulary()[0])
-    return write_random_llama_gguf(path, extra_pieces=random_pieces(max(vocab - len(base), 0), base))
+    return write_random_llama_gguf(path, extra_pieces=padding_pieces(vocab))
 
 
 def _json_schema(schema: dict) -> str:

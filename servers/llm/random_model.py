@@ -246,15 +246,14 @@ def write_random_nemotron_h_gguf(
 
     if set(shape.layers) - set("M*E"):
         raise ValueError(f"layers {shape.layers!r}: M (Mamba-2), * (attention) or E (experts) each")
-    base = vocabulary()
-    vocab = vocabulary(random_pieces(shape.n_vocab - len(base[0]), set(base[0]))) if shape.n_vocab else base
+    vocab = vocabulary(padding_pieces(shape.n_vocab))
     n_vocab, n_embd = len(vocab[0]), shape.n_embd
     weight = _random_weights(seed, init_std)
     rng = np.random.default_rng(seed + 1)
     d_inner = shape.ssm_heads * shape.ssm_head_dim
     conv_channels = d_inner + 2 * shape.ssm_groups * shape.ssm_state  # x, B and C
     in_proj = d_inner + conv_channels + shape.ssm_heads  # z, x, B, C and the time steps
-    w = _chat_model_writer(path, "nemotron_h_moe", vocab, 4096, CHAT_TEMPLATE, END_OF_TURN)
+    w = _chat_model_writer(path, "nemotron_h_moe", vocab, 4096, CHAT_TEMPLATE, END_OF_TURN, q8_0=q8_0)
 
     def matrix(name: str, *dims: int) -> None:
         if not q8_0:
@@ -322,9 +321,16 @@ def write_random_nemotron_h_gguf(
     return _write(w, path)
 
 
-def random_pieces(count: int, taken: set[str], seed: int = 0) -> tuple[str, ...]:
+def padding_pieces(size: int) -> tuple[str, ...]:
+    """Random word pieces that grow :func:`vocabulary` to ``size`` (a real model's), for
+    its ``extra``; none for a size it already has."""
+    base = vocabulary()[0]
+    return _random_pieces(max(size - len(base), 0), set(base))
+
+
+def _random_pieces(count: int, taken: set[str], seed: int = 0) -> tuple[str, ...]:
     """``count`` distinct word pieces not in ``taken``, half of them word starts (a leading
-    ``\u2581``): a vocabulary of a real model's size."""
+    ``\u2581``)."""
     rng = random.Random(seed)
     pieces: set[str] = set()
     while len(pieces) < count:
@@ -352,9 +358,12 @@ def _chat_model_writer(
     context_length: int,
     chat_template: str,
     eos_token_id: int,
+    *,
+    q8_0: bool = False,
 ) -> gguf.GGUFWriter:
-    """A ``gguf.GGUFWriter`` for ``arch`` holding what every model here shares: f32
-    weights, the vocabulary from :func:`vocabulary` and the chat template."""
+    """A ``gguf.GGUFWriter`` for ``arch`` holding what every model here shares: the
+    vocabulary from :func:`vocabulary` and the chat template; its file type says f32
+    weights, or Q8_0 ones (``q8_0``)."""
     import gguf
 
     pieces, scores, types = vocab
@@ -362,7 +371,7 @@ def _chat_model_writer(
     w.add_name(f"random-{arch}")
     w.add_context_length(context_length)
     w.add_vocab_size(len(pieces))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces)
     w.add_token_scores(scores)
