@@ -366,13 +366,14 @@ class StreamingASREngine(SessionEngine):
             # go on in the next chunk: it opens the next segment (clients join segments with
             # a space), and a segment with no word ended yet waits for one, up to twice as long.
             words, _, last_word = session.text.rpartition(" ")
-            if not words.strip() and segment < 2 * self._max_utterance:
+            word_ended = bool(words.strip())
+            if not word_ended and segment < 2 * self._max_utterance:
                 return
-            if words.strip():
+            if word_ended:
                 session.text = words
             events.append((session.sink, self._transcript(session, True, row.ready_at, rollover=True)))
             self._next_segment(session)
-            session.text = last_word if words.strip() else ""
+            session.text = last_word if word_ended else ""
             session.segment_start_samples = self._transcribed(session)
 
     def _transcript(
