@@ -1,4 +1,5 @@
-"""A server whose engine runs slower, as on a loaded GPU."""
+"""Faults put into real components: an engine that runs slower, as on a loaded GPU; a
+call that fails once, as on a transient GPU error."""
 
 from __future__ import annotations
 
@@ -14,3 +15,16 @@ def slow_down(server, seconds_per_step: float) -> None:
         return step()
 
     server.engine.step = slow
+
+
+def fail_once(monkeypatch, owner, name: str, error: Exception) -> None:
+    """Make ``owner.name`` raise ``error`` on its next call, then work as before."""
+    working = getattr(owner, name)
+    failures = iter([error])
+
+    def failing(*args, **kwargs):
+        for failure in failures:
+            raise failure
+        return working(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)

@@ -18,6 +18,7 @@ from tests.asr.helpers import (
     transcribe,
     use_nemo_cuda_graphs_decoder,
 )
+from tests.loaded_server import fail_once
 
 
 def test_final_transcript_equals_offline_transcription_of_padded_audio(tiny_asr_path, speech_int16):
@@ -173,6 +174,11 @@ def test_a_step_that_fails_ends_its_utterances_with_an_error_and_the_sessions_go
         model.preprocessor = working
     errors = [m for m in messages if m.type == "error"]
     assert errors and all(e.code == ErrorCode.INTERNAL for e in errors)
+    _assert_transcribes_as_before(engine, sid, messages, utterance)
+
+
+def _assert_transcribes_as_before(engine, sid: int, messages: list, utterance) -> None:
+    """After a failure, the session's next utterance ends with NeMo's offline text."""
     messages.clear()
     stream(engine, sid, utterance)
     engine.reset(sid, finalize=True, trailing_silence_ms=200)
@@ -207,23 +213,11 @@ def test_a_failed_state_reset_fails_only_its_step(tiny_asr_path, speech_int16, m
     utterance = speech_int16[16000 : 16000 * 3]
     messages = []
     sid = engine.open_session(messages.append)
-    reset = engine._pool.reset
-    failures = iter([RuntimeError("out of memory")])
-
-    def fails_once(slots):
-        for error in failures:
-            raise error
-        reset(slots)
-
-    monkeypatch.setattr(engine._pool, "reset", fails_once)
+    fail_once(monkeypatch, engine._pool, "reset", RuntimeError("out of memory"))
     engine.push_audio(sid, utterance[: engine.geometry.first_step_samples].tobytes())
     engine.step()
     assert [m.code for m in messages if m.type == "error"] == [ErrorCode.INTERNAL]
-    messages.clear()
-    stream(engine, sid, utterance)
-    engine.reset(sid, finalize=True, trailing_silence_ms=200)
-    engine.run_until_idle()
-    assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, padding_ms=120)
+    _assert_transcribes_as_before(engine, sid, messages, utterance)
 
 
 def test_a_failed_step_reports_no_chunk_latency(tiny_asr_path, speech_int16):

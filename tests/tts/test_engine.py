@@ -10,6 +10,7 @@ import torch
 
 from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
 from servers.tts.engine import MAX_OPEN_CONTEXTS, PRESETS, SegmentRejected
+from tests.loaded_server import fail_once
 from tests.tts.helpers import assert_same_audio, make_tts_engine, pcm, synthesize
 
 TEXT = "Good morning to you."
@@ -323,15 +324,7 @@ def test_a_segment_that_fails_to_start_gives_its_cache_rows_back(tiny_tts_path, 
     graphed.warm_up()
     pool = graphed._decoder.transformer.pool
     rows, generation = pool.rows, pool.generation
-    write_text = graphed._decoder.transformer.write_text
-    failures = iter([RuntimeError("out of memory")])
-
-    def fails_once(*args):
-        for error in failures:
-            raise error
-        return write_text(*args)
-
-    monkeypatch.setattr(graphed._decoder.transformer, "write_text", fails_once)
+    fail_once(monkeypatch, graphed._decoder.transformer, "write_text", RuntimeError("out of memory"))
     messages = []
     sid = graphed.open_session(messages.append)
     graphed.speak(sid, TtsSpeak(context_id="failed", text=TEXT))
