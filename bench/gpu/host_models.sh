@@ -15,26 +15,23 @@
 (source bench/gpu/llama.sh) > "$OUT/llama_build.log" 2>&1 &
 llama_build=$!
 if [ ! -f /tmp/asr_random.nemo ]; then
-  python3 -m bench.build_random_asr --out /tmp/asr_random.part.nemo 2>&1 | tail -n 1
-  mv -f /tmp/asr_random.part.nemo /tmp/asr_random.nemo
+  build_whole /tmp/asr_random.nemo /tmp/asr_random.part.nemo \
+    python3 -m bench.build_random_asr --out /tmp/asr_random.part.nemo
 fi
 if [ ! -f /tmp/magpie_random/magpie.nemo ]; then
-  # --out is a directory (magpie.nemo and codec.nemo): build the whole directory aside. The
-  # codec path stored in magpie.nemo then names the temporary one, and the TTS loader falls
-  # back to the codec.nemo beside the checkpoint (servers/tts/model.py).
-  rm -rf /tmp/magpie_random.part
-  python3 -m bench.build_random_tts --out /tmp/magpie_random.part 2>&1 | tail -n 1
-  rm -rf /tmp/magpie_random
-  mv /tmp/magpie_random.part /tmp/magpie_random
+  # --out is a directory (magpie.nemo and codec.nemo). The codec path stored in magpie.nemo
+  # then names the temporary one, and the TTS loader falls back to the codec.nemo beside
+  # the checkpoint (servers/tts/model.py).
+  build_whole /tmp/magpie_random /tmp/magpie_random.part python3 -m bench.build_random_tts --out /tmp/magpie_random.part
 fi
 LLM_GGUF=/tmp/llm_proxy_${LLM_PROXY:-nano}.gguf
+case "${LLM_PROXY:-nano}" in
+  nano) llm_shape=(--nemotron-h nano-proxy) ;;
+  dense) llm_shape=(--n-embd 3072 --n-layer 28 --n-head 24 --n-head-kv 8 --n-ff 8192) ;;
+  *) echo "LLM_PROXY must be nano or dense" >&2; exit 1 ;;
+esac
 if [ ! -f "$LLM_GGUF" ]; then
-  case "${LLM_PROXY:-nano}" in
-    nano) python3 -m servers.llm.random_model "$LLM_GGUF.part" --nemotron-h nano-proxy --init-std 0.02 ;;
-    dense) python3 -m servers.llm.random_model "$LLM_GGUF.part" --n-embd 3072 --n-layer 28 \
-      --n-head 24 --n-head-kv 8 --n-ff 8192 --init-std 0.02 ;;
-    *) echo "LLM_PROXY must be nano or dense" >&2; exit 1 ;;
-  esac
-  mv -f "$LLM_GGUF.part" "$LLM_GGUF"
+  build_whole "$LLM_GGUF" "$LLM_GGUF.part" \
+    python3 -m servers.llm.random_model "$LLM_GGUF.part" "${llm_shape[@]}" --init-std 0.02
 fi
 wait "$llama_build" || { tail -n 30 "$OUT/llama_build.log"; exit 1; }

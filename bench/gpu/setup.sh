@@ -1,5 +1,6 @@
 # Sourced by the GPU benchmark scripts: installs the carried wheels (see fetch_wheels.sh),
-# prints the machine, and defines wait_healthy PID URL [LOG] (below).
+# prints the machine, and defines wait_healthy PID URL [LOG] and build_whole FINAL PART
+# COMMAND... (below).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -59,4 +60,16 @@ while True:
     time.sleep(0.5)
 print(f"{url} ready after {time.monotonic() - started:.0f} s", file=sys.stderr)
 PY
+}
+
+# build_whole FINAL PART COMMAND...: run COMMAND, which writes PART (a file or a directory),
+# showing the end of its output; then PART becomes FINAL. A call killed mid-write (the
+# device's 600 s) leaves no FINAL that a later call would take for a whole model.
+build_whole() {
+  local final=$1 part=$2
+  shift 2
+  rm -rf "$part"
+  "$@" 2>&1 | tail -n 2
+  rm -rf "$final"
+  mv "$part" "$final"
 }

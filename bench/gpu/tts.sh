@@ -14,11 +14,8 @@
 # sessions, + client start) = ~7.5 min of the 10 allowed. More sessions or a longer DURATION
 # adds ~DURATION + 10 s per load; run them in a second call.
 source bench/gpu/setup.sh
-# Built aside and moved into place whole (see host_models.sh, which reuses it).
-rm -rf /tmp/magpie_random.part
-python3 -m bench.build_random_tts --out /tmp/magpie_random.part 2>&1 | tail -n 2
-rm -rf /tmp/magpie_random
-mv /tmp/magpie_random.part /tmp/magpie_random
+# Built whole (host_models.sh reuses it).
+build_whole /tmp/magpie_random /tmp/magpie_random.part python3 -m bench.build_random_tts --out /tmp/magpie_random.part
 # Decoder steps in process, graphed and eager, by batch and by position in the segment.
 STEP_BATCHES=${STEP_BATCHES-1 4 16 64}
 if [ -n "$STEP_BATCHES" ]; then
