@@ -118,11 +118,6 @@ class ServerConnection:
                 self._sync_model_name_to_metrics()
                 logger.debug(f"{self}: ready ({message.model})")
                 await self._on_server_ready()
-                if not self.is_usable:
-                    # Written off while the server was away (a TTS after turns it could
-                    # not speak); a settings error comes back at once if it still holds.
-                    logger.info(f"{self}: the server is ready; the service takes work again")
-                    await self.set_usable(True)
                 await self._call_event_handler("on_connected")
             elif isinstance(message, ErrorMessage):
                 await self.push_error(

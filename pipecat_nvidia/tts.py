@@ -260,6 +260,14 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
             except Exception as e:
                 logger.warning(f"{self}: sending cancel failed: {e}")
 
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool):
+        """Pipecat writes off a TTS service after a few turns in a row with no audio, and a
+        written-off service stops reconnecting. A turn that ends while no server is there
+        to speak it says nothing about the voice; the lost server is the reconnect loop's
+        to report, and to give up on after its attempts."""
+        if received_audio or self._is_open():
+            await super()._record_context_audio_outcome(context_id, received_audio)
+
     # ------------------------------------------------------------------ server messages
 
     async def _on_server_message(self, message) -> None:

@@ -68,4 +68,16 @@ async def run_worker(
 
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
-    await asyncio.wait_for(asyncio.gather(runner.run(), fed()), timeout)
+
+    async def run_until_fed():
+        running = asyncio.create_task(runner.run())
+        try:
+            await fed()
+        except BaseException:
+            # A failed check in ``feed`` (or the timeout) must not leave the pipeline running.
+            await runner.cancel()
+            await running
+            raise
+        await running
+
+    await asyncio.wait_for(run_until_fed(), timeout)

@@ -259,6 +259,36 @@ async def test_the_service_reconnects_when_the_server_restarts(start_tts_server)
     assert len(contexts) == 2, "both turns were spoken, before and after the restart"
 
 
+async def test_turns_spoken_while_the_server_is_down_do_not_stop_the_service_reconnecting(start_tts_server):
+    """Pipecat writes off a TTS service after three turns with no audio, and a written-off
+    service stops reconnecting: turns lost to a server that is away must not count."""
+    server = await start_tts_server()
+    port = server.port
+    tts = MagpieTTSService(
+        url=server_url(server), stop_frame_timeout_s=0.3, reconnect_backoff_min_wait=0.2, reconnect_backoff_max_wait=0.5
+    )
+
+    async def speak_while_down(sink):
+        await server.stop()
+        while tts.ready is not None:
+            await asyncio.sleep(0.02)
+        for i in range(4):
+            before = len(sink.of(TTSStoppedFrame))
+            for frame in _turn([f"Turn {i} with no server. "]):
+                await tts.queue_frame(frame)
+            while len(sink.of(TTSStoppedFrame)) == before:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)  # reconnect attempts fail after the silent turns
+        await start_tts_server(port=port)
+        async with asyncio.timeout(10):
+            while tts.ready is None:
+                await asyncio.sleep(0.05)
+
+    sink = await run_turns(tts, _turn(SENTENCES[:1]), speak_while_down, _turn(SENTENCES[1:2]))
+    assert tts.is_usable
+    assert len({e.frame.context_id for e in sink.of(TTSAudioRawFrame)}) == 2, "spoken before and after"
+
+
 async def test_a_batched_sentence_slower_than_pipecats_context_timeout_is_still_spoken(start_tts_server):
     """Pipecat ends an audio context that gets nothing for ``stop_frame_timeout_s``; a
     batched segment sends nothing until it is whole."""
@@ -377,14 +407,15 @@ class _HeldLoad(TtsServer):
         return super().load_engine()
 
 
-async def test_turns_lost_while_the_server_loads_do_not_silence_the_service_once_it_is_ready(tiny_tts_path):
-    """Pipecat writes a TTS service off after three turns with no audio; the server's
-    ``ready`` puts it back to work."""
+async def test_turns_lost_while_the_server_loads_do_not_write_the_service_off(tiny_tts_path):
+    """Pipecat writes a TTS service off after three turns with no audio; a server that is
+    still loading its model has not spoken them."""
     release = threading.Event()
     server = _HeldLoad(TtsServerSettings(model=str(tiny_tts_path), port=0, device="cpu", temperature=0.0), release)
     await server.start()
     tts = MagpieTTSService(url=server_url(server), stop_frame_timeout_s=0.3)
     sink = FrameLog(Clock())
+    usable_while_loading = []
 
     async def feed(worker):
         for i in range(3):
@@ -393,7 +424,7 @@ async def test_turns_lost_while_the_server_loads_do_not_silence_the_service_once
                 await worker.queue_frame(frame)
             while len(sink.of(TTSStoppedFrame)) == before:
                 await asyncio.sleep(0.02)
-        assert not tts.is_usable, "Pipecat wrote the service off"
+        usable_while_loading.append(tts.is_usable)
         release.set()
         while tts.ready is None:
             await asyncio.sleep(0.02)
@@ -409,4 +440,5 @@ async def test_turns_lost_while_the_server_loads_do_not_silence_the_service_once
     finally:
         release.set()
         await server.stop()
+    assert usable_while_loading == [True]
     assert tts.is_usable and sink.of(TTSAudioRawFrame), "the turn after the load was spoken"
