@@ -23,11 +23,28 @@ class Server(Protocol):
     async def stop(self) -> None: ...
 
 
+def _exit_now(code: int) -> None:
+    """Exit without waiting for anything (threads, a load, interpreter teardown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 async def _serve(server: Server) -> int:
     stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # A stop waits for the engine's step under way; a second Ctrl-C is the way out
+        # of one that hangs (a stuck GPU), short of kill -9.
+        if stop.is_set():
+            logger.warning(f"{sig.name} again: exiting without finishing the stop")
+            _exit_now(128 + sig)
+        logger.info(f"{sig.name}: stopping {server.kind}; a second one exits at once")
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
     except (OSError, OverflowError) as e:  # the port is taken or out of range, or the address is not ours
@@ -63,7 +80,5 @@ def run_server(server: Server, log_level: str) -> None:
     abandoned = load_under_way()
     if abandoned is not None:
         logger.info(f"Exiting without waiting for the {abandoned} model load to finish")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
     sys.exit(code)
