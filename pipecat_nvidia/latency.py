@@ -2,14 +2,14 @@
 
 Pipecat's ``UserBotLatencyObserver`` measures each turn from the user's real end of speech
 (the VAD's stop minus its stop window) to the bot starting to speak (the output
-transport's first audio), with the services' TTFBs on the way. This turns that into one
-log line per turn and a ``MetricsFrame`` the Playground graphs.
+transport's first audio), and names the parts that time went on. This turns that into
+one log line per turn and a ``MetricsFrame`` the Playground graphs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loguru import logger
 from pipecat.frames.frames import Frame, MetricsFrame
@@ -21,16 +21,34 @@ VOICE_TO_VOICE = "voice-to-voice"
 
 
 @dataclass(frozen=True)
+class TurnPart:
+    """One named stretch of a turn's latency."""
+
+    label: str
+    """What the time went on: ``endpointing wait``, ``transcription``, ``LLM inference``,
+    ``function handler``, ``speech synthesis``, …"""
+    owner: str
+    """Who spent it: a processor (``NemotronLLMService#0``) or a setting (``config: …``)."""
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TurnLatency:
     turn: int
     voice_to_voice_s: float
-    stages_s: dict[str, float] = field(default_factory=dict)
-    """TTFB per service (ASR final transcript, LLM first token, TTS first audio)."""
+    parts: tuple[TurnPart, ...] = ()
+    """Where the time went, in order (Pipecat's contributions, which add up to the whole):
+    every part, so a turn with a tool call shows both of its LLM requests."""
+
+    @classmethod
+    def of(cls, turn: int, voice_to_voice_s: float, breakdown: LatencyBreakdown) -> TurnLatency:
+        parts = tuple(TurnPart(c.label, c.owner, c.duration_secs) for c in breakdown.contributions)
+        return cls(turn, voice_to_voice_s, parts)
 
     def line(self) -> str:
-        stages = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in self.stages_s.items())
+        parts = ", ".join(f"{p.label} {1000 * p.seconds:.0f} ms [{p.owner}]" for p in self.parts)
         return f"turn {self.turn}: voice-to-voice {1000 * self.voice_to_voice_s:.0f} ms" + (
-            f" ({stages})" if stages else ""
+            f" ({parts})" if parts else ""
         )
 
 
@@ -52,8 +70,7 @@ class TurnLatencyLog:
         latency, self._latency = self._latency, None
         if latency is None:
             return
-        stages = {t.processor: t.duration_secs for t in breakdown.ttfb}
-        turn = TurnLatency(len(self.turns) + 1, latency, stages)
+        turn = TurnLatency.of(len(self.turns) + 1, latency, breakdown)
         self.turns.append(turn)
         logger.info(turn.line())
         if self._send is not None:
