@@ -11,19 +11,22 @@
 # Results land in $OUT (default /tmp/out): each JSON is rewritten after every batch or load, and the
 # step benchmarks' whole output (stack dumps on a hang included) is in $OUT/asr_steps.log.
 source bench/gpu/setup.sh
-python3 -m bench.build_random_asr --out /tmp/asr_full.nemo 2>&1 | tail -n 3
+if [ ! -f /tmp/asr_random.nemo ]; then  # host_models.sh builds and reuses the same one
+  build_whole /tmp/asr_random.nemo /tmp/asr_random.part.nemo \
+    python3 -m bench.build_random_asr --out /tmp/asr_random.part.nemo
+fi
 STEP_BATCHES=${STEP_BATCHES-1 64 256 512}
 if [ -n "$STEP_BATCHES" ]; then
-  python3 -m bench.asr_steps --model /tmp/asr_full.nemo --device cuda --batches $STEP_BATCHES \
+  python3 -m bench.asr_steps --model /tmp/asr_random.nemo --device cuda --batches $STEP_BATCHES \
     --cuda-graph-max-batch "${GRAPH_MAX_BATCH:-512}" --json "$OUT/asr_steps.json" 2>&1 \
     | tee "$OUT/asr_steps.log" | grep --line-buffered -E '^\{|buckets ready|state for|Error|Traceback|Timeout' || true
 fi
 if [ -n "${LONG_MINUTES:-}" ]; then
-  python3 -m bench.asr_long_stream --model /tmp/asr_full.nemo --device cuda --minutes "$LONG_MINUTES" \
+  python3 -m bench.asr_long_stream --model /tmp/asr_random.nemo --device cuda --minutes "$LONG_MINUTES" \
     --json "$OUT/asr_long_stream.json" 2>&1 | tee "$OUT/asr_long_stream.log" \
     | grep --line-buffered -E '^\{|Error|Traceback|Timeout' || true
 fi
-python3 -m servers.asr --model /tmp/asr_full.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
+python3 -m servers.asr --model /tmp/asr_random.nemo --port 8080 --device cuda --max-sessions "${MAX_SESSIONS:-2048}" \
   ${GRAPH_MAX_BATCH:+--cuda-graph-max-batch "$GRAPH_MAX_BATCH"} \
   > "$OUT/asr_server.log" 2>&1 &
 server=$!
