@@ -11,7 +11,7 @@ Reported per N:
 - chunk latency p50/p90/p99: from a chunk's last byte reaching the server to the end of
   the step that transcribed it. Read from the server's ``asr_chunk_latency_seconds``
   histogram (difference over the run, interpolated within buckets; a value equal to the
-  top bucket edge, 2500 ms, means "at least that").
+  top finite bucket edge, 60 s, means "at least that").
 - final latency p50/p90/p99: measured by the clients, from sending ``reset`` to
   receiving the final transcript.
 - mean batch size and step time, errors.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from servers.common.metrics import LATENCY_BUCKETS
 from servers.llm.engine import LlmStepStats
@@ -11,6 +11,7 @@ from servers.llm.engine import LlmStepStats
 class LlmMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # CPU time and memory, as the ASR and TTS servers report them
         self.requests = Counter("llm_requests", "Chat completion requests", ["finish_reason"], registry=r)
         self.active = Gauge("llm_requests_active", "Requests queued or running", registry=r)
         self.errors = Counter("llm_errors", "Requests refused or failed", ["code"], registry=r)

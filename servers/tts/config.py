@@ -68,7 +68,8 @@ def parse_settings(argv: list[str] | None = None) -> TtsServerSettings:
     p.add_setting(
         "--cuda-graph-max-batch",
         d.cuda_graph_max_batch,
-        "on CUDA, steps of up to this many segments sample codes from CUDA graphs (captured at start-up; 0: eager)",
+        "on CUDA, decoder steps of up to this many segments (their new position and code sampling), prefill and "
+        "codec pieces replay CUDA graphs captured at start-up (0: eager)",
         type=at_least(0),
     )
     return TtsServerSettings(**vars(p.parse_args(argv)))

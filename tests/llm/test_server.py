@@ -419,6 +419,12 @@ async def test_health_says_loading_then_ready(start_llm_server):
     assert json.loads(await _get(server, "/health"))["status"] == "ready"
 
 
+async def test_metrics_report_the_process_cpu_time_and_memory(start_llm_server):
+    server = await start_llm_server()
+    metrics = await _get(server, "/metrics")
+    assert "process_cpu_seconds_total" in metrics and "process_resident_memory_bytes" in metrics
+
+
 async def _assert_one_request_was_cancelled(server) -> None:
     for _ in range(100):
         if not server.engine.has_work():
