@@ -57,7 +57,8 @@ class SchedulerMetrics:
         )
         self.deadline_misses = Counter(
             "scheduler_deadline_misses",
-            "ASR chunks transcribed later than one chunk period; TTS steps run while a turn's playout had run dry",
+            "ASR chunks transcribed later than one chunk period; turns whose listener ran out of audio before "
+            "more came, for the TTS when its synthesis was late, for the LLM when the text was",
             ["model"],
             registry=r,
         )
@@ -174,8 +175,6 @@ class GpuScheduler:
             self.metrics.holds.inc()
         if unit is None:
             return None
-        if unit.model == "tts" and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0:
-            self.metrics.deadline_misses.labels(model="tts").inc()
         attached = self._engines[unit.model]
         if attached.waiting_since is not None:
             self.metrics.wait_seconds.labels(model=unit.model).observe(now - attached.waiting_since)
@@ -199,12 +198,20 @@ class GpuScheduler:
         if decision.budget_s is None:  # a unit cut short says nothing of a whole one
             self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
-        if unit is Unit.ASR:
-            misses = sum(latency > state.asr_period_s for latency in stats.chunk_latencies)
-            if misses:
-                self.metrics.deadline_misses.labels(model="asr").inc(misses)
+        self._count_misses(unit, state, stats)
         attached.on_step(stats)
         return unit
+
+    def _count_misses(self, unit: Unit, state: QueueState, stats: Any) -> None:
+        if unit is Unit.ASR:
+            misses = {"asr": sum(latency > state.asr_period_s for latency in stats.chunk_latencies)}
+        elif unit.model == "tts":
+            misses = {"tts": stats.synthesis_gaps, "llm": stats.text_gaps}
+        else:
+            return
+        for model, count in misses.items():
+            if count:
+                self.metrics.deadline_misses.labels(model=model).inc(count)
 
     def _note_waiting(self, state: QueueState, now: float) -> None:
         has_work = {

@@ -14,6 +14,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import soxr
@@ -71,6 +72,8 @@ class _Segment:
     preset: TtsPreset
     voice: int
     output_rate: int
+    queued_at: float
+    """When its text came."""
     started_at: float | None
     """When it became its context's current segment (first-audio latency counts from here)."""
     chunks: list[TextChunk] | None = None
@@ -95,16 +98,28 @@ class _Context:
     numbered: int = 0
     flushed: bool = False
     cancelled: bool = False
-    playout_start: float | None = None
-    """When the turn's first audio left; the listener plays from then on."""
-    sent_seconds: float = 0.0
-    """The turn's audio sent so far."""
+    playout_end: float | None = None
+    """When the listener's audio runs out (None before the turn's first audio). A listener
+    that ran dry plays on when audio comes again: each piece plays from the later of its
+    arrival and the end of the audio before it."""
 
     def ahead_of_playout(self, now: float) -> float | None:
-        """Seconds of audio the listener still has in hand (None before any audio)."""
-        if self.playout_start is None:
-            return None
-        return self.sent_seconds - (now - self.playout_start)
+        """Seconds of audio the listener still has in hand; below 0, how long it has heard
+        silence (None before any audio)."""
+        return None if self.playout_end is None else self.playout_end - now
+
+
+class _Arrival(Enum):
+    """What the listener heard just before a piece of a turn's audio came."""
+
+    TURN_FIRST = "turn_first"
+    """Nothing yet: the turn's first audio."""
+    IN_TIME = "in_time"
+    """The audio before it, still playing."""
+    SYNTHESIS_LATE = "synthesis_late"
+    """Silence, though the text had come before it."""
+    TEXT_LATE = "text_late"
+    """Silence, and the segment's text came only after it began."""
 
 
 @dataclass
@@ -151,6 +166,12 @@ class TtsStepStats:
     """Audio one decoder step adds to each segment (real time is kept while steps are faster)."""
     first_audio_latencies: tuple[float, ...]
     """For each turn that got its first audio in this step: seconds since its first text."""
+    synthesis_gaps: int
+    """Turns whose audio came again in this step after their listener had run dry with
+    the text already here: the synthesis was late."""
+    text_gaps: int
+    """Turns whose audio came again after their listener had run dry waiting for the
+    segment's text: the text (the LLM) was late."""
 
 
 class TTSEngine(SessionEngine):
@@ -259,6 +280,7 @@ class TTSEngine(SessionEngine):
                     preset=PRESETS[preset_name],
                     voice=self.voices.index(voice),
                     output_rate=request.sample_rate or self.sample_rate,
+                    queued_at=self._clock(),
                     started_at=self._clock() if not context.segments else None,
                 )
             )
@@ -324,7 +346,7 @@ class TTSEngine(SessionEngine):
         now = self._clock()
         with self._lock:
             contexts = list(self._busy)
-            first_pending = any(c.playout_start is None for c in contexts)
+            first_pending = any(c.playout_end is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
             text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
             current = self._batch_locked()
@@ -363,13 +385,16 @@ class TTSEngine(SessionEngine):
         ]
         now = self._clock()
         latencies = []
+        arrivals = Counter()
         with self._lock:
             for segment in running:
                 segment.steps += 1
             for (segment, request), samples, pieces in zip(decoding, audio, messages):
-                if not segment.context.cancelled and self._send_audio(
-                    segment, request, len(samples), pieces, now, events
-                ):
+                if segment.context.cancelled:
+                    continue
+                arrival = self._send_audio(segment, request, len(samples), pieces, now, events)
+                arrivals[arrival] += 1
+                if arrival is _Arrival.TURN_FIRST:
                     latencies.append(now - segment.context.first_text_at)
             for segment in running:
                 sequence = segment.sequence
@@ -387,6 +412,8 @@ class TTSEngine(SessionEngine):
             audio_seconds=sum(len(a) for a in audio) / self.sample_rate,
             step_audio_seconds=self._decoder.frames_per_step * self.frame_ms / 1000.0,
             first_audio_latencies=tuple(latencies),
+            synthesis_gaps=arrivals[_Arrival.SYNTHESIS_LATE],
+            text_gaps=arrivals[_Arrival.TEXT_LATE],
         )
 
     def _batch_locked(self) -> list[_Segment]:
@@ -497,18 +524,24 @@ class TTSEngine(SessionEngine):
 
     def _send_audio(
         self, segment: _Segment, request: DecodeRequest, samples: int, pieces: list[TtsAudio], now: float, events: list
-    ) -> bool:
-        """Queue the audio of ``samples`` model-rate samples; True if it was the turn's first."""
+    ) -> _Arrival:
+        """Queue the audio of ``samples`` model-rate samples; says what the listener heard before it."""
         segment.sent_frames = request.end
         context = segment.context
-        turn_first = context.playout_start is None
-        if turn_first:
-            context.playout_start = now
-        context.sent_seconds += samples / self.sample_rate
+        end = context.playout_end
+        if end is None:
+            arrival = _Arrival.TURN_FIRST
+        elif end >= now:
+            arrival = _Arrival.IN_TIME
+        elif segment.first_audio_at is None and segment.queued_at > end:
+            arrival = _Arrival.TEXT_LATE
+        else:
+            arrival = _Arrival.SYNTHESIS_LATE
+        context.playout_end = max(end or now, now) + samples / self.sample_rate
         if segment.first_audio_at is None:
             segment.first_audio_at = now
         events.extend((context, piece) for piece in pieces)
-        return turn_first
+        return arrival
 
     def _audio_messages(self, segment: _Segment, samples: np.ndarray, last: bool = False) -> list[TtsAudio]:
         """The audio at the segment's rate, 16-bit, in pieces of at most a second (on the

@@ -31,6 +31,13 @@ class TtsMetrics(ServerMetrics):
             registry=r,
         )
         self.audio_seconds = Counter("tts_audio_seconds", "Audio synthesized (model rate)", registry=r)
+        self.playout_gaps = Counter(
+            "tts_playout_gaps",
+            "Times a turn's listener ran out of audio before more came, by what was late: "
+            "the synthesis, or the segment's text",
+            ["late"],
+            registry=r,
+        )
 
     def observe_step(self, stats: TtsStepStats) -> None:
         if stats.batch_size:
@@ -40,3 +47,7 @@ class TtsMetrics(ServerMetrics):
         self.audio_seconds.inc(stats.audio_seconds)
         for latency in stats.first_audio_latencies:
             self.first_audio.observe(latency)
+        if stats.synthesis_gaps:
+            self.playout_gaps.labels(late="synthesis").inc(stats.synthesis_gaps)
+        if stats.text_gaps:
+            self.playout_gaps.labels(late="text").inc(stats.text_gaps)

@@ -86,9 +86,10 @@ class _AlternatingTts:
             next_step_starts=False,
         )
 
-    def step(self) -> None:
+    def step(self):
         time.sleep(0.03 if self.steps % 2 == 1 else 0.005)
         self.steps += 1
+        return SimpleNamespace(synthesis_gaps=0, text_gaps=0)
 
 
 def test_tts_steps_that_decode_audio_are_expected_to_take_longer():
@@ -103,6 +104,32 @@ def test_tts_steps_that_decode_audio_are_expected_to_take_longer():
     plain = scheduler.expected_seconds(QueueState(tts_next_decodes=False))[Unit.TTS]
     decoding = scheduler.expected_seconds(QueueState(tts_next_decodes=True))[Unit.TTS]
     assert plain < 0.015 < 0.025 < decoding
+
+
+class _DryTts(_AlternatingTts):
+    """A turn whose listener has run dry; its first step's audio ends the silence (the
+    synthesis was late), and the fifth ends another (its text was late)."""
+
+    def queue_state(self):
+        return SimpleNamespace(**{**vars(super().queue_state()), "min_ahead_s": -1.0})
+
+    def step(self):
+        super().step()
+        return SimpleNamespace(synthesis_gaps=int(self.steps == 1), text_gaps=int(self.steps == 5))
+
+
+def test_a_listener_running_dry_is_one_miss_of_whichever_model_was_late_not_one_per_step():
+    scheduler = GpuScheduler()
+    tts = _DryTts()
+    scheduler.driver("tts")(tts, lambda stats: None)
+    time.sleep(0.3)
+    scheduler.stop()
+    assert tts.steps >= 10
+
+    def misses(model: str) -> float | None:
+        return scheduler.metrics.registry.get_sample_value("scheduler_deadline_misses_total", {"model": model})
+
+    assert (misses("tts"), misses("llm")) == (1.0, 1.0)
 
 
 class _FailingLlm(_BusyLlm):

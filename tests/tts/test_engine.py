@@ -499,6 +499,47 @@ def test_a_turn_that_would_run_dry_gets_its_audio_early(tiny_tts_path):
     assert_same_audio(pcm(messages, segment_id="1"), reference)
 
 
+def _step_until_audio(engine, messages: list) -> list:
+    """Step until the engine sends audio; the stats of those steps."""
+    before = sum(m.type == "audio" for m in messages)
+    stats = []
+    while sum(m.type == "audio" for m in messages) == before:
+        stats.append(engine.step())
+    return stats
+
+
+def test_a_listener_that_ran_dry_waiting_for_text_has_the_new_audio_ahead_of_it(tiny_tts_path):
+    """A listener that played a turn's first sentence and then heard silence (the LLM was
+    slow with the next) plays the next audio from when it comes: the scheduler must see
+    that audio ahead of it, not the silence as a debt for the rest of the turn."""
+    now = [0.0]
+    engine = make_tts_engine(tiny_tts_path, clock=lambda: now[0])
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text="Hi.", mode="stream"))
+    engine.run_until_idle()
+    now[0] = 60.0
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="stream"))
+    stats = _step_until_audio(engine, messages)
+    resumed = [m for m in messages if m.type == "audio" and m.segment_id == "1"]
+    heard = sum(len(m.pcm) for m in resumed) / (2 * resumed[0].sample_rate)
+    assert engine.queue_state().min_ahead_s == pytest.approx(heard)
+    assert [(s.text_gaps, s.synthesis_gaps) for s in stats if s.text_gaps or s.synthesis_gaps] == [(1, 0)]
+
+
+def test_a_listener_that_ran_dry_with_the_text_here_is_a_late_synthesis(tiny_tts_path):
+    now = [0.0]
+    engine = make_tts_engine(tiny_tts_path, clock=lambda: now[0])
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="stream", preset="fast"))
+    engine.speak(sid, TtsSpeak(context_id="turn", text="And a second sentence.", mode="stream"))
+    first = _step_until_audio(engine, messages)
+    now[0] = 60.0
+    later = _step_until_audio(engine, messages)
+    assert sum(s.synthesis_gaps for s in first + later) == 1 and not any(s.text_gaps for s in first + later)
+
+
 @pytest.mark.parametrize("mode", ["stream", "batch"])
 def test_the_engine_foresees_which_steps_decode_audio_or_start_a_segment(tiny_tts_path, mode):
     """A scheduler plans around how long the next step takes, and one that also decodes
