@@ -9,6 +9,7 @@ or, when the policy holds a unit for an ASR chunk, until the chunk is due.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -26,9 +27,9 @@ IDLE_TICK_S = 0.02
 EXPECTED_FROM_LAST = 32
 """A unit kind's expected duration is the 90th percentile of its last this many runs."""
 SIT_OUT_AFTER_FAILURE_S = 1.0
-"""A model whose unit raised is left out of the decisions this long: the others run
-meanwhile (the policy would choose it again at once), and its error is logged about once
-a second, not once a loop."""
+"""A model whose unit (or whose report of its queue) raised is left out of the decisions
+this long: the others run meanwhile (the policy would choose it again at once), and its
+error is logged about once a second, not once a loop."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class _Attached:
     engine: Any
     on_step: Callable[[Any], None]
     waiting_since: float | None = None
+    """When its pending work arrived (None: it has none), as the engine told it
+    (``on_work``), or else as a decision first saw it."""
 
 
 class GpuScheduler:
@@ -91,6 +94,8 @@ class GpuScheduler:
         self._idle_s = IDLE_TICK_S
         """How long the thread sleeps after a decision that ran nothing."""
         self._asr_waited = 0
+        """Units run while ASR had a ready chunk, since its last step (one during which
+        a chunk became ready counts: the chunk waited for it)."""
         self.max_asr_wait_units = 0
         """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
         self._sitting_out_until: dict[str, float] = {}
@@ -106,7 +111,7 @@ class GpuScheduler:
             with self._lock:
                 # A new dict, not a changed one: the scheduler thread reads it without the lock.
                 self._engines = {**self._engines, model: _Attached(engine, on_step)}
-                engine.on_work = self._wake.set
+                engine.on_work = lambda: self._work_arrived(model)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="gpu-scheduler", daemon=True)
                     self._thread.start()
@@ -114,6 +119,13 @@ class GpuScheduler:
             return self.stop
 
         return attach
+
+    def _work_arrived(self, model: str) -> None:
+        """An engine's ``on_work`` (on the thread that brought the work, or in a step)."""
+        attached = self._engines.get(model)
+        if attached is not None and attached.waiting_since is None:
+            attached.waiting_since = time.monotonic()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -127,15 +139,15 @@ class GpuScheduler:
     def queue_state(self, now: float) -> QueueState:
         """What each model has to do at ``now``; a model sitting out (see
         ``SIT_OUT_AFTER_FAILURE_S``) shows as one not loaded."""
-        e = {model: a for model, a in self._engines.items() if self._sitting_out_until.get(model, 0.0) <= now}
-        asr = e.get("asr")
-        tts = e["tts"].engine.queue_state() if "tts" in e else None
-        llm = e["llm"].engine.queue_state() if "llm" in e else None
+        asr = self._ask("asr", now, lambda a: (a.has_work(), a.due_in_s(), a.geometry.chunk_ms / 1000.0))
+        tts = self._ask("tts", now, lambda engine: engine.queue_state())
+        llm = self._ask("llm", now, lambda engine: engine.queue_state())
+        asr_ready, asr_due, asr_period = asr or (False, None, None)
         return QueueState(
-            asr_ready=asr is not None and asr.engine.has_work(),
+            asr_ready=asr_ready,
             asr_waited_units=self._asr_waited,
-            asr_due_s=asr.engine.due_in_s() if asr else None,
-            asr_period_s=asr.engine.geometry.chunk_ms / 1000.0 if asr else None,
+            asr_due_s=asr_due,
+            asr_period_s=asr_period,
             llm_first_pending=llm is not None and llm.first_pending,
             llm_generating=llm is not None and llm.generating,
             tts_first_pending=tts is not None and tts.first_audio_pending,
@@ -146,6 +158,25 @@ class GpuScheduler:
             tts_next_starts=tts is not None and tts.next_step_starts,
         )
 
+    def _ask(self, model: str, now: float, question: Callable[[Any], Any]) -> Any:
+        """``question`` of the model's engine; None if it is not loaded, sits out, or raised
+        (it then sits out: a bug in one model must not stop the GPU work of the others)."""
+        attached = self._engines.get(model)
+        if attached is None or self._sitting_out_until.get(model, 0.0) > now:
+            return None
+        try:
+            return question(attached.engine)
+        except Exception:  # noqa: BLE001 - logged; the others' work goes on
+            logger.exception(f"Reading the {model} engine's queue failed")
+            self._sit_out(model)
+            return None
+
+    def _sit_out(self, model: str) -> None:
+        self._sitting_out_until[model] = time.monotonic() + SIT_OUT_AFTER_FAILURE_S
+
+    def _asr_ready(self) -> bool:
+        return bool(self._ask("asr", time.monotonic(), lambda engine: engine.has_work()))
+
     @staticmethod
     def _kind(unit: Unit, state: QueueState) -> tuple[Unit, bool, bool]:
         """A TTS step that also decodes audio, or starts a segment, takes several times one
@@ -154,12 +185,13 @@ class GpuScheduler:
         return unit, tts and state.tts_next_decodes, tts and state.tts_next_starts
 
     def expected_seconds(self, state: QueueState) -> dict[Unit, float]:
-        """What each unit would take now: the 90th percentile of its kind's recent runs."""
+        """What each unit would take now: the 90th percentile of its kind's recent runs
+        (nearest rank, so the longest of a kind seen only a few times)."""
         expected = {}
         for unit in Unit:
             runs = self._durations.get(self._kind(unit, state))
             if runs:
-                expected[unit] = sorted(runs)[int(0.9 * (len(runs) - 1))]
+                expected[unit] = sorted(runs)[math.ceil(0.9 * len(runs)) - 1]
         return expected
 
     def run_once(self) -> Unit | None:
@@ -167,6 +199,8 @@ class GpuScheduler:
         unit waits for an ASR chunk)."""
         now = time.monotonic()
         state = self.queue_state(now)
+        if not state.asr_ready:  # e.g. its session closed: nothing waits any more
+            self._asr_waited = 0
         self._note_waiting(state, now)
         decision = plan(state, self.expected_seconds(state), self.targets)
         unit = decision.unit
@@ -181,26 +215,34 @@ class GpuScheduler:
             attached.waiting_since = None
         if unit is Unit.ASR:
             self.max_asr_wait_units = max(self.max_asr_wait_units, self._asr_waited)
-            self._asr_waited = 0
-        else:
-            self._asr_waited += int(state.asr_ready)
         started = time.monotonic()
         try:
             if decision.budget_s is None:
                 stats = attached.engine.step()
             else:
                 stats = attached.engine.step(budget_s=decision.budget_s)
+            seconds = time.monotonic() - started
+            self._count_misses(unit, state, stats)
+            attached.on_step(stats)
         except Exception:
-            self._sitting_out_until[unit.model] = time.monotonic() + SIT_OUT_AFTER_FAILURE_S
+            self._sit_out(unit.model)
             raise
-        seconds = time.monotonic() - started
+        finally:
+            self._count_asr_wait(unit, state)
         self.history.append(UnitRecord(unit, started, seconds))
         if decision.budget_s is None:  # a unit cut short says nothing of a whole one
             self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
-        self._count_misses(unit, state, stats)
-        attached.on_step(stats)
         return unit
+
+    def _count_asr_wait(self, unit: Unit, state: QueueState) -> None:
+        """After a unit: a chunk ready before or during it waited for it. ASR still ready
+        after its own step is behind, and goes again before any urgent unit."""
+        ready_now = self._asr_ready()
+        if unit is Unit.ASR:
+            self._asr_waited = int(ready_now)
+        else:
+            self._asr_waited += int(state.asr_ready or ready_now)
 
     def _count_misses(self, unit: Unit, state: QueueState, stats: Any) -> None:
         if unit is Unit.ASR:

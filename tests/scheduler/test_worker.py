@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from scheduler.policy import QueueState, Unit
+import pytest
+
+from scheduler.policy import QueueState, Targets, Unit
 from scheduler.worker import GpuScheduler
 
 
@@ -147,3 +149,122 @@ def test_a_model_whose_unit_raises_sits_out_a_while_and_the_others_run():
     scheduler.stop()
     assert 1 <= llm.units <= 2, "tried again after its time out, not at once"
     assert tts.steps >= 20
+
+
+class _PrefillLlm:
+    """A request whose long prompt takes ``units`` prefill units of ``unit_s``, each its
+    first segment's (urgent)."""
+
+    def __init__(self, unit_s: float, units: int):
+        self._unit, self.left = unit_s, units
+
+    def queue_state(self):
+        return SimpleNamespace(first_pending=self.left > 0, generating=self.left > 0)
+
+    def step(self, budget_s: float | None = None) -> None:
+        self.left -= 1
+        time.sleep(self._unit)
+
+
+def test_a_chunk_that_falls_due_during_an_urgent_unit_runs_before_the_next_one():
+    """The chunk waited for the unit it fell due in; a second urgent unit before it would
+    make it wait for two, and at units near a chunk period ASR would fall ever further behind."""
+    scheduler = GpuScheduler(Targets(asr_holds=False))
+    unit = 0.15
+    llm, asr = _PrefillLlm(unit_s=unit, units=12), _ClockedAsr(period_s=0.16, step_s=0.005)
+    scheduler.driver("asr")(asr, lambda stats: None)
+    scheduler.driver("llm")(llm, lambda stats: None)
+    time.sleep(12 * unit + 0.5)
+    scheduler.stop()
+    assert llm.left == 0 and len(asr.waits) >= 10
+    assert max(asr.waits) < unit + 0.04, [round(w, 3) for w in asr.waits]
+    assert scheduler.max_asr_wait_units == 1
+
+
+class _ToldAsr:
+    """Work that arrives when ``arrive`` is called (and says so, as engines do); a step
+    takes no time."""
+
+    def __init__(self):
+        self.geometry = SimpleNamespace(chunk_ms=160)
+        self.ready = False
+        self.waited: float | None = None
+        self._arrived = 0.0
+
+    def arrive(self) -> None:
+        self._arrived, self.ready = time.monotonic(), True
+        self.on_work()
+
+    def has_work(self) -> bool:
+        return self.ready
+
+    def due_in_s(self) -> None:
+        return None
+
+    def step(self):
+        self.ready, self.waited = False, time.monotonic() - self._arrived
+        return SimpleNamespace(chunk_latencies=())
+
+
+class _OneLongTts(_AlternatingTts):
+    def __init__(self):
+        super().__init__()
+        self.left = 1
+
+    def queue_state(self):
+        return SimpleNamespace(**{**vars(super().queue_state()), "has_work": self.left > 0})
+
+    def step(self):
+        self.left -= 1
+        time.sleep(0.2)
+        return SimpleNamespace(synthesis_gaps=0, text_gaps=0)
+
+
+def test_a_models_wait_counts_from_its_works_arrival_not_from_when_a_decision_saw_it():
+    scheduler = GpuScheduler()
+    asr, tts = _ToldAsr(), _OneLongTts()
+    scheduler.driver("asr")(asr, lambda stats: None)
+    scheduler.driver("tts")(tts, lambda stats: None)
+    time.sleep(0.05)  # into the TTS's 200 ms unit
+    asr.arrive()
+    time.sleep(0.4)
+    scheduler.stop()
+    assert asr.waited > 0.1
+    wait = scheduler.metrics.registry.get_sample_value("scheduler_wait_seconds_sum", {"model": "asr"})
+    assert wait == pytest.approx(asr.waited, abs=0.02)
+
+
+class _UnreadableTts:
+    def queue_state(self):
+        raise ValueError("a bug in the TTS's bookkeeping")
+
+
+def test_a_model_whose_queue_cannot_be_read_sits_out_and_the_others_run():
+    scheduler = GpuScheduler()
+    asr = _ClockedAsr(period_s=0.05, step_s=0.001)
+    scheduler.driver("asr")(asr, lambda stats: None)
+    scheduler.driver("tts")(_UnreadableTts(), lambda stats: None)
+    time.sleep(1.0)
+    scheduler.stop()
+    assert len(asr.waits) >= 15
+
+
+class _ShortThenLongLlm(_BusyLlm):
+    def step(self, budget_s: float | None = None) -> None:
+        self.units += 1
+        time.sleep(0.01 if self.units == 1 else 0.1)
+
+    def queue_state(self):
+        return SimpleNamespace(first_pending=False, generating=self.units < 2)
+
+
+def test_a_unit_kind_seen_twice_is_expected_to_take_the_longer_time():
+    """Few runs of a kind say little: planning with the shorter would hold a long unit's
+    chunk behind it."""
+    scheduler = GpuScheduler()
+    llm = _ShortThenLongLlm(unit_s=0.0)
+    scheduler.driver("llm")(llm, lambda stats: None)
+    time.sleep(0.3)
+    scheduler.stop()
+    assert llm.units == 2
+    assert scheduler.expected_seconds(QueueState())[Unit.LLM] >= 0.1
