@@ -7,15 +7,16 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
    ready chunk, except that one urgent unit may go first: ASR never waits for more
    than one unit.
 2. The first pieces of a bot turn: the LLM's first segment, then the TTS's first
-   audio. Together they are the latency the user hears.
+   audio. Together they are the latency the user hears. But a turn whose listener has
+   run out of audio, and hears silence now, gets its TTS before another's first text.
 3. More TTS when some turn's audio ahead of its playout falls below the target.
 4. More LLM when the TTS is running short of text to speak.
 5. Otherwise whatever has work, TTS first (building up audio is never wasted).
 
 A unit runs to its end once started, so the one ASR waits behind adds its whole length
 to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit would still
-be running when the next chunk is due, and it would fit in the gap after that chunk's
-step, the GPU waits for the chunk instead (``hold_for``), running meanwhile another
+be running when the next chunk is due, the GPU waits for the chunk instead
+(``hold_for``), and the unit runs after its step, running meanwhile another
 model's work that ends before the chunk is due, or as many LLM tokens as fit, if there
 is any (``plan``). Urgent units wait only for a chunk due very soon: they are the
 latency the user hears too.
@@ -93,6 +94,9 @@ def choose(state: QueueState, targets: Targets = Targets()) -> Unit | None:
     urgent = Unit.LLM_FIRST if state.llm_first_pending else Unit.TTS_FIRST if state.tts_first_pending else None
     if state.asr_ready and (state.asr_waited_units >= 1 or urgent is None):
         return Unit.ASR
+    dry = state.tts_has_work and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0
+    if urgent is Unit.LLM_FIRST and dry:
+        return Unit.TTS
     if urgent is not None:
         return urgent
     audio_low = (
@@ -114,20 +118,23 @@ def hold_for(unit: Unit, state: QueueState, expected_s: Mapping[Unit, float], ta
     """Seconds to leave the GPU idle for an ASR chunk before running ``unit`` (0: run it now).
 
     ``expected_s``: how long units of each kind take (from measurements; a kind without
-    one is never held). A unit that ends before the chunk is due runs now; so does one
-    that fits no gap between chunks (waiting would delay it and spare the ASR nothing),
-    and TTS whose listener would run dry while it waited.
+    one is never held). A unit that ends before the chunk is due runs now. One that does
+    not waits, and the chunk then waits for nothing; a unit too long for the gap before
+    the chunk after makes that one wait ``asr + duration - period``, less than the
+    ``duration - due`` the due chunk would wait behind it, unless the chunk is due almost
+    a period away (``due + asr >= period``: then it runs now). So does TTS whose listener
+    would run dry while it waited.
     """
     due, period = state.asr_due_s, state.asr_period_s
     duration, asr = expected_s.get(unit), expected_s.get(Unit.ASR)
     if not targets.asr_holds or unit is Unit.ASR or state.asr_ready or None in (due, period, duration, asr):
         return 0.0
-    if duration <= due or duration > period - asr:
+    if duration <= due or due + asr >= period:
         return 0.0
     if due > (targets.urgent_hold_s if unit.urgent else math.inf):
         return 0.0
     ahead = state.tts_min_ahead_s
-    if unit is Unit.TTS and ahead is not None and ahead < due + asr + duration:
+    if unit.model == "tts" and ahead is not None and ahead < due + asr + duration:
         return 0.0
     return due
 

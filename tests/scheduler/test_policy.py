@@ -66,11 +66,34 @@ def test_a_unit_that_would_delay_a_due_asr_chunk_waits_for_it(unit, due, ahead, 
     assert hold_for(unit, state, EXPECTED, Targets(urgent_hold_s=0.05)) == expected_hold
 
 
-def test_no_unit_waits_for_asr_that_is_not_streaming_or_for_a_gap_it_cannot_fit():
+def test_no_unit_waits_for_asr_that_is_not_streaming_or_for_a_unit_of_unknown_length():
     assert hold_for(Unit.LLM, QueueState(asr_due_s=None, asr_period_s=0.16), EXPECTED) == 0.0
     assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), {Unit.ASR: 0.01}) == 0.0
-    too_long = {**EXPECTED, Unit.LLM: 0.155}
-    assert hold_for(Unit.LLM, QueueState(asr_due_s=0.02, asr_period_s=0.16), too_long) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("due", "expected_hold"),
+    [
+        (0.01, 0.01),  # now: the chunk waits 190 ms; held: the next one waits 50 ms
+        (0.12, 0.12),  # now: 80 ms; held: 50 ms
+        (0.155, 0.0),  # due almost a period away: held, the next chunk would wait longer
+    ],
+)
+def test_a_unit_longer_than_the_gap_between_chunks_waits_when_that_spares_the_asr(due, expected_hold):
+    state = QueueState(asr_due_s=due, asr_period_s=0.16, tts_min_ahead_s=3.0)
+    assert hold_for(Unit.TTS, state, {Unit.ASR: 0.01, Unit.TTS: 0.2}) == expected_hold
+
+
+def test_a_turns_first_audio_does_not_wait_when_another_turns_listener_would_run_dry():
+    """The step that makes one turn's first audio also feeds the turns being played."""
+    state = QueueState(asr_due_s=0.04, asr_period_s=0.16, tts_first_pending=True, tts_min_ahead_s=0.05)
+    assert hold_for(Unit.TTS_FIRST, state, EXPECTED, Targets(urgent_hold_s=0.05)) == 0.0
+
+
+def test_a_listener_hearing_silence_gets_its_audio_before_another_turns_first_text():
+    state = QueueState(llm_first_pending=True, llm_generating=True, tts_has_work=True, tts_min_ahead_s=-0.1)
+    assert choose(state) is Unit.TTS
+    assert choose(replace(state, tts_min_ahead_s=0.1)) is Unit.LLM_FIRST
 
 
 def test_while_a_unit_waits_for_asr_other_work_that_ends_in_time_runs():
