@@ -13,6 +13,8 @@ and NIM follow it) unless the settings ask for it, here for at most about 64 tok
 
 from __future__ import annotations
 
+import math
+
 from pipecat.adapters.llm.services.open_ai_adapter import OpenAILLMInvocationParams
 from pipecat.frames.frames import Frame, LLMContextFrame
 from pipecat.processors.frame_processor import FrameDirection
@@ -22,12 +24,17 @@ from pipecat_nvidia.history import DEFAULT_HISTORY_TOKENS, trim_conversation
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8082/v1"
 DEFAULT_MODEL = "nemotron-3-nano"
+REASONING_OVERRUN = 1.1
+"""A reasoning limit closes the reasoning at a line's end within a tenth more tokens (the
+host's rule, after NIM's)."""
 
 
 def reasoning_extra(max_thinking_tokens: int | None = None) -> dict:
     """``Settings.extra`` that turns the model's reasoning on, closed after about
     ``max_thinking_tokens`` (None: no limit) by NIM's ``nvext`` field, which the host reads
-    too. Reasoning is never spoken, but the answer waits for it."""
+    too. Reasoning is never spoken, but the answer waits for it. Servers count reasoning
+    tokens against ``max_tokens``: ``NemotronLLMService`` adds the limit's to the answer's
+    ``max_tokens``, so that the reasoning cannot use the answer's up."""
     body: dict = {"chat_template_kwargs": {"enable_thinking": True}}
     if max_thinking_tokens is not None:
         body["nvext"] = {"max_thinking_tokens": max_thinking_tokens}
@@ -67,6 +74,11 @@ class NemotronLLMService(OpenAILLMService):
         given = extra_body.get("chat_template_kwargs") or {}
         extra_body["chat_template_kwargs"] = {"enable_thinking": False, **given}
         params["extra_body"] = extra_body
+        thinking = (extra_body.get("nvext") or {}).get("max_thinking_tokens")
+        if extra_body["chat_template_kwargs"]["enable_thinking"] and isinstance(thinking, int):
+            for key in ("max_tokens", "max_completion_tokens"):
+                if isinstance(params.get(key), int):
+                    params[key] += math.ceil(REASONING_OVERRUN * thinking)
         return params
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
