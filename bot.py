@@ -3,7 +3,8 @@
 With no ``NVIDIA_ASR_URL`` / ``NVIDIA_TTS_URL`` / ``NVIDIA_LLM_URL`` set, it first starts
 the local GPU host (ASR, TTS and LLM on one GPU; models download on first run) and stops
 it on exit; otherwise it uses those servers. Every transport of Pipecat's runner works as
-in Pipecat's examples (``-t daily``, ``-t twilio``, a WebSocket client at ``/ws-client``, …;
+in Pipecat's examples (``-t daily``, ``-t twilio``, a WebSocket client at ``/ws-client``,
+Pipecat's eval harness at ``/ws``, …;
 credentials from the environment or ``.env``). Settings: ``.env.example``.
 """
 
@@ -52,6 +53,12 @@ def _transport_params() -> dict:
             audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=ProtobufFrameSerializer()
         )
 
+    def evaluation():
+        from pipecat.evals.transport import EvalTransportParams
+
+        # The runner sets the eval harness's serializer.
+        return EvalTransportParams(audio_in_enabled=True, audio_out_enabled=True)
+
     def telephony():
         from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams
 
@@ -64,6 +71,7 @@ def _transport_params() -> dict:
         "daily": daily,
         "livekit": livekit,
         "websocket": websocket_client,
+        "eval": evaluation,
         **dict.fromkeys(TELEPHONY_TRANSPORTS, telephony),
     }
 

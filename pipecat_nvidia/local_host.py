@@ -112,7 +112,8 @@ def port_in_use(host: str, port: int) -> bool:
 class LocalHost:
     def __init__(self, settings: AgentSettings, extra_args: tuple[str, ...] = ()):
         self._settings = settings
-        self._args = [sys.executable, "-m", "scheduler", *_port_args(settings), *extra_args]
+        # -P: this package's scheduler, not a scheduler.py in the folder the bot runs in.
+        self._args = [sys.executable, "-P", "-m", "scheduler", *_port_args(settings), *extra_args]
         self._process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self.died = threading.Event()

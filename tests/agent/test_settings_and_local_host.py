@@ -95,6 +95,25 @@ def test_the_local_host_starts_reports_ready_and_stops(tiny_asr_path, tiny_tts_p
     assert all(read_health(url) is None for url in health_urls(settings).values())
 
 
+def test_the_host_is_this_projects_scheduler_whatever_folder_the_bot_runs_in(tmp_path, monkeypatch):
+    """``python -m`` looks in the working folder first, where a user's project may have a
+    ``scheduler.py`` of its own."""
+    ran = tmp_path / "the-users-scheduler-ran"
+    (tmp_path / "scheduler.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    asr, tts, llm = free_ports(3)
+    settings = AgentSettings(
+        asr_url=f"ws://127.0.0.1:{asr}", tts_url=f"ws://127.0.0.1:{tts}", llm_url=f"http://127.0.0.1:{llm}/v1"
+    )
+    host = LocalHost(settings, ("--help",))
+    host.start()
+    try:
+        assert host._process.wait(timeout=60) == 0
+    finally:
+        host.stop()
+    assert not ran.exists()
+
+
 @pytest.mark.slow
 def test_a_host_that_cannot_load_is_reported(tmp_path):
     asr, tts, llm = free_ports(3)
@@ -255,14 +274,16 @@ def test_the_bot_has_parameters_for_every_transport_the_runner_serves():
     """Without ``-t`` the runner serves every installed transport; a session on one the bot
     has no parameters for fails (Pipecat: "Missing transport params")."""
     from pipecat.runner.run import TELEPHONY_TRANSPORTS
+    from pipecat.runner.utils import _get_eval_transport_params
 
     from bot import _transport_params
 
     params = _transport_params()
-    for transport in ("webrtc", "websocket", *TELEPHONY_TRANSPORTS):
+    for transport in ("webrtc", "websocket", "eval", *TELEPHONY_TRANSPORTS):
         made = params[transport]()
         assert made.audio_in_enabled and made.audio_out_enabled
     assert type(params["websocket"]().serializer).__name__ == "ProtobufFrameSerializer"
+    _get_eval_transport_params(params)  # what the runner checks for its eval harness at /ws
 
 
 def test_the_bot_stops_before_loading_anything_when_its_own_port_is_taken():
