@@ -27,10 +27,12 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.services.settings import NOT_GIVEN, NotGiven, TTSSettings
 from pipecat.services.tts_service import WebsocketTTSService
 from pipecat.transcriptions.language import Language
+from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.tracing.service_decorators import traced_tts
 
 from pipecat_nvidia.connection import ServerConnection
 from pipecat_nvidia.protocol import (
+    ErrorCode,
     TtsAudio,
     TtsCancel,
     TtsDone,
@@ -193,6 +195,22 @@ class MagpieTTSService(ServerConnection, WebsocketTTSService):
                     "giving it up"
                 )
                 await self._cancel_turn(context_id)
+
+    async def _on_server_ready(self) -> None:
+        """A voice, language or preset the server lacks is told now, naming what it has,
+        rather than by the first sentence the bot tries to say."""
+        ready, settings = self.ready, self._settings
+        wanted = (
+            (ErrorCode.UNKNOWN_VOICE, "voice", settings.voice or None, ready.voices),
+            (ErrorCode.UNKNOWN_LANGUAGE, "language", settings.language or None, ready.languages),
+            (ErrorCode.UNKNOWN_PRESET, "preset", settings.preset or None, list(ready.presets)),
+        )
+        for code, what, value, offered in wanted:
+            if value is not None and value not in offered:
+                await self.push_error(
+                    f"{self}: {code.value}: the server at {self._url} has no {what} {value!r}; it has {offered}",
+                    category=ErrorCategory.INVALID_REQUEST,
+                )
 
     # ------------------------------------------------------------------ text in
 

@@ -394,6 +394,17 @@ async def test_an_unknown_voice_is_an_invalid_request_that_retrying_cannot_fix(s
     assert not tts.is_usable
 
 
+async def test_a_voice_the_server_lacks_is_reported_on_connecting_with_the_voices_it_has(start_tts_server):
+    server = await start_tts_server()
+    tts = MagpieTTSService(url=server_url(server), settings=MagpieTTSService.Settings(voice="Aria"))
+    head = FrameLog(Clock())
+    await run_turns(tts, head=head)
+    errors = [e.frame for e in head.of(ErrorFrame, FrameDirection.UPSTREAM)]
+    assert len(errors) == 1 and errors[0].category is ErrorCategory.INVALID_REQUEST
+    assert "'Aria'" in errors[0].error and str(server.engine.voices) in errors[0].error
+    assert not tts.is_usable
+
+
 class _HeldLoad(TtsServer):
     """A server that listens at once but loads its model only when ``release`` is set,
     like one restarting with a model that takes a while to load."""
