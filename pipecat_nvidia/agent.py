@@ -17,6 +17,7 @@ import wave
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from loguru import logger
 from pipecat.frames.frames import LLMRunFrame
@@ -85,11 +86,13 @@ class AgentSettings:
     on the first call, without naming the variable)."""
 
     HOST_PORTS = {
-        "asr_url": ("HOST_ASR_PORT", "ws://127.0.0.1:{}"),
-        "tts_url": ("HOST_TTS_PORT", "ws://127.0.0.1:{}"),
-        "llm_url": ("HOST_LLM_PORT", "http://127.0.0.1:{}/v1"),
+        "asr_url": ("HOST_ASR_PORT", "ws://{}:{}"),
+        "tts_url": ("HOST_TTS_PORT", "ws://{}:{}"),
+        "llm_url": ("HOST_LLM_PORT", "http://{}:{}/v1"),
     }
-    """The local host's ports (its own settings): where the bot finds it when the URL is not set."""
+    """The local host's ports (its own settings): where the bot finds it when the URL is not
+    set, at the address the host listens on (``HOST_HOST``; loopback when that is unset or
+    every address)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AgentSettings:
@@ -107,11 +110,13 @@ class AgentSettings:
             else:
                 values[name] = raw
         remote = tuple(n for n in ("asr_url", "tts_url", "llm_url") if n in values)
-        local = {
-            name: url.format(_parse_int(var, env[var], least=1, most=65535))
-            for name, (var, url) in cls.HOST_PORTS.items()
-            if name not in values and env.get(var)
-        }
+        address = _local_address(env.get("HOST_HOST"))
+        local = {}
+        for name, (var, url) in cls.HOST_PORTS.items():
+            if name not in values:
+                given = env.get(var)
+                port = _parse_int(var, given, least=1, most=65535) if given else urlsplit(getattr(cls, name)).port
+                local[name] = url.format(address, port)
         if not remote and "auth_token" not in values and env.get("HOST_AUTH_TOKEN"):
             # The local host's own setting: the bot sends what its host will ask for.
             values["auth_token"] = env["HOST_AUTH_TOKEN"]
@@ -120,6 +125,13 @@ class AgentSettings:
     @property
     def uses_local_host(self) -> bool:
         return not self.remote
+
+
+def _local_address(host: str | None) -> str:
+    """Where the bot reaches a local host listening on ``host`` (``HOST_HOST``)."""
+    if not host or host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _parse_int(var: str, raw: str, least: int = 0, most: int | None = None) -> int:

@@ -46,6 +46,19 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
 
 
 @pytest.mark.parametrize(
+    ("host", "reached_at"),
+    [("192.168.1.5", "192.168.1.5"), ("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("fd00::5", "[fd00::5]")],
+)
+def test_the_bot_reaches_the_local_host_at_the_address_it_listens_on(host, reached_at):
+    settings = AgentSettings.from_env({"HOST_HOST": host, "HOST_TTS_PORT": "9001"})
+    assert (settings.asr_url, settings.tts_url, settings.llm_url) == (
+        f"ws://{reached_at}:8080",
+        f"ws://{reached_at}:9001",
+        f"http://{reached_at}:8082/v1",
+    )
+
+
+@pytest.mark.parametrize(
     ("var", "raw"),
     [
         ("BOT_MAX_TOKENS", "300tokens"),
