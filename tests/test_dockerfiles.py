@@ -3,6 +3,7 @@ each one installs what the package is made of, for its own GPU, and starts the a
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -41,3 +42,12 @@ def test_each_dockerfile_builds_llama_cpp_for_its_gpu_and_starts_the_agent(name,
     assert re.search(rf"^ARG CUDA_ARCH={arch}$", text, re.M)
     assert "-DGGML_CUDA=on" in text and "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH}" in text
     assert re.search(r'^CMD \["python", "bot.py", "--host", "0.0.0.0"\]$', text, re.M)
+
+
+def test_the_build_context_leaves_out_secrets_and_the_test_environment_but_not_what_is_copied():
+    ignored = [
+        line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert {".env", ".venv", ".git"} <= set(ignored)
+    copied = set().union(*(_copied((ROOT / name).read_text()) for name in ARCHITECTURES))
+    assert not any(fnmatch.fnmatch(source, pattern) for source in copied for pattern in ignored)
