@@ -110,7 +110,8 @@ class AgentSettings:
             else:
                 values[name] = raw
         remote = tuple(n for n in ("asr_url", "tts_url", "llm_url") if n in values)
-        address = _local_address(env.get("HOST_HOST"))
+        # The host's address is its own: standalone servers beside remote ones have theirs.
+        address = _local_address(env.get("HOST_HOST") if not remote else None)
         local = {}
         for name, (var, url) in cls.HOST_PORTS.items():
             if name not in values:
@@ -128,9 +129,12 @@ class AgentSettings:
 
 
 def _local_address(host: str | None) -> str:
-    """Where the bot reaches a local host listening on ``host`` (``HOST_HOST``)."""
-    if not host or host in ("0.0.0.0", "::"):
+    """Where the bot reaches a local host listening on ``host`` (``HOST_HOST``): on every
+    IPv4 address, at loopback; on every IPv6 one (IPv6 only, as asyncio binds it), at ::1."""
+    if not host or host == "0.0.0.0":
         return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
     return f"[{host}]" if ":" in host else host
 
 

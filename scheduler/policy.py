@@ -7,8 +7,7 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
    ready chunk, except that one urgent unit may go first: ASR never waits for more
    than one unit.
 2. The first pieces of a bot turn: the LLM's first segment, then the TTS's first
-   audio. Together they are the latency the user hears. But a turn whose listener has
-   run out of audio, and hears silence now, gets its TTS before another's first text.
+   audio. Together they are the latency the user hears.
 3. More TTS when some turn's audio ahead of its playout falls below the target.
 4. More LLM when the TTS is running short of text to speak.
 5. Otherwise whatever has work, TTS first (building up audio is never wasted).
@@ -16,7 +15,8 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
 A unit runs to its end once started, so the one ASR waits behind adds its whole length
 to the ASR's latency. But ASR chunks arrive on a clock: when the chosen unit would still
 be running when the next chunk is due, the GPU waits for the chunk instead
-(``hold_for``), and the unit runs after its step, running meanwhile another
+(``hold_for``), and the unit runs after its step (it waits for one chunk at most: one
+too long for any gap would find the next one due as well), running meanwhile another
 model's work that ends before the chunk is due, or as many LLM tokens as fit, if there
 is any (``plan``). Urgent units wait only for a chunk due very soon: they are the
 latency the user hears too.
@@ -75,6 +75,8 @@ class QueueState:
     """The next TTS step will probably also decode audio (it takes longer)."""
     tts_next_starts: bool = False
     """The next TTS step also starts a segment (it takes longer)."""
+    held: Unit | None = None
+    """A unit that has waited for an ASR chunk since it was last chosen to run."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,6 @@ def choose(state: QueueState, targets: Targets = Targets()) -> Unit | None:
     urgent = Unit.LLM_FIRST if state.llm_first_pending else Unit.TTS_FIRST if state.tts_first_pending else None
     if state.asr_ready and (state.asr_waited_units >= 1 or urgent is None):
         return Unit.ASR
-    dry = state.tts_has_work and state.tts_min_ahead_s is not None and state.tts_min_ahead_s <= 0
-    if urgent is Unit.LLM_FIRST and dry:
-        return Unit.TTS
     if urgent is not None:
         return urgent
     audio_low = (
@@ -123,11 +122,16 @@ def hold_for(unit: Unit, state: QueueState, expected_s: Mapping[Unit, float], ta
     the chunk after makes that one wait ``asr + duration - period``, less than the
     ``duration - due`` the due chunk would wait behind it, unless the chunk is due almost
     a period away (``due + asr >= period``: then it runs now). So does TTS whose listener
-    would run dry while it waited.
+    would run dry while it waited, and a unit that has waited for a chunk already.
     """
     due, period = state.asr_due_s, state.asr_period_s
     duration, asr = expected_s.get(unit), expected_s.get(Unit.ASR)
-    if not targets.asr_holds or unit is Unit.ASR or state.asr_ready or None in (due, period, duration, asr):
+    if (
+        not targets.asr_holds
+        or unit in (Unit.ASR, state.held)
+        or state.asr_ready
+        or None in (due, period, duration, asr)
+    ):
         return 0.0
     if duration <= due or due + asr >= period:
         return 0.0
@@ -147,6 +151,8 @@ class Decision:
     """With no unit: how long to leave the GPU idle for a due ASR chunk (0: until work comes)."""
     budget_s: float | None = None
     """For an LLM unit: the time it has before a due ASR chunk (it generates what fits)."""
+    held: Unit | None = None
+    """The unit that waits for the chunk while the GPU idles or runs ``unit`` instead."""
 
 
 def plan(state: QueueState, expected_s: Mapping[Unit, float], targets: Targets = Targets()) -> Decision:
@@ -162,10 +168,10 @@ def plan(state: QueueState, expected_s: Mapping[Unit, float], targets: Targets =
     others = [u for u in _pending(state) if u.model != unit.model]
     for other in others:
         if expected_s.get(other, math.inf) <= hold:
-            return Decision(other)
+            return Decision(other, held=unit)
     if Unit.LLM in (unit, *others):
-        return Decision(Unit.LLM, budget_s=hold)
-    return Decision(None, hold)
+        return Decision(Unit.LLM, budget_s=hold, held=None if unit is Unit.LLM else unit)
+    return Decision(None, hold, held=unit)
 
 
 def _pending(state: QueueState) -> list[Unit]:

@@ -96,6 +96,8 @@ class GpuScheduler:
         self._asr_waited = 0
         """Units run while ASR had a ready chunk, since its last step (one during which
         a chunk became ready counts: the chunk waited for it)."""
+        self._held: Unit | None = None
+        """The unit that waited for an ASR chunk, until its model runs (it waits once)."""
         self.max_asr_wait_units = 0
         """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
         self._sitting_out_until: dict[str, float] = {}
@@ -156,6 +158,7 @@ class GpuScheduler:
             tts_text_ahead_s=tts.text_ahead_s if tts else None,
             tts_next_decodes=tts is not None and tts.next_step_decodes,
             tts_next_starts=tts is not None and tts.next_step_starts,
+            held=self._held,
         )
 
     def _ask(self, model: str, now: float, question: Callable[[Any], Any]) -> Any:
@@ -204,6 +207,10 @@ class GpuScheduler:
         self._note_waiting(state, now)
         decision = plan(state, self.expected_seconds(state), self.targets)
         unit = decision.unit
+        if decision.held is not None:
+            self._held = decision.held
+        elif unit is not None and self._held is not None and unit.model == self._held.model:
+            self._held = None
         self._idle_s = decision.wait_s or IDLE_TICK_S
         if decision.wait_s:
             self.metrics.holds.inc()
@@ -221,28 +228,27 @@ class GpuScheduler:
                 stats = attached.engine.step()
             else:
                 stats = attached.engine.step(budget_s=decision.budget_s)
-            seconds = time.monotonic() - started
-            self._count_misses(unit, state, stats)
-            attached.on_step(stats)
         except Exception:
             self._sit_out(unit.model)
             raise
         finally:
             self._count_asr_wait(unit, state)
+        seconds = time.monotonic() - started
         self.history.append(UnitRecord(unit, started, seconds))
         if decision.budget_s is None:  # a unit cut short says nothing of a whole one
             self._durations[self._kind(unit, state)].append(seconds)
         self.metrics.unit_seconds.labels(unit=unit.value).observe(seconds)
+        self._count_misses(unit, state, stats)
+        attached.on_step(stats)
         return unit
 
     def _count_asr_wait(self, unit: Unit, state: QueueState) -> None:
-        """After a unit: a chunk ready before or during it waited for it. ASR still ready
-        after its own step is behind, and goes again before any urgent unit."""
-        ready_now = self._asr_ready()
+        """After a unit: a chunk ready before or during it waited for it (after ASR's own
+        step, none did: those left are new, or ones it could not take in that step)."""
         if unit is Unit.ASR:
-            self._asr_waited = int(ready_now)
+            self._asr_waited = 0
         else:
-            self._asr_waited += int(state.asr_ready or ready_now)
+            self._asr_waited += int(state.asr_ready or self._asr_ready())
 
     def _count_misses(self, unit: Unit, state: QueueState, stats: Any) -> None:
         if unit is Unit.ASR:
@@ -263,7 +269,9 @@ class GpuScheduler:
         }
         for model, attached in self._engines.items():
             if not has_work[model]:
-                attached.waiting_since = None
+                # Work the engine told of since the snapshot (a later stamp) still waits.
+                if attached.waiting_since is not None and attached.waiting_since <= now:
+                    attached.waiting_since = None
             elif attached.waiting_since is None:
                 attached.waiting_since = now
 

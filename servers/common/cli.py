@@ -35,11 +35,12 @@ async def _serve(server: Server) -> int:
 
     def on_signal(sig: signal.Signals) -> None:
         # A stop waits for the engine's step under way; a second Ctrl-C is the way out
-        # of one that hangs (a stuck GPU), short of kill -9.
-        if stop.is_set():
-            logger.warning(f"{sig.name} again: exiting without finishing the stop")
+        # of one that hangs (a stuck GPU), short of kill -9. A supervisor's SIGTERMs
+        # (systemd's to the whole group, then the bot's to its host) stop it gracefully.
+        if stop.is_set() and sig is signal.SIGINT:
+            logger.warning("Interrupted again: exiting without finishing the stop")
             _exit_now(128 + sig)
-        logger.info(f"{sig.name}: stopping {server.kind}; a second one exits at once")
+        logger.info(f"{sig.name}: stopping {server.kind}; Ctrl-C again exits at once")
         stop.set()
 
     loop = asyncio.get_running_loop()

@@ -47,7 +47,7 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
 
 @pytest.mark.parametrize(
     ("host", "reached_at"),
-    [("192.168.1.5", "192.168.1.5"), ("0.0.0.0", "127.0.0.1"), ("::", "127.0.0.1"), ("fd00::5", "[fd00::5]")],
+    [("192.168.1.5", "192.168.1.5"), ("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("fd00::5", "[fd00::5]")],
 )
 def test_the_bot_reaches_the_local_host_at_the_address_it_listens_on(host, reached_at):
     settings = AgentSettings.from_env({"HOST_HOST": host, "HOST_TTS_PORT": "9001"})
@@ -56,6 +56,11 @@ def test_the_bot_reaches_the_local_host_at_the_address_it_listens_on(host, reach
         f"ws://{reached_at}:9001",
         f"http://{reached_at}:8082/v1",
     )
+
+
+def test_the_local_hosts_address_does_not_move_standalone_servers_beside_a_remote_one():
+    settings = AgentSettings.from_env({"HOST_HOST": "192.168.1.5", "NVIDIA_LLM_URL": "http://gpu-box:8000/v1"})
+    assert (settings.asr_url, settings.tts_url) == ("ws://127.0.0.1:8080", "ws://127.0.0.1:8001")
 
 
 @pytest.mark.parametrize(

@@ -90,10 +90,14 @@ def test_a_turns_first_audio_does_not_wait_when_another_turns_listener_would_run
     assert hold_for(Unit.TTS_FIRST, state, EXPECTED, Targets(urgent_hold_s=0.05)) == 0.0
 
 
-def test_a_listener_hearing_silence_gets_its_audio_before_another_turns_first_text():
-    state = QueueState(llm_first_pending=True, llm_generating=True, tts_has_work=True, tts_min_ahead_s=-0.1)
-    assert choose(state) is Unit.TTS
-    assert choose(replace(state, tts_min_ahead_s=0.1)) is Unit.LLM_FIRST
+def test_a_unit_waits_for_one_chunk_at_most():
+    """After the chunk's step the next chunk is due about a period away, and a unit too
+    long for any gap would be held for it too, and for every one after."""
+    state = QueueState(asr_due_s=0.01, asr_period_s=0.16, tts_has_work=True, tts_min_ahead_s=3.0)
+    expected = {Unit.ASR: 0.01, Unit.TTS: 0.2}
+    assert plan(state, expected) == Decision(None, wait_s=0.01, held=Unit.TTS)
+    after_the_chunk = replace(state, asr_due_s=0.145, held=Unit.TTS)
+    assert plan(after_the_chunk, expected) == Decision(Unit.TTS)
 
 
 def test_while_a_unit_waits_for_asr_other_work_that_ends_in_time_runs():
@@ -106,9 +110,10 @@ def test_while_a_unit_waits_for_asr_other_work_that_ends_in_time_runs():
         llm_generating=True,
     )
     assert choose(state) is Unit.TTS
-    assert plan(state, {**EXPECTED, Unit.LLM: 0.03}) == Decision(Unit.LLM), "a whole LLM unit ends in time"
-    assert plan(state, {**EXPECTED, Unit.LLM: 0.05}) == Decision(Unit.LLM, budget_s=0.04), "as many tokens as fit"
-    assert plan(replace(state, llm_generating=False), EXPECTED) == Decision(None, wait_s=0.04), "nothing fits"
+    held = Unit.TTS
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.03}) == Decision(Unit.LLM, held=held), "a whole LLM unit ends in time"
+    assert plan(state, {**EXPECTED, Unit.LLM: 0.05}) == Decision(Unit.LLM, budget_s=0.04, held=held), "tokens that fit"
+    assert plan(replace(state, llm_generating=False), EXPECTED) == Decision(None, wait_s=0.04, held=held), "none fits"
     assert plan(QueueState(tts_has_work=True), EXPECTED) == Decision(Unit.TTS), "no ASR to wait for"
 
 
