@@ -45,9 +45,7 @@ def test_each_dockerfile_builds_llama_cpp_for_its_gpu_and_starts_the_agent(name,
 
 
 def test_the_build_context_leaves_out_secrets_and_the_test_environment_but_not_what_is_copied():
-    ignored = [
-        line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")
-    ]
+    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert {".env", ".venv", ".git"} <= set(ignored)
     copied = set().union(*(_copied((ROOT / name).read_text()) for name in ARCHITECTURES))
     assert not any(fnmatch.fnmatch(source, pattern) for source in copied for pattern in ignored)

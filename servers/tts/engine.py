@@ -153,6 +153,14 @@ SPEECH_CHARS_PER_SECOND = 14.0
 """For estimating how much speech queued text will make."""
 
 
+def _speech_left_s(context: _Context) -> float:
+    """The speech its text will still make (estimated): the audio its current segment
+    has sent already is spoken, not waiting."""
+    current, *later = context.segments
+    left = max(0.0, len(current.text) / SPEECH_CHARS_PER_SECOND - current.sent_samples / current.output_rate)
+    return left + sum(len(s.text) for s in later) / SPEECH_CHARS_PER_SECOND
+
+
 @dataclass(frozen=True)
 class TtsStepStats:
     """What one ``step()`` did, for metrics and for the scheduler's planning."""
@@ -348,7 +356,7 @@ class TTSEngine(SessionEngine):
             contexts = list(self._busy)
             first_pending = any(c.playout_end is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
-            text = [sum(len(s.text) for s in c.segments) / SPEECH_CHARS_PER_SECOND for c in contexts]
+            text = [_speech_left_s(c) for c in contexts]
             current = self._batch_locked()
             decodes = any(self._decodes_after_a_step(s, now) for s in current)
             starts = any(s.sequence is None for s in current)

@@ -540,6 +540,22 @@ def test_a_listener_that_ran_dry_with_the_text_here_is_a_late_synthesis(tiny_tts
     assert sum(s.synthesis_gaps for s in first + later) == 1 and not any(s.text_gaps for s in first + later)
 
 
+def test_the_text_left_to_speak_shrinks_as_its_audio_is_sent(tiny_tts_path):
+    """The scheduler feeds the TTS more text when it runs short: the part of a sentence
+    already sent as audio is not text waiting to be spoken."""
+    engine = make_tts_engine(tiny_tts_path)
+    messages = []
+    sid = engine.open_session(messages.append)
+    text = "This is a rather long sentence that the bot speaks in several pieces of audio."
+    engine.speak(sid, TtsSpeak(context_id="turn", text=text, mode="stream", preset="fast"))
+    before = engine.queue_state().text_ahead_s
+    _step_until_audio(engine, messages)
+    _step_until_audio(engine, messages)
+    sent = sum(len(m.pcm) for m in messages if m.type == "audio") / (2 * messages[-1].sample_rate)
+    assert engine.queue_state().text_ahead_s == pytest.approx(max(0.0, before - sent))
+    engine.close_session(sid)
+
+
 @pytest.mark.parametrize("mode", ["stream", "batch"])
 def test_the_engine_foresees_which_steps_decode_audio_or_start_a_segment(tiny_tts_path, mode):
     """A scheduler plans around how long the next step takes, and one that also decodes
