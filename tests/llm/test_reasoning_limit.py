@@ -122,9 +122,8 @@ async def test_a_negative_limit_is_refused(start_llm_server, ruminating_model):
         )
 
 
-async def test_the_service_asks_for_limited_reasoning_and_speaks_only_the_answer(start_llm_server, ruminating_model):
-    server = await start_llm_server(model=str(ruminating_model))
-    settings = NemotronLLMService.Settings(max_tokens=80, extra=reasoning_extra(3))
+async def _spoken(server, settings: NemotronLLMService.Settings) -> str:
+    """The text a ``NemotronLLMService`` with ``settings`` gets from ``server`` for the question."""
     service = NemotronLLMService(base_url=f"http://127.0.0.1:{server.port}/v1", settings=settings)
     log = FrameLog(Clock())
 
@@ -132,19 +131,16 @@ async def test_the_service_asks_for_limited_reasoning_and_speaks_only_the_answer
         await worker.queue_frames([LLMContextFrame(LLMContext(messages=QUESTION[1:])), EndFrame()])
 
     await run_worker([service, log], feed, PipelineParams())
-    assert "".join(e.frame.text for e in log.of(LLMTextFrame)) == "Yes!"
+    return "".join(e.frame.text for e in log.of(LLMTextFrame))
+
+
+async def test_the_service_asks_for_limited_reasoning_and_speaks_only_the_answer(start_llm_server, ruminating_model):
+    server = await start_llm_server(model=str(ruminating_model))
+    assert await _spoken(server, NemotronLLMService.Settings(max_tokens=80, extra=reasoning_extra(3))) == "Yes!"
 
 
 async def test_the_reasoning_limit_comes_on_top_of_the_answers_max_tokens(start_llm_server, ruminating_model):
     """Servers count reasoning against ``max_tokens``: a reasoning limit above the answer's
     would leave the bot nothing to say, and no error."""
     server = await start_llm_server(model=str(ruminating_model))
-    settings = NemotronLLMService.Settings(max_tokens=5, extra=reasoning_extra(30))
-    service = NemotronLLMService(base_url=f"http://127.0.0.1:{server.port}/v1", settings=settings)
-    log = FrameLog(Clock())
-
-    async def feed(worker):
-        await worker.queue_frames([LLMContextFrame(LLMContext(messages=QUESTION[1:])), EndFrame()])
-
-    await run_worker([service, log], feed, PipelineParams())
-    assert "".join(e.frame.text for e in log.of(LLMTextFrame)) == "Yes!"
+    assert await _spoken(server, NemotronLLMService.Settings(max_tokens=5, extra=reasoning_extra(30))) == "Yes!"

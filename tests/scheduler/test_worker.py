@@ -13,6 +13,16 @@ from scheduler.policy import QueueState, Targets, Unit
 from scheduler.worker import GpuScheduler
 
 
+def _run(seconds: float, targets: Targets | None = None, **engines) -> GpuScheduler:
+    """A scheduler that drives ``engines`` (by model, attached in order) for ``seconds``."""
+    scheduler = GpuScheduler(targets)
+    for model, engine in engines.items():
+        scheduler.driver(model)(engine, lambda stats: None)
+    time.sleep(seconds)
+    scheduler.stop()
+    return scheduler
+
+
 class _ClockedAsr:
     """A chunk due every ``period_s``; a step takes ``step_s``."""
 
@@ -60,12 +70,8 @@ class _BusyLlm:
 
 
 def test_a_unit_that_would_delay_a_due_asr_chunk_is_cut_to_fit_before_it():
-    scheduler = GpuScheduler()
     llm, asr = _BusyLlm(unit_s=0.06), _ClockedAsr(period_s=0.16, step_s=0.01)
-    scheduler.driver("llm")(llm, lambda stats: None)
-    scheduler.driver("asr")(asr, lambda stats: None)
-    time.sleep(2.0)
-    scheduler.stop()
+    _run(2.0, llm=llm, asr=asr)
     assert llm.units >= 15, "the LLM still gets the gaps between chunks"
     settled = asr.waits[2:]  # once a unit of each kind has been measured
     assert len(settled) >= 8
@@ -98,11 +104,8 @@ class _AlternatingTts:
 def test_tts_steps_that_decode_audio_are_expected_to_take_longer():
     """One estimate for all TTS steps would be wrong both ways: too long for most steps
     (needless waits) and too short for the decoding ones (chunks delayed behind them)."""
-    scheduler = GpuScheduler()
     tts = _AlternatingTts()
-    scheduler.driver("tts")(tts, lambda stats: None)
-    time.sleep(0.5)
-    scheduler.stop()
+    scheduler = _run(0.5, tts=tts)
     assert tts.steps >= 10
     plain = scheduler.expected_seconds(QueueState(tts_next_decodes=False))[Unit.TTS]
     decoding = scheduler.expected_seconds(QueueState(tts_next_decodes=True))[Unit.TTS]
@@ -122,11 +125,8 @@ class _DryTts(_AlternatingTts):
 
 
 def test_a_listener_running_dry_is_one_miss_of_whichever_model_was_late_not_one_per_step():
-    scheduler = GpuScheduler()
     tts = _DryTts()
-    scheduler.driver("tts")(tts, lambda stats: None)
-    time.sleep(0.3)
-    scheduler.stop()
+    scheduler = _run(0.3, tts=tts)
     assert tts.steps >= 10
 
     def misses(model: str) -> float | None:
@@ -142,12 +142,8 @@ class _FailingLlm(_BusyLlm):
 
 
 def test_a_model_whose_unit_raises_sits_out_a_while_and_the_others_run():
-    scheduler = GpuScheduler()
     llm, tts = _FailingLlm(unit_s=0.0), _AlternatingTts()
-    scheduler.driver("llm")(llm, lambda stats: None)
-    scheduler.driver("tts")(tts, lambda stats: None)
-    time.sleep(1.5)
-    scheduler.stop()
+    _run(1.5, llm=llm, tts=tts)
     assert 1 <= llm.units <= 2, "tried again after its time out, not at once"
     assert tts.steps >= 20
 
@@ -170,13 +166,9 @@ class _PrefillLlm:
 def test_a_chunk_that_falls_due_during_an_urgent_unit_runs_before_the_next_one():
     """The chunk waited for the unit it fell due in; a second urgent unit before it would
     make it wait for two, and at units near a chunk period ASR would fall ever further behind."""
-    scheduler = GpuScheduler(Targets(asr_holds=False))
     unit = 0.15
     llm, asr = _PrefillLlm(unit_s=unit, units=12), _ClockedAsr(period_s=0.16, step_s=0.005)
-    scheduler.driver("asr")(asr, lambda stats: None)
-    scheduler.driver("llm")(llm, lambda stats: None)
-    time.sleep(12 * unit + 0.5)
-    scheduler.stop()
+    scheduler = _run(12 * unit + 0.5, Targets(asr_holds=False), asr=asr, llm=llm)
     assert llm.left == 0 and len(asr.waits) >= 10
     assert max(asr.waits) < unit + 0.1, [round(w, 3) for w in asr.waits]  # two units: 0.3 s
     assert scheduler.max_asr_wait_units == 1
@@ -241,12 +233,8 @@ def test_a_models_wait_counts_from_its_works_arrival_not_from_when_a_decision_sa
 
 
 def test_a_unit_too_long_for_any_gap_between_chunks_waits_for_one_chunk_then_runs():
-    scheduler = GpuScheduler()
     asr, tts = _ClockedAsr(period_s=0.16, step_s=0.005), _LongTts(steps=6)
-    scheduler.driver("asr")(asr, lambda stats: None)
-    scheduler.driver("tts")(tts, lambda stats: None)
-    time.sleep(6 * (0.2 + 0.16) + 0.5)
-    scheduler.stop()
+    _run(6 * (0.2 + 0.16) + 0.5, asr=asr, tts=tts)
     assert tts.left == 0, "held at every chunk"
 
 
@@ -256,12 +244,8 @@ class _UnreadableTts:
 
 
 def test_a_model_whose_queue_cannot_be_read_sits_out_and_the_others_run():
-    scheduler = GpuScheduler()
     asr = _ClockedAsr(period_s=0.05, step_s=0.001)
-    scheduler.driver("asr")(asr, lambda stats: None)
-    scheduler.driver("tts")(_UnreadableTts(), lambda stats: None)
-    time.sleep(1.0)
-    scheduler.stop()
+    _run(1.0, asr=asr, tts=_UnreadableTts())
     assert len(asr.waits) >= 15
 
 
@@ -277,10 +261,7 @@ class _ShortThenLongLlm(_BusyLlm):
 def test_a_unit_kind_seen_twice_is_expected_to_take_the_longer_time():
     """Few runs of a kind say little: planning with the shorter would hold a long unit's
     chunk behind it."""
-    scheduler = GpuScheduler()
     llm = _ShortThenLongLlm(unit_s=0.0)
-    scheduler.driver("llm")(llm, lambda stats: None)
-    time.sleep(0.3)
-    scheduler.stop()
+    scheduler = _run(0.3, llm=llm)
     assert llm.units == 2
     assert scheduler.expected_seconds(QueueState())[Unit.LLM] >= 0.1
