@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
 
 SPEECH = Path(__file__).resolve().parents[1] / "tests" / "data" / "harvard_16k.wav"
 
@@ -69,6 +70,22 @@ def histogram_quantiles(before: dict, after: dict, name: str, quantiles=(0.5, 0.
 
 def percentiles_ms(seconds: list[float], qs=(50, 90, 99)) -> list[float] | None:
     return [round(1000 * float(np.percentile(seconds, q)), 1) for q in qs] if seconds else None
+
+
+def largest_load_kept(results: list[dict], kept: Callable[[dict], bool]) -> int | None:
+    """The most ``sessions`` of the loads below the smallest one that failed ``kept``: a
+    noisy pass above a failure does not count."""
+    largest = None
+    for result in sorted(results, key=lambda r: r["sessions"]):
+        if not kept(result):
+            break
+        largest = result["sessions"]
+    return largest
+
+
+CONNECTION_LOST = (ConnectionClosed, OSError, TimeoutError)
+"""What a client session meets when the server drops or refuses it: recorded as the
+session's error, so that the load, and the loads after it, are still measured."""
 
 
 def run_clients(target: Callable[..., dict], sessions: int, processes: int, *args) -> list[dict]:

@@ -30,7 +30,16 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from bench.common import delta, histogram_quantiles, percentiles_ms, run_clients, scrape, write_json
+from bench.common import (
+    CONNECTION_LOST,
+    delta,
+    histogram_quantiles,
+    largest_load_kept,
+    percentiles_ms,
+    run_clients,
+    scrape,
+    write_json,
+)
 from pipecat_nvidia.protocol import ErrorMessage, TtsAudio, TtsDone, TtsReady, parse_tts_server_message
 
 SENTENCES = (
@@ -51,14 +60,15 @@ class ClientResult:
     errors: list[str] = field(default_factory=list)
 
 
-async def _turn(ws, first_mode: str, sentences: list[str], result: ClientResult) -> None:
+async def _turn(ws, first_mode: str, sentences: list[str], result: ClientResult) -> bool:
+    """Speak one turn and play it out; False if the server closed the connection first."""
     context = uuid.uuid4().hex
     sent = time.perf_counter()
     for i, text in enumerate(sentences):
         mode = first_mode if i == 0 else "batch"
         await ws.send(json.dumps({"type": "speak", "context_id": context, "text": text, "mode": mode}))
     await ws.send(json.dumps({"type": "flush", "context_id": context}))
-    playout_start, buffered, underrun = None, 0.0, False
+    playout_start, buffered, underrun, done = None, 0.0, False, False
     async for raw in ws:
         message = parse_tts_server_message(raw)
         now = time.perf_counter()
@@ -72,12 +82,22 @@ async def _turn(ws, first_mode: str, sentences: list[str], result: ClientResult)
         elif isinstance(message, ErrorMessage):
             result.errors.append(message.code.value)
         elif isinstance(message, TtsDone) and message.context_id == context:
+            done = True
             break
-    result.turns += 1
-    result.underruns += underrun
+    if done:
+        result.turns += 1
+        result.underruns += underrun
+    return done
 
 
 async def _session(url: str, seconds: float, seed: int, result: ClientResult) -> None:
+    try:
+        await _speak_turns(url, seconds, seed, result)
+    except CONNECTION_LOST as e:
+        result.errors.append(f"connection lost: {type(e).__name__}")
+
+
+async def _speak_turns(url: str, seconds: float, seed: int, result: ClientResult) -> None:
     async with connect(url, max_queue=None) as ws:
         if not isinstance(parse_tts_server_message(await ws.recv()), TtsReady):
             result.errors.append("no ready")
@@ -89,7 +109,9 @@ async def _session(url: str, seconds: float, seed: int, result: ClientResult) ->
         while time.perf_counter() - start < seconds:
             k = next(rotation)
             sentences = [SENTENCES[(k + i) % len(SENTENCES)] for i in range(3)]
-            await _turn(ws, next(modes), sentences, result)
+            if not await _turn(ws, next(modes), sentences, result):
+                result.errors.append("connection closed mid-turn")
+                return
 
 
 def _client_process(sessions: int, seed: int, url: str, seconds: float) -> dict:
@@ -145,8 +167,10 @@ def main() -> None:
 
 
 def _report(results: list[dict]) -> dict:
-    sustained = [r["sessions"] for r in results if r["turns"] and r["underrun_turns"] == 0 and not r["error_count"]]
-    return {"runs": results, "largest_sessions_without_underrun": max(sustained) if sustained else None}
+    def kept(r: dict) -> bool:
+        return bool(r["turns"]) and r["underrun_turns"] == 0 and not r["error_count"]
+
+    return {"runs": results, "largest_sessions_without_underrun": largest_load_kept(results, kept)}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from bench.asr_load import ClientShape, run_load
-from bench.common import histogram_quantiles
+from bench.asr_load import ClientShape, _client_process, run_load
+from bench.common import histogram_quantiles, largest_load_kept
 from tests.asr.client import server_url
 
 
@@ -24,6 +24,26 @@ def test_quantiles_interpolate_within_buckets_of_the_difference_between_scrapes(
 
 def test_no_observations_give_no_quantiles():
     assert histogram_quantiles({}, {}, "h") == [None, None, None]
+
+
+def test_the_largest_load_kept_is_below_the_first_that_failed():
+    """A noisy pass above a failure is not a load the server sustains."""
+    runs = [{"sessions": n, "ok": ok} for n, ok in ((1, True), (64, True), (256, False), (384, True))]
+    assert largest_load_kept(runs, lambda r: r["ok"]) == 64
+    assert largest_load_kept(runs[:2], lambda r: r["ok"]) == 64
+    assert largest_load_kept(runs[2:], lambda r: r["ok"]) is None
+
+
+@pytest.mark.slow
+async def test_a_session_whose_server_goes_away_is_an_error_and_the_load_is_still_reported(start_asr_server):
+    server = await start_asr_server()
+    shape = ClientShape(4.0, utterance_s=1.0)
+    clients = asyncio.create_task(asyncio.to_thread(_client_process, 2, 0, server_url(server), shape))
+    await asyncio.sleep(2.0)
+    await server.stop()
+    result = await clients
+    assert result["sessions_ready"] == 2
+    assert sum(e.startswith("connection lost") for e in result["errors"]) == 2
 
 
 @pytest.mark.slow
