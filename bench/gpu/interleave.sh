@@ -2,10 +2,10 @@
 # Interleaved (scheduler) vs free-running ASR + TTS + LLM on one GPU (see docs/BENCHMARKS.md).
 # Run from the repository root after bench/gpu/fetch_wheels.sh filled ./.whl, e.g. through
 # the device tool with carry=[".whl"]:  bash bench/gpu/interleave.sh
-# ~8.5 min on an H100 with the three default MODES (estimated from the ~8 min two-mode run of
+# ~9 min on an H100 with the three default MODES (estimated from the ~8 min two-mode run of
 # 2026-11-22): setup and the llama.cpp build (~280 s, the
-# models written beside it) ~5.5 min, loading the three engines ~1.5 min, then ~30 s per mode
-# (--idle-s 5 plus 8 turns). MODES="free scheduled" saves ~30 s. $OUT/interleave.json is
+# models written beside it) ~5.5 min, loading the three engines ~1.5 min, then ~40 s per mode
+# (--idle-s 10.5, a warm-up turn and 8 turns). MODES="free scheduled" saves ~40 s. $OUT/interleave.json is
 # rewritten after every mode (a mode that fails gets its "error" and the next one runs), so a
 # call cut off at 600 s keeps the modes it finished.
 source bench/gpu/setup.sh
