@@ -67,17 +67,19 @@ async def converse(url: str, turns: list[Turn], lead_in_s: float = 1.0, tail_s: 
                 if frame is None or not hasattr(frame, "audio"):
                     continue
                 pcm = _to_16k(np.frombuffer(frame.audio, np.int16), frame.sample_rate, frame.num_channels)
-                # Audio arrives paced in real time; a piece that arrives early follows the last.
-                at = max(cursor, int((time.monotonic() - started) * RATE) - len(pcm))
+                # Pipecat sends each piece as it starts to play: it plays from its arrival,
+                # or after the piece before it.
+                at = max(cursor, int((time.monotonic() - started) * RATE))
                 end = min(len(bot), at + len(pcm))
                 bot[at:end] = pcm[: end - at]
                 cursor = end
 
         receiver = asyncio.create_task(receive())
         for i in range(0, len(user), FRAME):
+            # A microphone delivers a frame once its last sample is heard.
+            await asyncio.sleep(max(0.0, started + (i + FRAME) / RATE - time.monotonic()))
             frame = OutputAudioRawFrame(audio=user[i : i + FRAME].tobytes(), sample_rate=RATE, num_channels=1)
             await ws.send(await serializer.serialize(frame))
-            await asyncio.sleep(max(0.0, started + (i + FRAME) / RATE - time.monotonic()))
         receiver.cancel()
     return Recording(user=user, bot=bot[: len(user)])
 
