@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from bench.asr_load import ClientShape, _client_process, run_load
+from bench.asr_load import ClientShape, _client_process, _within_budget, run_load
 from bench.common import histogram_quantiles, largest_load_kept
 from tests.asr.client import server_url
 
@@ -34,6 +34,12 @@ def test_the_largest_load_kept_is_below_the_first_that_failed():
     assert largest_load_kept(runs[2:], lambda r: r["ok"]) is None
 
 
+def test_a_load_whose_clients_fell_behind_real_time_is_not_within_budget():
+    kept = {"chunk_ms_p50_p90_p99": [20, 40, 80], "sessions": 8, "sessions_ready": 8, "error_count": 0}
+    assert _within_budget({**kept, "client_send_late_ms_max": 5.0}, 160)
+    assert not _within_budget({**kept, "client_send_late_ms_max": 250.0}, 160)
+
+
 @pytest.mark.slow
 async def test_a_session_whose_server_goes_away_is_an_error_and_the_load_is_still_reported(start_asr_server):
     server = await start_asr_server()
@@ -51,7 +57,9 @@ async def test_a_short_load_run_against_a_real_server(start_asr_server):
     server = await start_asr_server()
     result = await asyncio.to_thread(run_load, server_url(server), 3, ClientShape(2.0, utterance_s=1.0), 1)
     assert result["sessions_ready"] == 3 and result["error_count"] == 0
-    assert result["audio_messages_per_s"] > 0 and result["server_cpu_cores"] > 0
+    # Step-aligned 160 ms messages: about 6 a second per session, over the seconds streamed.
+    assert result["audio_messages_per_s"] == pytest.approx(3 * 1000 / 160, rel=0.3)
+    assert result["server_cpu_cores"] > 0 and result["client_send_late_ms_max"] < 100
     assert result["finals"] >= 3
     assert result["chunks"] >= 3 * 10
     assert all(v is not None and v > 0 for v in result["chunk_ms_p50_p90_p99"])
