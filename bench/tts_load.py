@@ -131,13 +131,14 @@ def run_load(url: str, sessions: int, seconds: float, processes: int) -> dict:
     steps = delta(before, after, "tts_step_seconds_count")
     turns = sum(p["turns"] for p in parts)
     rtf = histogram_quantiles(before, after, "tts_realtime_factor", (0.5, 0.9))
+    first_audio = {mode: [x for p in parts for x in p["first_audio"][mode]] for mode in ("stream", "batch")}
     return {
         "sessions": sessions,
         "turns": turns,
-        "first_audio_stream_ms_p50_p90": percentiles_ms(
-            [x for p in parts for x in p["first_audio"]["stream"]], (50, 90)
-        ),
-        "first_audio_batch_ms_p50_p90": percentiles_ms([x for p in parts for x in p["first_audio"]["batch"]], (50, 90)),
+        "first_audio_stream_ms_p50_p90": percentiles_ms(first_audio["stream"], (50, 90)),
+        "first_audio_batch_ms_p50_p90": percentiles_ms(first_audio["batch"], (50, 90)),
+        # How many turns each pair of percentiles is read from (a p90 of two is their larger).
+        "first_audio_turns_stream_batch": [len(first_audio["stream"]), len(first_audio["batch"])],
         "underrun_turns": round(sum(p["underruns"] for p in parts) / turns, 3) if turns else None,
         "realtime_factor_p50_p90": [None if v is None else round(v, 3) for v in rtf],
         "mean_batch": round(delta(before, after, "tts_batch_size_sum") / steps, 1) if steps else None,
