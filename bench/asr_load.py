@@ -42,8 +42,8 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 
 from bench.common import (
-    CONNECTION_LOST,
     SPEECH,
+    connection_loss_as_error,
     delta,
     histogram_quantiles,
     largest_load_kept,
@@ -95,10 +95,8 @@ async def _session(
     result: ClientResult,
 ) -> None:
     resets_sent: list[float] = []
-    try:
+    with connection_loss_as_error(result.errors):
         await _stream(url, speech, shape, rng, result, resets_sent)
-    except CONNECTION_LOST as e:
-        result.errors.append(f"connection lost: {type(e).__name__}")
     # Every reset is owed a final: one that never came is an error, not a latency left out.
     result.errors.extend("no final" for _ in resets_sent)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,14 @@ def largest_load_kept(results: list[dict], kept: Callable[[dict], bool]) -> int 
     return largest
 
 
-CONNECTION_LOST = (ConnectionClosed, OSError, TimeoutError)
-"""What a client session meets when the server drops or refuses it: recorded as the
-session's error, so that the load, and the loads after it, are still measured."""
+@contextlib.contextmanager
+def connection_loss_as_error(errors: list[str]) -> Iterator[None]:
+    """A client session's connection dropped or refused by the server becomes that session's
+    error, so that the load, and the loads after it, are still measured."""
+    try:
+        yield
+    except (ConnectionClosed, OSError, TimeoutError) as e:
+        errors.append(f"connection lost: {type(e).__name__}")
 
 
 def run_clients(target: Callable[..., dict], sessions: int, processes: int, *args) -> list[dict]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from bench.common import (
-    CONNECTION_LOST,
+    connection_loss_as_error,
     delta,
     histogram_quantiles,
     largest_load_kept,
@@ -91,10 +91,8 @@ async def _turn(ws, first_mode: str, sentences: list[str], result: ClientResult)
 
 
 async def _session(url: str, seconds: float, seed: int, result: ClientResult) -> None:
-    try:
+    with connection_loss_as_error(result.errors):
         await _speak_turns(url, seconds, seed, result)
-    except CONNECTION_LOST as e:
-        result.errors.append(f"connection lost: {type(e).__name__}")
 
 
 async def _speak_turns(url: str, seconds: float, seed: int, result: ClientResult) -> None:

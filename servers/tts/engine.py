@@ -268,12 +268,13 @@ class TTSEngine(SessionEngine):
         if preset_name not in PRESETS:
             raise SegmentRejected(ErrorCode.UNKNOWN_PRESET, f"unknown preset {preset_name!r}; presets: {list(PRESETS)}")
         with self._work:
+            now = self._clock()
             session = self._sessions[sid]
             context = session.contexts.get(request.context_id)
             self._check_room(session, context, request.text)
             if context is None:
                 context = session.contexts[request.context_id] = _Context(
-                    session, request.context_id, first_text_at=self._clock()
+                    session, request.context_id, first_text_at=now
                 )
             session.queued_chars += _charge(request.text)
             segment_id = request.segment_id if request.segment_id is not None else str(context.numbered)
@@ -288,8 +289,8 @@ class TTSEngine(SessionEngine):
                     preset=PRESETS[preset_name],
                     voice=self.voices.index(voice),
                     output_rate=request.sample_rate or self.sample_rate,
-                    queued_at=self._clock(),
-                    started_at=self._clock() if not context.segments else None,
+                    queued_at=now,
+                    started_at=now if not context.segments else None,
                 )
             )
             if context not in self._busy:

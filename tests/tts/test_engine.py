@@ -521,8 +521,7 @@ def test_a_listener_that_ran_dry_waiting_for_text_has_the_new_audio_ahead_of_it(
     now[0] = 60.0
     engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="stream"))
     stats = _step_until_audio(engine, messages)
-    resumed = [m for m in messages if m.type == "audio" and m.segment_id == "1"]
-    heard = sum(len(m.pcm) for m in resumed) / (2 * resumed[0].sample_rate)
+    heard = len(pcm(messages, segment_id="1")) / engine.sample_rate
     assert engine.queue_state().min_ahead_s == pytest.approx(heard)
     assert [(s.text_gaps, s.synthesis_gaps) for s in stats if s.text_gaps or s.synthesis_gaps] == [(1, 0)]
 
@@ -551,7 +550,7 @@ def test_the_text_left_to_speak_shrinks_as_its_audio_is_sent(tiny_tts_path):
     before = engine.queue_state().text_ahead_s
     _step_until_audio(engine, messages)
     _step_until_audio(engine, messages)
-    sent = sum(len(m.pcm) for m in messages if m.type == "audio") / (2 * messages[-1].sample_rate)
+    sent = len(pcm(messages)) / engine.sample_rate
     assert engine.queue_state().text_ahead_s == pytest.approx(max(0.0, before - sent))
     engine.close_session(sid)
 

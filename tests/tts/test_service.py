@@ -77,6 +77,16 @@ def _speak_then_lose_the_server(server, tts, sentences: list[str], *, wait_s: fl
     return step
 
 
+async def play(queue, sink: FrameLog, frames: list) -> None:
+    """Queue a turn's ``frames`` (``queue``: a worker's or the service's ``queue_frame``) and
+    wait until its audio has stopped."""
+    before = len(sink.of(TTSStoppedFrame))
+    for frame in frames:
+        await queue(frame)
+    while len(sink.of(TTSStoppedFrame)) == before:
+        await asyncio.sleep(0.02)
+
+
 async def run_turns(tts, *steps, sample_rate: int = 24000, head: FrameLog | None = None) -> FrameLog:
     """Feed each step (a list of frames, or a coroutine function to await) once the
     previous turn's audio has stopped, then end the pipeline. ``head`` logs what comes
@@ -84,21 +94,14 @@ async def run_turns(tts, *steps, sample_rate: int = 24000, head: FrameLog | None
     clock = Clock()
     sink = FrameLog(clock)
 
-    async def stopped_count() -> int:
-        return len(sink.of(TTSStoppedFrame))
-
     async def feed(worker):
         while tts.ready is None:
             await asyncio.sleep(0.01)
         for step in steps:
             if callable(step):
                 await step(sink)
-                continue
-            before = await stopped_count()
-            for frame in step:
-                await worker.queue_frame(frame)
-            while await stopped_count() == before:
-                await asyncio.sleep(0.02)
+            else:
+                await play(worker.queue_frame, sink, step)
         await worker.queue_frame(EndFrame())
 
     params = PipelineParams(audio_out_sample_rate=sample_rate, enable_metrics=True, enable_usage_metrics=True)
@@ -273,11 +276,7 @@ async def test_turns_spoken_while_the_server_is_down_do_not_stop_the_service_rec
         while tts.ready is not None:
             await asyncio.sleep(0.02)
         for i in range(4):
-            before = len(sink.of(TTSStoppedFrame))
-            for frame in _turn([f"Turn {i} with no server. "]):
-                await tts.queue_frame(frame)
-            while len(sink.of(TTSStoppedFrame)) == before:
-                await asyncio.sleep(0.02)
+            await play(tts.queue_frame, sink, _turn([f"Turn {i} with no server. "]))
         await asyncio.sleep(1.5)  # reconnect attempts fail after the silent turns
         await start_tts_server(port=port)
         async with asyncio.timeout(10):
@@ -430,20 +429,12 @@ async def test_turns_lost_while_the_server_loads_do_not_write_the_service_off(ti
 
     async def feed(worker):
         for i in range(3):
-            before = len(sink.of(TTSStoppedFrame))
-            for frame in _turn([f"Turn {i} while the model loads. "]):
-                await worker.queue_frame(frame)
-            while len(sink.of(TTSStoppedFrame)) == before:
-                await asyncio.sleep(0.02)
+            await play(worker.queue_frame, sink, _turn([f"Turn {i} while the model loads. "]))
         usable_while_loading.append(tts.is_usable)
         release.set()
         while tts.ready is None:
             await asyncio.sleep(0.02)
-        before = len(sink.of(TTSStoppedFrame))
-        for frame in _turn(SENTENCES[:1]):
-            await worker.queue_frame(frame)
-        while len(sink.of(TTSStoppedFrame)) == before:
-            await asyncio.sleep(0.02)
+        await play(worker.queue_frame, sink, _turn(SENTENCES[:1]))
         await worker.queue_frame(EndFrame())
 
     try:
