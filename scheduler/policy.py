@@ -9,7 +9,7 @@ the GPU to one unit of work at a time and chooses each by what the conversation 
 2. The first pieces of a bot turn: the LLM's first segment, then the TTS's first
    audio. Together they are the latency the user hears.
 3. More TTS when some turn's audio ahead of its playout falls below the target.
-4. More LLM when the TTS is running short of text to speak.
+4. More LLM when some turn the TTS is speaking runs short of text.
 5. Otherwise whatever has work, TTS first (building up audio is never wasted).
 
 A unit runs to its end once started, so the one ASR waits behind adds its whole length
@@ -70,7 +70,8 @@ class QueueState:
     tts_min_ahead_s: float | None = None
     """The least audio ahead of playout among turns being played (None: none is)."""
     tts_text_ahead_s: float | None = None
-    """Speech the TTS still has text for, in seconds (None: not speaking)."""
+    """The least speech any turn still has text for, in seconds, among turns that may get
+    more (None: none is waiting for text)."""
     tts_next_decodes: bool = False
     """The next TTS step will probably also decode audio (it takes longer)."""
     tts_next_starts: bool = False

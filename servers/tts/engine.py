@@ -142,7 +142,8 @@ class TtsQueueState:
     min_ahead_s: float | None
     """The least audio ahead of playout among turns being played."""
     text_ahead_s: float | None
-    """The least speech still queued as text among turns being spoken (estimated)."""
+    """The least speech still queued as text among turns that may get more (estimated; 0 for
+    one that has spoken all it has; None: no turn waits for text)."""
     next_step_decodes: bool = False
     """The next step will probably also turn frames into audio (a longer step)."""
     next_step_starts: bool = False
@@ -156,6 +157,8 @@ SPEECH_CHARS_PER_SECOND = 14.0
 def _speech_left_s(context: _Context) -> float:
     """The speech its text will still make (estimated): the audio its current segment
     has sent already is spoken, not waiting."""
+    if not context.segments:
+        return 0.0
     current, *later = context.segments
     left = max(0.0, len(current.text) / SPEECH_CHARS_PER_SECOND - current.sent_samples / current.output_rate)
     return left + sum(len(s.text) for s in later) / SPEECH_CHARS_PER_SECOND
@@ -357,7 +360,9 @@ class TTSEngine(SessionEngine):
             contexts = list(self._busy)
             first_pending = any(c.playout_end is None for c in contexts)
             ahead = [a for c in contexts if (a := c.ahead_of_playout(now)) is not None]
-            text = [_speech_left_s(c) for c in contexts]
+            # Every turn its client has not flushed may get more text: one that has spoken all
+            # it has needs the LLM even while another session's turns have plenty queued.
+            text = [_speech_left_s(c) for s in self._sessions.values() for c in s.contexts.values() if not c.flushed]
             current = self._batch_locked()
             decodes = any(self._decodes_after_a_step(s, now) for s in current)
             starts = any(s.sequence is None for s in current)

@@ -555,6 +555,32 @@ def test_the_text_left_to_speak_shrinks_as_its_audio_is_sent(tiny_tts_path):
     engine.close_session(sid)
 
 
+def test_a_turn_that_has_spoken_all_its_text_is_short_of_text_beside_another_with_plenty(tiny_tts_path):
+    """On a host serving several conversations, one turn's long queued text must not hide
+    another turn waiting for its LLM's next sentence: the scheduler would keep giving the
+    GPU to the TTS while that listener hears silence."""
+    engine = make_tts_engine(tiny_tts_path)
+    talkative, waiting = [], []
+    long_turn = engine.open_session(talkative.append)
+    engine.speak(long_turn, TtsSpeak(context_id="long", text=" ".join([TEXT] * 20), mode="batch"))
+    short_turn = engine.open_session(waiting.append)
+    engine.speak(short_turn, TtsSpeak(context_id="short", text="Hi.", mode="stream", preset="fast"))
+    while not any(m.type == "segment_done" for m in waiting):
+        engine.step()
+    assert engine.queue_state().text_ahead_s == 0.0
+    engine.close_session(long_turn)
+    engine.close_session(short_turn)
+
+
+def test_a_flushed_turn_asks_for_no_more_text(tiny_tts_path):
+    engine = make_tts_engine(tiny_tts_path)
+    sid = engine.open_session(lambda message: None)
+    engine.speak(sid, TtsSpeak(context_id="turn", text="Hi.", mode="stream"))
+    engine.flush(sid, "turn")
+    assert engine.queue_state().text_ahead_s is None
+    engine.close_session(sid)
+
+
 @pytest.mark.parametrize("mode", ["stream", "batch"])
 def test_the_engine_foresees_which_steps_decode_audio_or_start_a_segment(tiny_tts_path, mode):
     """A scheduler plans around how long the next step takes, and one that also decodes
