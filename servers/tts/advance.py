@@ -138,7 +138,7 @@ class GraphedAdvance(PoolGraphs):
         super().__init__(transformer, branches, max_batch)
         self._step = step
         self._codes_shape = (model.num_audio_codebooks, model.frame_stacking_factor)
-        self._with_prior = model.inference_parameters.apply_attention_prior
+        self._with_prior = transformer.estimates_alignment
 
     def __call__(self, codes, rows: list[int], start: list[int], text_lengths: list[int], prior):
         """As ``AdvanceStep`` for ``batch = len(codes)`` ≤ ``max_batch`` sequences; the

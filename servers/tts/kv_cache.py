@@ -117,6 +117,12 @@ class CachedDecoder:
             else []
         )
 
+    @property
+    def estimates_alignment(self) -> bool:
+        """Whether steps yield an alignment, from which the attention prior is built: without
+        one, no step gets a prior, whatever the checkpoint's ``apply_attention_prior``."""
+        return bool(self._alignment_layers)
+
     def write_text(self, rows: torch.Tensor, text: torch.Tensor) -> None:
         """Store the cross-attention keys and values of ``text`` ``(R, T_text, d)`` for ``rows``."""
         for layer, cross in zip(self.decoder.layers, self.pool.cross_kv):

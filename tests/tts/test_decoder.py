@@ -68,6 +68,24 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         assert decoder.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4}
 
 
+def test_a_checkpoint_whose_alignment_layers_attend_to_no_text_steps_without_a_prior(model, monkeypatch):
+    """The attention prior is built from the alignment: with none, the fixed-shape steps
+    (captured for a prior that never comes) run as the eager ones do."""
+    layers = len(model.decoder.layers)
+    monkeypatch.setattr(model.inference_parameters, "estimate_alignment_from_layers", [layers])
+    codes = []
+    for graph_max_batch in (0, 2):
+        decoder = MagpieDecoder(model, graph_max_batch=graph_max_batch)
+        if graph_max_batch:
+            decoder.reserve(sequences=2, max_frames=16, max_text_tokens=64)
+            decoder.prepare_graphs()
+        sequence = Sequence(tokens=_tokens(model, "Hello there."), voice=0, max_frames=16)
+        while not sequence.done:
+            decoder.step([sequence])
+        codes.append(sequence.codes)
+    assert torch.equal(*codes)
+
+
 @pytest.mark.parametrize("text", ["Hi.", "Hello there, how are you?"])
 def test_end_of_speech_follows_text_progress_at_the_step_nemo_does(model, monkeypatch, text):
     """With finished-sentence tracking on, end of speech is forced a set number of steps
