@@ -221,3 +221,59 @@ class GraphedPrefill(PoolGraphs):
                 x, rows, torch.zeros_like(rows), last, text_lengths, None, self._width, self._pool.text_positions
             )
         return decoded.hidden, decoded.alignment
+
+
+class GraphedText(PoolGraphs):
+    """New sequences' text through the text encoder and into their rows' cross-attention
+    keys and values, from CUDA graphs (see ``PoolGraphs``): eagerly that is ~900 kernel
+    launches before a segment's first step, on the way to its first audio. Every bucket is
+    the pool's text width; positions past a text's length are masked in the encoder and
+    never attended by the decoder."""
+
+    what = "TTS text encoder"
+
+    def __init__(
+        self, model, transformer: CachedDecoder, autocast_dtype: torch.dtype | None, branches: int, max_batch: int
+    ):
+        super().__init__(transformer, branches, max_batch)
+        self._model = model
+        self._transformer = transformer
+        self._autocast_dtype = autocast_dtype
+
+    def __call__(self, text: torch.Tensor, lengths: list[int], rows: list[int]) -> None:
+        """Encode ``text`` ``(count, T)`` (right-padded, ``lengths`` its tokens) into
+        ``rows`` (``branches·count``, conditional rows first)."""
+        count = len(lengths)
+        size = bucket_rows(count)
+        bucket = self._buckets.get(size)
+        static_text, static_index = bucket.inputs
+        static_text[:count, : text.shape[1]] = text
+        self._fill_index(static_index, (rows, [0] * len(rows), lengths + [1] * (len(rows) - count)), count)
+        bucket()
+
+    def _prepare(self, size: int) -> FixedCall:
+        text = torch.zeros(size, self._pool.text_positions, dtype=torch.long, device=self._pool.device)
+        return FixedCall(self._encode, (text, self._index_input(size)), self._graph_pool)
+
+    def _encode(self, text: torch.Tensor, index: torch.Tensor) -> None:
+        rows, _, lengths = index
+        size = len(text)
+        # Its own autocast, without the weight-cast cache (as the decoder step's).
+        with torch.autocast(
+            text.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
+        ):
+            write_text(self._model, self._transformer, text, lengths[:size], rows, self._branches)
+
+
+def write_text(
+    model, transformer: CachedDecoder, text: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, branches: int
+) -> None:
+    """Encode ``text`` ``(count, T)`` as NeMo's ``_encode_text_input`` does, with its mask
+    made from the fixed width (NeMo's reads the longest length on the host), and store it
+    for the conditional ``rows``; the unconditional rows get NeMo's dummy text, one zero vector."""
+    count = len(text)
+    mask = torch.arange(text.shape[1], device=text.device) < lengths[:, None]
+    encoded = model.encoder(model.embed_text(text, mask), mask, cond=None, cond_mask=None)["output"]
+    transformer.write_text(rows[:count], encoded)
+    if branches == 2:
+        transformer.write_text(rows[count:], torch.zeros_like(encoded[:, :1]))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-from servers.tts.advance import AdvanceStep, GraphedAdvance, GraphedPrefill, embed_frame_stack
+from servers.tts.advance import AdvanceStep, GraphedAdvance, GraphedPrefill, GraphedText, embed_frame_stack, write_text
 from servers.tts.bookkeeping import PriorRules, first_eos_frames, inference_prior, most_attended, text_progress
 from servers.tts.kv_cache import CachedDecoder
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
@@ -172,6 +172,17 @@ class MagpieDecoder:
             if graph_max_batch > 0
             else None
         )
+        self.text_graphs = (
+            GraphedText(
+                model,
+                self.transformer,
+                autocast_dtype,
+                branches=self._branches,
+                max_batch=min(graph_max_batch, PREFILL_GRAPH_MAX_BATCH),
+            )
+            if graph_max_batch > 0
+            else None
+        )
         self._live: dict[int, Sequence] = {}
         """Started sequences by id, until a step leaves them out."""
         self._codes = CodeStore(torch.zeros(0, model.num_audio_codebooks, 0, dtype=torch.long, device=self.device))
@@ -192,17 +203,19 @@ class MagpieDecoder:
 
     @torch.inference_mode()
     def prepare_graphs(self) -> None:
-        """Capture the decoder step, the prefill and the code sampler for every batch size
-        now (before serving, after ``reserve``)."""
-        for graphs in (self.advance_graphs, self.prefill_graphs, self.sampler_graphs):
+        """Capture the text encoder, the decoder step, the prefill and the code sampler for
+        every batch size now (before serving, after ``reserve``)."""
+        for graphs in (self.text_graphs, self.advance_graphs, self.prefill_graphs, self.sampler_graphs):
             if graphs is not None:
                 graphs.prepare_all()
 
     @property
     def graph_batches(self) -> dict[str, int]:
-        """Largest batch the decoder step, the prefill and the code sampler replay from CUDA
-        graphs now (0: eager, from the start, after a failed capture, or after the cache grew)."""
+        """Largest batch the text encoder, the decoder step, the prefill and the code sampler
+        replay from CUDA graphs now (0: eager, from the start, after a failed capture, or
+        after the cache grew)."""
         return {
+            "text_encoder": self.text_graphs.batch_limit if self.text_graphs else 0,
             "decoder_step": self.advance_graphs.batch_limit if self.advance_graphs else 0,
             "prefill": self.prefill_graphs.batch_limit if self.prefill_graphs else 0,
             "sampler": self.sampler_graphs.max_batch if self.sampler_graphs else 0,
@@ -211,19 +224,17 @@ class MagpieDecoder:
     def _start(self, sequences: list[Sequence]) -> None:
         """Encode the text of new sequences (one batched call), give each its cache rows and
         set its BOS frames; their prefix goes through the decoder in this step."""
-        m, fs = self.model, self.frames_per_step
-        lengths = torch.tensor([len(s.tokens) for s in sequences], device=self.device)
+        m, fs, count = self.model, self.frames_per_step, len(sequences)
+        lengths = [len(s.tokens) for s in sequences]
         text = torch.nn.utils.rnn.pad_sequence([s.tokens.to(self.device) for s in sequences], batch_first=True)
-        *_, encoded = m._encode_text_input({"text": text, "text_lens": lengths})
         positions = max(self._cache_positions(self._context_lengths[s.voice], s.max_frames) for s in sequences)
-        rows = self.transformer.pool.allocate(len(sequences) * self._branches, positions, text.shape[1])
-        count = len(sequences)
+        rows = self.transformer.pool.allocate(count * self._branches, positions, text.shape[1])
         try:
-            self.transformer.write_text(torch.tensor(rows[:count], device=self.device), encoded)
-            if self.use_cfg:  # the unconditional branch's text: NeMo's dummy, one zero vector
-                self.transformer.write_text(
-                    torch.tensor(rows[count:], device=self.device), torch.zeros_like(encoded[:, :1])
-                )
+            if self.text_graphs is not None and self.text_graphs.covers(count):
+                self.text_graphs(text, lengths, rows)
+            else:
+                index = torch.tensor([rows, lengths + [1] * (len(rows) - count)], device=self.device)
+                write_text(m, self.transformer, text, index[1, :count], index[0], self._branches)
             self._codes.ensure(self.transformer.pool.rows, self._code_frames(max(s.max_frames for s in sequences)))
             self._codes.write(
                 rows[:count],

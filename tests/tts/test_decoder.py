@@ -64,8 +64,13 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         ours = sequence.codes[:, -sequence.frames :]
         assert torch.equal(ours, _generate_speech(model, text, 24, voice))
     if graph_max_batch:  # the fixed-shape steps stayed in use (the cache never outgrew them)
-        assert decoder.advance_graphs.captured == decoder.prefill_graphs.captured == [1, 2, 4]
-        assert decoder.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4}
+        assert (
+            decoder.text_graphs.captured
+            == decoder.advance_graphs.captured
+            == decoder.prefill_graphs.captured
+            == [1, 2, 4]
+        )
+        assert decoder.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4}
 
 
 def test_a_checkpoint_whose_alignment_layers_attend_to_no_text_steps_without_a_prior(model, monkeypatch):

@@ -121,7 +121,7 @@ def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_p
         alone = pcm(synthesize(engine, text, mode="batch"))
         assert_same_audio(pcm(mine), alone)
     # The reserved cache held every segment: the graphs are all still in use.
-    assert graphed.graph_batches == {"decoder_step": 4, "prefill": 4, "sampler": 4, "codec": 8}
+    assert graphed.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4, "codec": 8}
 
 
 def test_a_full_batch_turning_over_segments_keeps_its_graphs(tiny_tts_path):
