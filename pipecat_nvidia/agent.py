@@ -61,6 +61,8 @@ class AgentSettings:
     voice: str | None = None
     greeting: bool = True
     """Say hello when the client connects."""
+    turn_cpus: int = 1
+    """Threads for Smart Turn's end-of-turn inference (on the bot's CPU)."""
     record_dir: str | None = None
     """Write each session as a stereo WAV here (user left, bot right)."""
     remote: tuple[str, ...] = field(default=())
@@ -78,10 +80,11 @@ class AgentSettings:
         "thinking_tokens": "BOT_THINKING_TOKENS",
         "voice": "BOT_VOICE",
         "greeting": "BOT_GREETING",
+        "turn_cpus": "BOT_TURN_CPUS",
         "record_dir": "BOT_RECORD_DIR",
     }
 
-    LEAST = {"max_tokens": 1, "history_tokens": 2}
+    LEAST = {"max_tokens": 1, "history_tokens": 2, "turn_cpus": 1}
     """The smallest value that works, where it is not 0 (a bot with none would fail later,
     on the first call, without naming the variable)."""
 
@@ -184,7 +187,9 @@ def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
     tts_settings = MagpieTTSService.Settings(voice=settings.voice) if settings.voice else None
     tts = MagpieTTSService(url=settings.tts_url, auth_token=token, settings=tts_settings)
     context = LLMContext()
-    user, assistant = LLMContextAggregatorPair(context, user_params=user_turn_params())
+    user, assistant = LLMContextAggregatorPair(
+        context, user_params=user_turn_params()
+    )
     recorder = AudioBufferProcessor(num_channels=2) if settings.record_dir else None
     processors = [transport.input(), stt, user, llm, tts, transport.output()]
     processors += [recorder] if recorder else []

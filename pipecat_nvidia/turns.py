@@ -26,6 +26,7 @@ much trailing silence was streamed, so it pads only (R + 1) x 160 ms minus this.
 def user_turn_params(
     *,
     vad_stop_secs: float = VAD_STOP_SECS,
+    smart_turn_cpus: int = 1,
     smart_turn_params: SmartTurnParams | None = None,
     **kwargs: Any,
 ) -> LLMUserAggregatorParams:
@@ -37,11 +38,14 @@ def user_turn_params(
 
     Args:
         vad_stop_secs: Silero VAD stop window.
+        smart_turn_cpus: Threads for Smart Turn's inference, which every reply waits for
+            at the end of speech (``bench/smart_turn.py`` measures what more buy on a
+            machine; on a two-core one, none).
         smart_turn_params: Smart Turn settings (e.g. the silence after which a turn it
             judged incomplete ends anyway; 3 s by default).
         **kwargs: Other ``LLMUserAggregatorParams`` fields.
     """
-    smart_turn = LocalSmartTurnAnalyzerV3(cpu_count=1, params=smart_turn_params)
+    smart_turn = LocalSmartTurnAnalyzerV3(cpu_count=smart_turn_cpus, params=smart_turn_params)
     return LLMUserAggregatorParams(
         vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=vad_stop_secs)),
         user_turn_strategies=UserTurnStrategies(stop=[TurnAnalyzerUserTurnStopStrategy(turn_analyzer=smart_turn)]),

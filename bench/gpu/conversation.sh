@@ -10,7 +10,7 @@
 # ~10 min on an H100 (estimated): setup and the llama.cpp build ~5.5 min, then per entry
 # ~1.5 min of loading and ~1 min of conversation. Each entry's results are in $OUT/<entry>/
 # (servers.log, agent.log, conversation.json) as soon as it ends, so a call cut off at 600 s
-# keeps the entries it finished.
+# keeps the entries it finished. Then bench/smart_turn.py prints Smart Turn's time by thread count.
 source bench/gpu/setup.sh
 # The agent's packages go beside the servers', not over them: its protobuf 6 would shadow the
 # image's protobuf 7 for NeMo's dependencies in the servers' processes.
@@ -62,3 +62,5 @@ for _ in range(600):
   wait $agent "${servers[@]}" 2>/dev/null || true
   agent=
 done
+# Smart Turn's CPU time by thread count on this machine's cores (printed: $OUT holds 8 files).
+PYTHONPATH=$agent_path python3 -m bench.smart_turn --cpus 1 2 4 8 --turns 20

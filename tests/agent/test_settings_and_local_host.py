@@ -9,8 +9,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregator
 
-from pipecat_nvidia.agent import AgentSettings, write_wav
+from bench.conversation import agent_transport
+from pipecat_nvidia.agent import AgentSettings, build_agent, write_wav
 from pipecat_nvidia.local_host import LocalHost, PortTaken, health_urls, read_health
 from tests.server_process import ROOT, free_ports, listening_socket, server_process
 
@@ -73,11 +75,24 @@ def test_the_local_hosts_address_does_not_move_standalone_servers_beside_a_remot
         ("BOT_HISTORY_TOKENS", "1"),
         ("HOST_LLM_PORT", "70000"),
         ("HOST_ASR_PORT", "0"),
+        ("BOT_TURN_CPUS", "0"),
     ],
 )
 def test_a_setting_that_does_not_parse_is_an_error_naming_its_variable(var, raw):
     with pytest.raises(ValueError, match=var):
         AgentSettings.from_env({var: raw})
+
+
+def test_the_bots_turn_threads_reach_smart_turn():
+    def processors(p):
+        yield p
+        for child in getattr(p, "processors", []):
+            yield from processors(child)
+
+    agent = build_agent(agent_transport(free_ports(1)[0]), AgentSettings.from_env({"BOT_TURN_CPUS": "3"}))
+    [user] = [p for p in processors(agent.worker.pipeline) if isinstance(p, LLMUserAggregator)]
+    [stop] = user._params.user_turn_strategies.stop
+    assert stop._turn_analyzer._session.get_session_options().intra_op_num_threads == 3
 
 
 def _models_status(settings: AgentSettings, token: str | None = None) -> int:

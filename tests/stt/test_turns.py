@@ -43,6 +43,11 @@ def test_the_helper_sets_up_silero_vad_at_200_ms_and_smart_turn_v3():
     assert _smart_turn(user_turn_params()) is not _smart_turn(params), "fresh state per pipeline"
 
 
+def test_smart_turn_runs_on_the_threads_it_is_given():
+    analyzer = _smart_turn(user_turn_params(smart_turn_cpus=3))
+    assert analyzer._session.get_session_options().intra_op_num_threads == 3
+
+
 def test_smart_turn_tells_a_finished_sentence_from_one_cut_mid_way(speech):
     """What Smart Turn sees at the VAD's stop: the speech, then the stop window's pause."""
     analyzer = _smart_turn(user_turn_params())
