@@ -188,7 +188,7 @@ def build_agent(transport: BaseTransport, settings: AgentSettings) -> Agent:
     tts = MagpieTTSService(url=settings.tts_url, auth_token=token, settings=tts_settings)
     context = LLMContext()
     user, assistant = LLMContextAggregatorPair(
-        context, user_params=user_turn_params()
+        context, user_params=user_turn_params(smart_turn_cpus=settings.turn_cpus)
     )
     recorder = AudioBufferProcessor(num_channels=2) if settings.record_dir else None
     processors = [transport.input(), stt, user, llm, tts, transport.output()]
