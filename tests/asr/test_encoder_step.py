@@ -11,6 +11,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, encoder_step
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import load_streaming_model, read_geometry
 from servers.asr.state_pool import PooledTensor, StatePool
+from tests.host_reads import HOST_READS, operations
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,16 @@ def test_a_bucketed_step_copies_no_cache_into_or_out_of_graph_buffers(model, spe
     moves = [e.name for e in profile.events() if any(is_cache(shape) for shape in e.input_shapes)]
     assert moves.count("aten::index_select") == 1 and moves.count("aten::index_copy_") == 1, moves
     assert not {"aten::copy_", "aten::_to_copy"} & set(moves), moves
+
+
+def test_a_bucketed_step_reads_nothing_back_from_the_device(model, speech):
+    """Checked here, where the fixed-shape step runs eagerly, before a GPU captures it."""
+    step = BatchedStreamingStep(model, read_geometry(model, 1), max_sessions=4, graph_max_batch=4)
+    slots = [step.pool.acquire() for _ in range(4)]
+    step.run(_first_chunk_rows(step, speech, slots))
+    [bucket] = step.encoder_graphs._buckets.values()
+    called = operations(bucket)
+    assert "aten::linear" in called and not called & HOST_READS
 
 
 @pytest.mark.parametrize(("max_batch", "finals"), [(16, 8), (512, 64)])

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
+from tests.host_reads import HOST_READS, operations
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +74,13 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
         assert decoder.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4}
 
 
-HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
-"""Operations that wait for the device and read a value back: no CUDA graph can hold one,
-and a capture that meets one fails (the part then runs eagerly, unseen on this CPU)."""
-
-
 @pytest.mark.parametrize("part", ["text_graphs", "advance_graphs", "prefill_graphs", "sampler_graphs"])
 def test_the_graphed_parts_read_nothing_back_from_the_device(model, part):
     """Checked here, where the fixed-shape calls run eagerly, before any GPU captures them."""
     decoder = MagpieDecoder(model, graph_max_batch=2)
     decoder.reserve(sequences=2, max_frames=16, max_text_tokens=64)
     decoder.prepare_graphs()
-    call = getattr(decoder, part)._buckets.get(2)
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiled:
-        call()
-    called = {e.name for e in profiled.events()}
+    called = operations(getattr(decoder, part)._buckets.get(2))
     assert "aten::linear" in called and not called & HOST_READS
 
 
