@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
-"""Operations that wait for the device and read a value back: no CUDA graph can hold one,
-and a capture that meets one fails (the part then runs eagerly, unseen on this CPU)."""
+from servers.common.cuda_graphs import HOST_READS
+
+__all__ = ["HOST_READS", "operations"]
 
 
 def operations(call: Callable[[], object]) -> set[str]:

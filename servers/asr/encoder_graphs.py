@@ -69,8 +69,8 @@ class GraphedEncoderStep:
     A bucket's padding rows read and write the pool's scratch slot, so they never touch a
     session's state. The pool must never grow: a graph holds its tensors' addresses.
 
-    On a CPU there is nothing to capture: the buckets' fixed buffers are run eagerly, which
-    is how tests check the padding and slicing that the GPU path shares.
+    On a CPU ``FixedCall`` records and replays each bucket instead, which is how tests check
+    the padding and slicing that the GPU path shares.
     """
 
     def __init__(

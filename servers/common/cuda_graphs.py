@@ -3,10 +3,12 @@
 Eager PyTorch on a GPU pays a kernel launch (~5–70 µs of host time) per operation; a
 small model's step is all launches. A graph launches a captured sequence at once, but only
 over the same buffers and shapes: callers copy their inputs into ``inputs`` and read
-the outputs before the next replay, which writes the same tensors again. On a CPU nothing
-is captured: the function runs eagerly on the same buffers and its results are copied into
-the first call's outputs, so tests check everything but the capture, a caller that keeps
-an output past the next call included.
+the outputs before the next replay, which writes the same tensors again. A CPU has no
+graphs, but tests must see what a GPU's replay would do: there the call is recorded as its
+list of operations and replayed over the same tensors. What the function read from Python
+at capture (a counter, a length, a tensor it looked up) stays fixed, as in a graph; a read
+back from the device fails the capture, as on a GPU; and the warm-up runs a capture makes
+write to the buffers they are given, as a GPU's do.
 
 While a capture is under way no other thread in the process may draw random numbers on
 the GPU (its generator is being recorded): capture before serving.
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 from loguru import logger
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def bucket_rows(rows: int) -> int:
@@ -43,56 +47,96 @@ def graph_pool(device: torch.device):
     return torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
 
+HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
+"""Operations that wait for the device and read a value back: no CUDA graph can hold one,
+and a capture that meets one fails."""
+
+
 class FixedCall:
     def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool):
-        """``pool``: from ``graph_pool``; None runs ``fn`` eagerly at every call."""
+        """Captures ``fn`` over ``inputs`` (on a GPU, into ``pool`` from ``graph_pool``);
+        each call then replays it and returns the same output tensors."""
         self.inputs = inputs
-        self._fn = fn
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._outputs: Any = None
-        if pool is not None:
-            self._capture(pool)
+        if inputs[0].device.type == "cuda":
+            self._replay, self._outputs = _capture(fn, inputs, pool)
+        else:
+            self._replay, self._outputs = _record(fn, inputs)
 
     def __call__(self) -> Any:
-        if self._graph is not None:
-            self._graph.replay()
-        elif self._outputs is None:
-            self._outputs = self._fn(*self.inputs)
-        else:
-            _copy_into(self._outputs, self._fn(*self.inputs))
+        self._replay()
         return self._outputs
 
-    def _capture(self, pool) -> None:
-        device = self.inputs[0].device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # kernels chosen, workspaces and lazy buffers allocated
-                self._fn(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.current_stream(device)
-        try:
-            # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
-            with torch.cuda.graph(self._graph, pool=pool, capture_error_mode="thread_local"):
-                self._outputs = self._fn(*self.inputs)
-        except BaseException:
-            # A capture that fails in its end leaves the capture stream current: the eager
-            # fallback would run on it.
-            torch.cuda.set_stream(stream)
-            raise
+
+def _capture(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool) -> tuple[Callable[[], None], Any]:
+    device = inputs[0].device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # kernels chosen, workspaces and lazy buffers allocated
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream(device)
+    try:
+        # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
+    except BaseException:
+        # A capture that fails in its end leaves the capture stream current: the eager
+        # fallback would run on it.
+        torch.cuda.set_stream(stream)
+        raise
+    return graph.replay, outputs
 
 
-def _copy_into(outputs: Any, results: Any) -> None:
-    """Write a call's ``results`` into the first call's ``outputs`` (tensors, or tuples of
-    them and None), as a replay writes into its captured outputs."""
-    if isinstance(outputs, torch.Tensor):
-        outputs.copy_(results)
-    elif isinstance(outputs, tuple | list):
-        for output, result in zip(outputs, results, strict=True):
-            _copy_into(output, result)
-    elif outputs is not None or results is not None:
-        raise TypeError(f"a graphed function returned {type(results).__name__}: only tensors, tuples or None")
+def _record(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[Callable[[], None], Any]:
+    """A GPU capture's CPU stand-in: as many runs of ``fn`` as the capture's warm-up makes,
+    the last one recorded. A replay runs the recorded operations again, each on the tensors
+    that the replay's earlier ones made in place of the recording's (tensors from before
+    the capture, such as its inputs, are used as they are), and writes the results into the
+    recorded outputs, as a graph's replay writes into its captured ones."""
+    fn(*inputs)
+    with _Recording() as recording:
+        outputs = fn(*inputs)
+    operations = recording.operations
+    recorded_outputs = _tensors(outputs)
+
+    def replay() -> None:
+        made: dict[int, torch.Tensor] = {}
+
+        def now(leaf: Any) -> Any:
+            return made.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf
+
+        with torch.inference_mode():
+            for op, args, kwargs, recorded in operations:
+                results = op(*tree_map(now, args), **tree_map(now, kwargs))
+                made.update(zip(map(id, recorded), _tensors(results), strict=True))
+            for output in recorded_outputs:
+                result = now(output)
+                if result.untyped_storage().data_ptr() != output.untyped_storage().data_ptr():
+                    output.copy_(result)
+
+    return replay, outputs
+
+
+class _Recording(TorchDispatchMode):
+    """Each operation a call runs, with its arguments and the tensors it made."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations: list[tuple[Any, tuple, dict, list[torch.Tensor]]] = []
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if op.name() in HOST_READS:
+            raise RuntimeError(f"{op.name()} reads a value back from the device: a CUDA graph cannot hold it")
+        result = op(*args, **kwargs)
+        self.operations.append((op, args, kwargs, _tensors(result)))
+        return result
+
+
+def _tensors(result: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
 class GraphBuckets:

@@ -165,7 +165,7 @@ def test_long_finals_finish_in_one_step_beside_continuing_rows(tiny_asr_path, sp
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 )
 def test_steps_run_in_fixed_size_buckets_equal_eager_steps(tiny_asr_path, speech, device):
-    """The CUDA-graph path (on a CPU its buffers run eagerly): a batch of B rows in a bucket
+    """The CUDA-graph path (on a CPU a recorded replay over its buffers): a batch of B rows in a bucket
     of 2^k rows, the other rows holding stale state, gives what an eager step gives."""
     model = load_streaming_model(str(tiny_asr_path), right_context=1, device=device)
     geometry = read_geometry(model, 1)

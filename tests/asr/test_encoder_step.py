@@ -103,7 +103,7 @@ def test_a_bucketed_step_copies_no_cache_into_or_out_of_graph_buffers(model, spe
 
 
 def test_a_bucketed_step_reads_nothing_back_from_the_device(model, speech):
-    """Checked here, where the fixed-shape step runs eagerly, before a GPU captures it."""
+    """Checked here, on the fixed-shape step itself, before a GPU captures it."""
     step = BatchedStreamingStep(model, read_geometry(model, 1), max_sessions=4, graph_max_batch=4)
     slots = [step.pool.acquire() for _ in range(4)]
     step.run(_first_chunk_rows(step, speech, slots))

@@ -50,7 +50,7 @@ def test_a_decode_reads_no_value_back_from_the_device_and_recomputes_no_weight_n
 
 
 def test_graph_buckets_decode_what_one_eager_call_decodes(models):
-    """The CUDA-graph path (on a CPU its fixed buffers run eagerly): pieces of different
+    """The CUDA-graph path (on a CPU a recorded replay over its fixed buffers): pieces of different
     lengths, more than one bucket holds, each padded to its bucket's rows and frames."""
     served, _ = models
     graphed, eager = CodecDecoder(served, use_graphs=True), CodecDecoder(served)

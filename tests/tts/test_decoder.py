@@ -49,7 +49,7 @@ def _generate_speech(model, text, frames, voice):
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
 def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model, graph_max_batch):
     """Fixed-shape: the steps CUDA graphs replay (over the whole reserved cache, rows padded
-    to a power of two), run eagerly on this CPU."""
+    to a power of two), replayed from a recording on this CPU."""
     texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
     decoder = MagpieDecoder(model, graph_max_batch=graph_max_batch)
     if graph_max_batch:
@@ -76,7 +76,7 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
 
 @pytest.mark.parametrize("part", ["text_graphs", "advance_graphs", "prefill_graphs", "sampler_graphs"])
 def test_the_graphed_parts_read_nothing_back_from_the_device(model, part):
-    """Checked here, where the fixed-shape calls run eagerly, before any GPU captures them."""
+    """Checked here, on the fixed-shape calls themselves, before any GPU captures them."""
     decoder = MagpieDecoder(model, graph_max_batch=2)
     decoder.reserve(sequences=2, max_frames=16, max_text_tokens=64)
     decoder.prepare_graphs()
@@ -278,7 +278,7 @@ def test_code_sampling_draws_what_nemos_local_transformer_sampling_draws(model, 
 
 
 def test_sampling_in_a_larger_fixed_batch_gives_each_row_its_own_codes(model):
-    """The CUDA-graph path (on a CPU its buffers run eagerly): 3 rows in a bucket of 4,
+    """The CUDA-graph path (on a CPU a recorded replay over its buffers): 3 rows in a bucket of 4,
     the spare row holding stale values, give what sampling the 3 rows alone gives."""
     sampler = CodeSampler(model)
     graphed = GraphedSampler(sampler, model.cfg.decoder.d_model, use_cfg=True, max_batch=4)

@@ -103,7 +103,7 @@ def test_one_sessions_many_turns_do_not_keep_anothers_waiting(tiny_tts_path):
 
 def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_path, engine):
     """The CUDA-graph paths of the decoder step, the prefill, code sampling and codec decode
-    (on a CPU their fixed buffers run eagerly): three concurrent segments in a batch of four
+    (on a CPU recorded replays over their fixed buffers): three concurrent segments in a batch of four
     give what the eager engine gives."""
     graphed = make_tts_engine(tiny_tts_path, graph_max_batch=4)
     graphed.warm_up()
@@ -324,7 +324,8 @@ def test_a_segment_that_fails_to_start_gives_its_cache_rows_back(tiny_tts_path, 
     graphed.warm_up()
     pool = graphed._decoder.transformer.pool
     rows, generation = pool.rows, pool.generation
-    fail_once(monkeypatch, graphed._decoder.transformer, "write_text", RuntimeError("out of memory"))
+    # Growing the codes' store, after the rows were taken (the text encoding replays a graph).
+    fail_once(monkeypatch, graphed._decoder._codes, "ensure", RuntimeError("out of memory"))
     messages = []
     sid = graphed.open_session(messages.append)
     graphed.speak(sid, TtsSpeak(context_id="failed", text=TEXT))
