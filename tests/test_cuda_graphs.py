@@ -42,3 +42,9 @@ def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu():
     x = torch.ones(2)
     with pytest.raises(RuntimeError, match="_local_scalar_dense"):
         FixedCall(lambda x: x * x.sum().item(), (x,), pool=None)
+
+
+def test_python_data_made_into_a_tensor_in_the_call_fails_the_capture_as_on_a_gpu():
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="copies Python data"):
+        FixedCall(lambda x: x[[0, 2]], (x,), pool=None)

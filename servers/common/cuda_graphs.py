@@ -7,8 +7,8 @@ the outputs before the next replay, which writes the same tensors again. A CPU h
 graphs, but tests must see what a GPU's replay would do: there the call is recorded as its
 list of operations and replayed over the same tensors. What the function read from Python
 at capture (a counter, a length, a tensor it looked up) stays fixed, as in a graph; a read
-back from the device fails the capture, as on a GPU; and the warm-up runs a capture makes
-write to the buffers they are given, as a GPU's do.
+back from the device, or a copy of Python data to it, fails the capture, as on a GPU; and
+the warm-up runs a capture makes write to the buffers they are given, as a GPU's do.
 
 While a capture is under way no other thread in the process may draw random numbers on
 the GPU (its generator is being recorded): capture before serving.
@@ -50,6 +50,11 @@ def graph_pool(device: torch.device):
 HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
 """Operations that wait for the device and read a value back: no CUDA graph can hold one,
 and a capture that meets one fails."""
+
+HOST_UPLOADS = frozenset({"aten::lift_fresh"})
+"""Operations that turn Python data into a tensor (``torch.tensor(list)``, indexing with a
+list): on a GPU that is a copy from pageable host memory, which waits for the stream and so
+fails a capture."""
 
 
 class FixedCall:
@@ -130,6 +135,8 @@ class _Recording(TorchDispatchMode):
         kwargs = kwargs or {}
         if op.name() in HOST_READS:
             raise RuntimeError(f"{op.name()} reads a value back from the device: a CUDA graph cannot hold it")
+        if op.name() in HOST_UPLOADS:
+            raise RuntimeError(f"{op.name()} copies Python data to the device: a CUDA graph cannot hold it")
         result = op(*args, **kwargs)
         self.operations.append((op, args, kwargs, _tensors(result)))
         return result
