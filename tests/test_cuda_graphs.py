@@ -1,7 +1,9 @@
+import weakref
+
 import pytest
 import torch
 
-from servers.common.cuda_graphs import FixedCall
+from servers.common.cuda_graphs import FixedCall, graph_pool
 
 
 def test_a_call_on_a_cpu_overwrites_the_outputs_an_earlier_call_returned_as_a_replay_does():
@@ -46,5 +48,65 @@ def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu():
 
 def test_python_data_made_into_a_tensor_in_the_call_fails_the_capture_as_on_a_gpu():
     x = torch.ones(3)
-    with pytest.raises(RuntimeError, match="copies Python data"):
+    with pytest.raises(RuntimeError, match="copies host data"):
         FixedCall(lambda x: x[[0, 2]], (x,), pool=None)
+
+
+def test_a_recording_keeps_none_of_the_tensors_the_call_made_but_its_outputs():
+    """Held for every bucket of every engine a test run builds, they ran a CI run out of memory."""
+    made = []
+
+    def total(x):
+        doubled = x * 2
+        made.append(weakref.ref(doubled))
+        return doubled.sum(0)
+
+    call = FixedCall(total, (torch.ones(3, 3),), pool=None)
+    assert made[-1]() is None
+    assert call().tolist() == [6.0, 6.0, 6.0]
+
+
+def test_on_a_device_a_host_tensor_the_call_would_copy_over_fails_the_capture():
+    """The meta device stands in for a GPU: what lies on the host is now told apart."""
+    x, index = torch.ones(3, device="meta"), torch.tensor([0, 2])
+    with pytest.raises(RuntimeError, match="index.Tensor copies host data"):
+        FixedCall(lambda x: x[index], (x,), pool=None)
+
+
+def test_on_a_device_host_scalars_and_work_on_the_host_alone_are_held_as_captured():
+    x, counts = torch.ones(3, device="meta"), torch.tensor([1, 2])
+    call = FixedCall(lambda x: x * torch.tensor(2.0) + counts.sum(), (x,), pool=None)
+    assert call().shape == (3,)
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+
+@needs_gpu
+def test_a_call_that_would_fail_its_capture_fails_before_the_capture_begins():
+    """A capture that fails leaves PyTorch's generator in capture mode on some versions:
+    random draws after it would fail too."""
+    x, index = torch.ones(3, device="cuda"), torch.tensor([0, 2])
+    with pytest.raises(RuntimeError, match="copies host data"):
+        FixedCall(lambda x: x[index], (x,), graph_pool(x.device))
+    assert torch.rand(4, device="cuda").shape == (4,)
+
+
+@needs_gpu
+def test_graphs_outlive_another_familys_graphs_being_dropped():
+    """Every graph captured on one stream uses that stream's cuBLAS workspace, allocated in
+    the first one's pool when it was first used in a capture, and freed by some PyTorch
+    versions when any of them is dropped."""
+    weights = torch.randn(256, 256, device="cuda")
+
+    def project(x):
+        return x @ weights
+
+    dropped = FixedCall(project, (torch.randn(32, 256, device="cuda"),), graph_pool(weights.device))
+    kept = FixedCall(project, (torch.randn(64, 256, device="cuda"),), graph_pool(weights.device))
+    dropped()
+    del dropped
+    torch.cuda.empty_cache()
+    kept.inputs[0].copy_(torch.randn(64, 256, device="cuda"))
+    assert torch.allclose(kept(), kept.inputs[0] @ weights)
+    assert torch.rand(4, device="cuda").shape == (4,)

@@ -7,17 +7,18 @@ the outputs before the next replay, which writes the same tensors again. A CPU h
 graphs, but tests must see what a GPU's replay would do: there the call is recorded as its
 list of operations and replayed over the same tensors. What the function read from Python
 at capture (a counter, a length, a tensor it looked up) stays fixed, as in a graph; a read
-back from the device, or a copy of Python data to it, fails the capture, as on a GPU; and
+back from the device, or a copy of host data to it, fails the capture, as on a GPU; and
 the warm-up runs a capture makes write to the buffers they are given, as a GPU's do.
 
-While a capture is under way no other thread in the process may draw random numbers on
-the GPU (its generator is being recorded): capture before serving.
+While a capture is under way no other thread in the process may replay a graph or draw
+random numbers on the GPU (PyTorch's default generator is in capture mode for the whole
+process): capture holding ``servers.common.loading.EXCLUSIVE_GPU_WORK``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from loguru import logger
@@ -42,9 +43,22 @@ def graph_max_batch(model, limit: int) -> int:
     return limit if next(model.parameters()).device.type == "cuda" else 0
 
 
-def graph_pool(device: torch.device):
-    """A memory pool that captures on ``device`` can share (None on a CPU)."""
-    return torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+class GraphPool(NamedTuple):
+    """Memory that a family of captures shares, and the one stream they warm up and are
+    captured on. cuBLAS keeps a workspace per stream that every graph captured on it uses:
+    warmed up on that stream it is allocated outside any graph, and no family's graphs use
+    another's (while the process makes fewer streams than PyTorch's pool of 32), so
+    dropping a family (PyTorch may free its stream's workspace then) spares the others."""
+
+    handle: Any
+    stream: torch.cuda.Stream
+
+
+def graph_pool(device: torch.device) -> GraphPool | None:
+    """A pool for one family of captures on ``device`` (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    return GraphPool(torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
 
 
 HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
@@ -53,13 +67,13 @@ and a capture that meets one fails."""
 
 HOST_UPLOADS = frozenset({"aten::lift_fresh"})
 """Operations that turn Python data into a tensor (``torch.tensor(list)``, indexing with a
-list): on a GPU that is a copy from pageable host memory, which waits for the stream and so
-fails a capture."""
+list): copied to a GPU, it comes from pageable host memory, a copy that waits for the stream
+and so fails a capture."""
 
 
 class FixedCall:
-    def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool):
-        """Captures ``fn`` over ``inputs`` (on a GPU, into ``pool`` from ``graph_pool``);
+    def __init__(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool: GraphPool | None):
+        """Captures ``fn`` over ``inputs`` (on a GPU, in ``pool`` from ``graph_pool``);
         each call then replays it and returns the same output tensors."""
         self.inputs = inputs
         if inputs[0].device.type == "cuda":
@@ -72,19 +86,24 @@ class FixedCall:
         return self._outputs
 
 
-def _capture(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool) -> tuple[Callable[[], None], Any]:
+def _capture(
+    fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], pool: GraphPool
+) -> tuple[Callable[[], None], Any]:
+    """Two warm-up runs (kernels chosen, workspaces and lazy buffers allocated), the second
+    checked for what would fail the capture: a capture that fails leaves PyTorch's random
+    generator in capture mode on some versions, and every random draw after it failing."""
     device = inputs[0].device
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):  # kernels chosen, workspaces and lazy buffers allocated
+    pool.stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(pool.stream):
+        fn(*inputs)
+        with _CaptureCheck(device):
             fn(*inputs)
-    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.current_stream(device).wait_stream(pool.stream)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.current_stream(device)
     try:
-        # thread_local: other threads (other engines in the process) may use the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # thread_local: other threads (engines' I/O, the LLM) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=pool.handle, stream=pool.stream, capture_error_mode="thread_local"):
             outputs = fn(*inputs)
     except BaseException:
         # A capture that fails in its end leaves the capture stream current: the eager
@@ -99,47 +118,110 @@ def _record(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[C
     the last one recorded. A replay runs the recorded operations again, each on the tensors
     that the replay's earlier ones made in place of the recording's (tensors from before
     the capture, such as its inputs, are used as they are), and writes the results into the
-    recorded outputs, as a graph's replay writes into its captured ones."""
+    recorded outputs, as a graph's replay writes into its captured ones. The recording's
+    own tensors are not kept."""
     fn(*inputs)
-    with _Recording() as recording:
+    with _Recording(inputs[0].device) as recording:
         outputs = fn(*inputs)
-    operations = recording.operations
-    recorded_outputs = _tensors(outputs)
+        written = [(output, recording.index(output)) for output in _tensors(outputs)]
+    operations, slots = recording.operations, recording.slots
+    written = [(output, index) for output, index in written if index is not None]
 
     def replay() -> None:
-        made: dict[int, torch.Tensor] = {}
+        made: list[torch.Tensor | None] = [None] * slots
 
         def now(leaf: Any) -> Any:
-            return made.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf
+            return made[leaf.index] if isinstance(leaf, _Made) else leaf
 
         with torch.inference_mode():
-            for op, args, kwargs, recorded in operations:
-                results = op(*tree_map(now, args), **tree_map(now, kwargs))
-                made.update(zip(map(id, recorded), _tensors(results), strict=True))
-            for output in recorded_outputs:
-                result = now(output)
+            for op, args, kwargs, results in operations:
+                tensors = _tensors(op(*tree_map(now, args), **tree_map(now, kwargs)))
+                for index, tensor in zip(results, tensors, strict=True):
+                    made[index] = tensor
+            for output, index in written:
+                result = made[index]
                 if result.untyped_storage().data_ptr() != output.untyped_storage().data_ptr():
                     output.copy_(result)
 
     return replay, outputs
 
 
-class _Recording(TorchDispatchMode):
-    """Each operation a call runs, with its arguments and the tensors it made."""
+class _CaptureCheck(TorchDispatchMode):
+    """Fails at the first operation of a call on ``device`` that a CUDA graph cannot hold:
+    a read back from the device, or a copy of host data to it."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         super().__init__()
-        self.operations: list[tuple[Any, tuple, dict, list[torch.Tensor]]] = []
+        self._device = device
 
     def __torch_dispatch__(self, op, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if op.name() in HOST_READS:
-            raise RuntimeError(f"{op.name()} reads a value back from the device: a CUDA graph cannot hold it")
-        if op.name() in HOST_UPLOADS:
-            raise RuntimeError(f"{op.name()} copies Python data to the device: a CUDA graph cannot hold it")
         result = op(*args, **kwargs)
-        self.operations.append((op, args, kwargs, _tensors(result)))
+        self._check(op, (args, kwargs), result)
         return result
+
+    def _check(self, op, arguments: Any, result: Any) -> None:
+        name, given = op.name(), _tensors(arguments)
+        if self._device.type == "cpu":
+            # Nothing tells the tensors meant for a device from those that stay on the host:
+            # every read, and every tensor made from Python data, counts.
+            reads, uploads = name in HOST_READS, name in HOST_UPLOADS
+        else:
+            reads = name in HOST_READS and any(t.device.type == self._device.type for t in given)
+            uploads = any(t.device.type == "cpu" and t.dim() > 0 for t in given) and any(
+                t.device.type == self._device.type for t in given + _tensors(result)
+            )
+        if reads:
+            raise RuntimeError(f"{name} reads a value back from the device: a CUDA graph cannot hold it")
+        if uploads:
+            raise RuntimeError(f"{name} copies host data to the device: a CUDA graph cannot hold it")
+
+
+class _Made:
+    """A tensor that the recorded call made, by its index among them."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Recording(_CaptureCheck):
+    """Each operation a call runs, with its arguments, the tensors the call made standing as
+    ``_Made`` indices. The recording holds those tensors (so that no two share an ``id``);
+    the operations do not."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(device)
+        self.operations: list[tuple[Any, tuple, dict, list[int]]] = []
+        self._made: dict[int, tuple[int, torch.Tensor]] = {}
+
+    @property
+    def slots(self) -> int:
+        return len(self._made)
+
+    def index(self, tensor: torch.Tensor) -> int | None:
+        """Where the call made ``tensor``; None if it came from outside."""
+        entry = self._made.get(id(tensor))
+        return None if entry is None else entry[0]
+
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = super().__torch_dispatch__(op, types, args, kwargs)
+        args, kwargs = tree_map(self._as_made, (args, kwargs))
+        self.operations.append((op, args, kwargs, [self._keep(tensor) for tensor in _tensors(result)]))
+        return result
+
+    def _as_made(self, leaf: Any) -> Any:
+        index = self.index(leaf) if isinstance(leaf, torch.Tensor) else None
+        return leaf if index is None else _Made(index)
+
+    def _keep(self, tensor: torch.Tensor) -> int:
+        index = self.index(tensor)
+        if index is None:
+            index = len(self._made)
+            self._made[id(tensor)] = (index, tensor)
+        return index
 
 
 def _tensors(result: Any) -> list[torch.Tensor]:
