@@ -21,6 +21,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from scheduler.policy import QueueState, Targets, Unit, plan
+from servers.common.loading import EXCLUSIVE_GPU_WORK
 from servers.common.metrics import LATENCY_BUCKETS
 
 IDLE_TICK_S = 0.02
@@ -198,8 +199,17 @@ class GpuScheduler:
         return expected
 
     def run_once(self) -> Unit | None:
-        """Choose and run one unit; None if none ran (nothing had work, or the chosen
-        unit waits for an ASR chunk)."""
+        """Choose and run one unit; None if none ran (nothing had work, the chosen unit
+        waits for an ASR chunk, or an engine is warming up: see ``EXCLUSIVE_GPU_WORK``)."""
+        if not EXCLUSIVE_GPU_WORK.acquire(timeout=IDLE_TICK_S):
+            self._idle_s = 0.0
+            return None
+        try:
+            return self._choose_and_run()
+        finally:
+            EXCLUSIVE_GPU_WORK.release()
+
+    def _choose_and_run(self) -> Unit | None:
         now = time.monotonic()
         state = self.queue_state(now)
         if not state.asr_ready:  # e.g. its session closed: nothing waits any more

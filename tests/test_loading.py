@@ -4,7 +4,7 @@ import asyncio
 import threading
 import time
 
-from servers.common.loading import BackgroundLoad, load_under_way
+from servers.common.loading import EXCLUSIVE_GPU_WORK, BackgroundLoad, load_under_way
 
 
 def _no_driver(engine, on_step):
@@ -112,3 +112,39 @@ def test_loads_run_in_the_order_they_were_started():
 
     asyncio.run(main())
     assert order == list("ABCDEFGH")
+
+
+def _warm_up_holds_the_gpu(monkeypatch, engine_class) -> list[bool]:
+    """Whether ``EXCLUSIVE_GPU_WORK`` was held during each of ``engine_class``'s warm-ups."""
+    held = []
+    warm_up = engine_class.warm_up
+
+    def observed(engine):
+        held.append(EXCLUSIVE_GPU_WORK.locked())
+        warm_up(engine)
+
+    monkeypatch.setattr(engine_class, "warm_up", observed)
+    return held
+
+
+def test_the_asr_server_warms_up_alone_on_the_gpu(monkeypatch, tiny_asr_path):
+    """A warm-up captures CUDA graphs: another engine's replay then would fail."""
+    from servers.asr.config import AsrServerSettings
+    from servers.asr.engine import StreamingASREngine
+    from servers.asr.server import load_engine
+
+    held = _warm_up_holds_the_gpu(monkeypatch, StreamingASREngine)
+    load_engine(AsrServerSettings(model=str(tiny_asr_path), device="cpu"))
+    assert held == [True]
+    assert not EXCLUSIVE_GPU_WORK.locked()
+
+
+def test_the_tts_server_warms_up_alone_on_the_gpu(monkeypatch, tiny_tts_path):
+    from servers.tts.config import TtsServerSettings
+    from servers.tts.engine import TTSEngine
+    from servers.tts.server import load_engine
+
+    held = _warm_up_holds_the_gpu(monkeypatch, TTSEngine)
+    load_engine(TtsServerSettings(model=str(tiny_tts_path), device="cpu"))
+    assert held == [True]
+    assert not EXCLUSIVE_GPU_WORK.locked()

@@ -16,7 +16,7 @@ from servers.asr.engine import AudioOverflow, StreamingASREngine
 from servers.asr.metrics import AsrMetrics
 from servers.asr.model import load_streaming_model
 from servers.common.cuda_graphs import graph_max_batch
-from servers.common.loading import Driver
+from servers.common.loading import EXCLUSIVE_GPU_WORK, Driver
 from servers.common.ws_server import Connection, EngineServer
 
 
@@ -31,7 +31,8 @@ def load_engine(settings: AsrServerSettings) -> StreamingASREngine:
         precision=settings.precision,
         graph_max_batch=graph_max_batch(model, settings.cuda_graph_max_batch),
     )
-    engine.warm_up()
+    with EXCLUSIVE_GPU_WORK:
+        engine.warm_up()
     return engine
 
 

@@ -78,6 +78,12 @@ class _LoadTurns:
 _TURNS = _LoadTurns()
 
 
+EXCLUSIVE_GPU_WORK = threading.Lock()
+"""Held while an engine warms up, capturing its CUDA graphs, and by a scheduler around each
+unit it runs: while one thread captures, PyTorch's CUDA generator is in capture mode for the
+whole process, and a replay or a random draw on any other thread fails."""
+
+
 def load_under_way() -> str | None:
     """The kind of model whose load is running in this process now (an abandoned one included)."""
     return _TURNS.under_way

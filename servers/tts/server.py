@@ -20,7 +20,7 @@ from pipecat_nvidia.protocol import (
     parse_tts_client_message,
 )
 from servers.common.cuda_graphs import graph_max_batch
-from servers.common.loading import Driver
+from servers.common.loading import EXCLUSIVE_GPU_WORK, Driver
 from servers.common.ws_server import Connection, EngineServer
 from servers.tts.config import TtsServerSettings
 from servers.tts.engine import DEFAULT_PRESET, SegmentRejected, TTSEngine
@@ -42,7 +42,8 @@ def load_engine(settings: TtsServerSettings) -> TTSEngine:
         precision=settings.precision,
         graph_max_batch=graph_max_batch(model, settings.cuda_graph_max_batch),
     )
-    engine.warm_up()
+    with EXCLUSIVE_GPU_WORK:
+        engine.warm_up()
     return engine
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from scheduler.policy import QueueState, Targets, Unit
 from scheduler.worker import GpuScheduler
+from servers.common.loading import EXCLUSIVE_GPU_WORK
 
 
 def _run(seconds: float, targets: Targets | None = None, **engines) -> GpuScheduler:
@@ -265,3 +266,31 @@ def test_a_unit_kind_seen_twice_is_expected_to_take_the_longer_time():
     scheduler = _run(0.3, llm=llm)
     assert llm.units == 2
     assert scheduler.expected_seconds(QueueState())[Unit.LLM] >= 0.1
+
+
+def test_no_unit_runs_while_an_engine_warms_up():
+    """A warm-up captures CUDA graphs: a replay or random draw meanwhile would fail."""
+    llm = _BusyLlm(unit_s=0.005)
+    scheduler = GpuScheduler()
+    scheduler.driver("llm")(llm, lambda stats: None)
+    try:
+        with EXCLUSIVE_GPU_WORK:
+            before = llm.units
+            time.sleep(0.3)
+            during = llm.units - before
+        time.sleep(0.3)
+    finally:
+        scheduler.stop()
+    assert during == 0
+    assert llm.units - before > 5, "units run again once the warm-up is over"
+
+
+def test_the_scheduler_stops_at_once_while_an_engine_warms_up():
+    """A host stopped while a model loads must not wait for its warm-up to end."""
+    scheduler = GpuScheduler()
+    scheduler.driver("llm")(_BusyLlm(unit_s=0.005), lambda stats: None)
+    with EXCLUSIVE_GPU_WORK:
+        stopping = threading.Thread(target=scheduler.stop)
+        stopping.start()
+        stopping.join(timeout=0.5)
+        assert not stopping.is_alive()
