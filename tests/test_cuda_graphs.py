@@ -40,10 +40,14 @@ def test_a_replay_follows_the_inputs_through_intermediates_and_in_place_writes()
     assert total.tolist() == [3.0 + 3.0 + 21.0, 5.0 + 5.0 + 41.0]  # the capture's two runs, then the replay
 
 
-def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu():
-    x = torch.ones(2)
-    with pytest.raises(RuntimeError, match="_local_scalar_dense"):
-        FixedCall(lambda x: x * x.sum().item(), (x,), pool=None)
+@pytest.mark.parametrize(
+    ("call", "read"),
+    [(lambda x: x * x.sum().item(), "_local_scalar_dense"), (lambda x: x * torch.equal(x, x), "equal")],
+    ids=["item", "equal"],
+)
+def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read):
+    with pytest.raises(RuntimeError, match=f"aten::{read} reads a value back"):
+        FixedCall(call, (torch.ones(2),), pool=None)
 
 
 def test_python_data_made_into_a_tensor_in_the_call_fails_the_capture_as_on_a_gpu():
@@ -83,12 +87,17 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 
 
 @needs_gpu
-def test_a_call_that_would_fail_its_capture_fails_before_the_capture_begins():
+@pytest.mark.parametrize(
+    ("call", "failure"),
+    [(lambda x: x[torch.arange(2)], "copies host data"), (lambda x: x * x.cpu()[0], "reads a value back")],
+    ids=["host-index", "copy-to-host"],
+)
+def test_a_call_that_would_fail_its_capture_fails_before_the_capture_begins(call, failure):
     """A capture that fails leaves PyTorch's generator in capture mode on some versions:
     random draws after it would fail too."""
-    x, index = torch.ones(3, device="cuda"), torch.tensor([0, 2])
-    with pytest.raises(RuntimeError, match="copies host data"):
-        FixedCall(lambda x: x[index], (x,), graph_pool(x.device))
+    x = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match=failure):
+        FixedCall(call, (x,), graph_pool(x.device))
     assert torch.rand(4, device="cuda").shape == (4,)
 
 

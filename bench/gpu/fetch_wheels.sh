@@ -26,3 +26,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   httpcore2==2.16.2 h2==4.4.1 hpack==4.2.0 hyperframe==6.1.0 truststore==0.10.5 protobuf==6.33.6
 python3 -m pip wheel -q --no-deps -w .whl/agent docopt==0.6.2   # sdist only on PyPI; pure Python
 ls .whl/agent
+# The tests that need a GPU (bench/gpu/gpu_tests.sh): pytest and the plugins pyproject.toml names.
+mkdir -p .whl/test
+python3 -m pip download -q --no-deps --only-binary=:all: -d .whl/test \
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
+ls .whl/test

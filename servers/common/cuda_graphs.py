@@ -61,7 +61,16 @@ def graph_pool(device: torch.device) -> GraphPool | None:
     return GraphPool(torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
 
 
-HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim"})
+HOST_READS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::unique_dim",
+        "aten::equal",
+        "aten::allclose",
+    }
+)
 """Operations that wait for the device and read a value back: no CUDA graph can hold one,
 and a capture that meets one fails."""
 
@@ -148,7 +157,8 @@ def _record(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[C
 
 class _CaptureCheck(TorchDispatchMode):
     """Fails at the first operation of a call on ``device`` that a CUDA graph cannot hold:
-    a read back from the device, or a copy of host data to it."""
+    a read back from the device (a value, or a copy to the host), or a copy of host data
+    to it."""
 
     def __init__(self, device: torch.device):
         super().__init__()
@@ -167,7 +177,9 @@ class _CaptureCheck(TorchDispatchMode):
             # every read, and every tensor made from Python data, counts.
             reads, uploads = name in HOST_READS, name in HOST_UPLOADS
         else:
-            reads = name in HOST_READS and any(t.device.type == self._device.type for t in given)
+            reads = (name in HOST_READS or any(t.device.type == "cpu" for t in _tensors(result))) and any(
+                t.device.type == self._device.type for t in given
+            )
             uploads = any(t.device.type == "cpu" and t.dim() > 0 for t in given) and any(
                 t.device.type == self._device.type for t in given + _tensors(result)
             )
