@@ -162,17 +162,26 @@ def test_long_finals_finish_in_one_step_beside_continuing_rows(tiny_asr_path, sp
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+    ("device", "autocast_dtype"),
+    [
+        ("cpu", None),
+        ("cpu", torch.bfloat16),  # the GPU's default precision: caches kept in bf16
+        pytest.param("cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    ],
+    ids=["cpu", "cpu-bf16", "cuda"],
 )
-def test_steps_run_in_fixed_size_buckets_equal_eager_steps(tiny_asr_path, speech, device):
+def test_steps_run_in_fixed_size_buckets_equal_eager_steps(tiny_asr_path, speech, device, autocast_dtype):
     """The CUDA-graph path (on a CPU a recorded replay over its buffers): a batch of B rows in a bucket
     of 2^k rows, the other rows holding stale state, gives what an eager step gives."""
     model = load_streaming_model(str(tiny_asr_path), right_context=1, device=device)
     geometry = read_geometry(model, 1)
     utterances = [speech[16000 * 1 : 16000 * 4], speech[16000 * 6 : 16000 * 8 + 500], speech[16000 * 9 : 16000 * 13]]
     starts = [0, 2, 4]
-    eager, _ = _stream_all(BatchedStreamingStep(model, geometry, max_sessions=4), utterances, starts)
-    bucketed_step = BatchedStreamingStep(model, geometry, max_sessions=4, graph_max_batch=3)
+    eager_step = BatchedStreamingStep(model, geometry, max_sessions=4, autocast_dtype=autocast_dtype)
+    eager, _ = _stream_all(eager_step, utterances, starts)
+    bucketed_step = BatchedStreamingStep(
+        model, geometry, max_sessions=4, graph_max_batch=3, autocast_dtype=autocast_dtype
+    )
     bucketed, _ = _stream_all(bucketed_step, utterances, starts)
     graphs = bucketed_step.encoder_graphs
     assert [rows for rows, _ in graphs.captured] == [1, 2, 4], "batches of 1, 2 and 3 rows ran in buckets"
