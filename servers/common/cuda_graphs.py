@@ -132,9 +132,8 @@ def _record(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> tuple[C
     fn(*inputs)
     with _Recording(inputs[0].device) as recording:
         outputs = fn(*inputs)
-        written = [(output, recording.index(output)) for output in _tensors(outputs)]
+        written = [(output, index) for output in _tensors(outputs) if (index := recording.index(output)) is not None]
     operations, slots = recording.operations, recording.slots
-    written = [(output, index) for output, index in written if index is not None]
 
     def replay() -> None:
         made: list[torch.Tensor | None] = [None] * slots
@@ -177,11 +176,12 @@ class _CaptureCheck(TorchDispatchMode):
             # every read, and every tensor made from Python data, counts.
             reads, uploads = name in HOST_READS, name in HOST_UPLOADS
         else:
-            reads = (name in HOST_READS or any(t.device.type == "cpu" for t in _tensors(result))) and any(
+            made = _tensors(result)
+            reads = (name in HOST_READS or any(t.device.type == "cpu" for t in made)) and any(
                 t.device.type == self._device.type for t in given
             )
             uploads = any(t.device.type == "cpu" and t.dim() > 0 for t in given) and any(
-                t.device.type == self._device.type for t in given + _tensors(result)
+                t.device.type == self._device.type for t in given + made
             )
         if reads:
             raise RuntimeError(f"{name} reads a value back from the device: a CUDA graph cannot hold it")
@@ -218,9 +218,8 @@ class _Recording(_CaptureCheck):
         return None if entry is None else entry[0]
 
     def __torch_dispatch__(self, op, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         result = super().__torch_dispatch__(op, types, args, kwargs)
-        args, kwargs = tree_map(self._as_made, (args, kwargs))
+        args, kwargs = tree_map(self._as_made, (args, kwargs or {}))
         self.operations.append((op, args, kwargs, [self._keep(tensor) for tensor in _tensors(result)]))
         return result
 
