@@ -29,6 +29,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, GraphedEncoderStep, encod
 from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
+from servers.common.precision import store_layer_weights_in
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class BatchedStreamingStep:
         graph_max_batch: int = 0,
     ):
         """``graph_max_batch`` > 0 runs steps of up to that many rows from CUDA graphs
-        (``encoder_graphs``); 0 runs every step eagerly."""
+        (``encoder_graphs``); 0 runs every step eagerly. With an ``autocast_dtype`` the
+        encoder's layers keep their weights in it (``store_layer_weights_in``): the model
+        must not run its encoder outside that autocast afterwards."""
         from nemo.collections.asr.parts.submodules.transducer_decoding.label_looping_base import (
             BatchedLabelLoopingState,
         )
@@ -88,6 +91,9 @@ class BatchedStreamingStep:
         self.geometry = geometry
         self.device = next(model.parameters()).device
         self._autocast_dtype = autocast_dtype
+        if autocast_dtype is not None:
+            freed = store_layer_weights_in(model.encoder, autocast_dtype)
+            logger.info(f"ASR encoder weights stored in {autocast_dtype}: {freed / 2**30:.2f} GiB freed")
         self._decoder = model.decoding.decoding.decoding_computer
         self._max_rows = max_sessions
         self._final_out_frames = self._longest_final_out_frames()
@@ -190,8 +196,7 @@ class BatchedStreamingStep:
         state = self.pool.gather(slots, self._carried)
         features = compute_features(self.model.preprocessor, [r.request for r in rows], self.device)
         groups = self._group(rows, features, state["feature_cache"])
-        with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
-            x, lengths = self._pre_encode_all(groups, len(rows))
+        x, lengths = self._pre_encode_all(groups, len(rows))
         encoded, encoded_len = self._encode(x, lengths, slots, narrow)
         previous = self._state_type(
             predictor_states=tuple(state[f"predictor_state_{i}"] for i in range(self._n_predictor_states)),
@@ -265,7 +270,8 @@ class BatchedStreamingStep:
     def _pre_encode(self, group: _Group):
         features = group.frames if group.first else torch.cat([group.cache, group.frames], dim=2)
         n = torch.full((features.shape[0],), features.shape[2], device=self.device)
-        x, n = self.model.encoder.pre_encode(x=features.transpose(1, 2), lengths=n)
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
+            x, n = self.model.encoder.pre_encode(x=features.transpose(1, 2), lengths=n)
         n = n.to(torch.int64)
         if not group.first:
             drop = self.geometry.drop_extra_pre_encoded

@@ -1,4 +1,4 @@
-"""Choosing the autocast dtype for a model's GPU work."""
+"""Choosing the autocast dtype for a model's GPU work, and storing weights in it."""
 
 from __future__ import annotations
 
@@ -16,3 +16,40 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+
+
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+"""Layers whose every call autocast runs in its lower precision, casting weight and bias."""
+
+
+def store_layer_weights_in(
+    module: torch.nn.Module, dtype: torch.dtype, *, skip: tuple[torch.nn.Module, ...] = ()
+) -> int:
+    """Cast, in place, the weights and biases of ``module``'s linear and convolution
+    layers to ``dtype``; returns the number of bytes this frees.
+
+    Autocast casts a float32 weight on every call: in a CUDA graph, whose casts cannot
+    be cached, each step reads all weights in float32 and writes them again in bf16.
+    Stored in bf16 they are read once and autocast leaves them alone, so each step gives
+    bit for bit what it gave before, as long as the model only runs under autocast to
+    ``dtype``. A parameter that another kind of module also holds (a tied embedding) is
+    left alone: its other use would see it rounded. The submodules in ``skip`` keep their
+    weights: parts that run outside autocast.
+    """
+    kept = {id(layer) for part in skip for layer in part.modules()}
+    layers = [(layer, isinstance(layer, AUTOCAST_LAYERS) and id(layer) not in kept) for layer in module.modules()]
+    owners: dict[int, list[bool]] = {}
+    for layer, cast in layers:
+        for parameter in layer._parameters.values():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(cast)
+    freed = 0
+    for layer, cast in layers:
+        for key in ("weight", "bias") if cast else ():
+            parameter = layer._parameters.get(key)
+            if parameter is None or parameter.dtype == dtype or not all(owners[id(parameter)]):
+                continue
+            before = parameter.nbytes
+            parameter.data = parameter.data.to(dtype)
+            freed += before - parameter.nbytes
+    return freed

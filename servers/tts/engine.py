@@ -33,7 +33,7 @@ from pipecat_nvidia.protocol import (
     TtsSpeak,
 )
 from servers.common.engine import SessionEngine
-from servers.common.precision import autocast_dtype
+from servers.common.precision import autocast_dtype, store_layer_weights_in
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import languages, voices
@@ -220,6 +220,10 @@ class TTSEngine(SessionEngine):
         self._text = TextPreparer(model, max_text_chars)
         self._device = next(model.parameters()).device
         self._autocast = autocast_dtype(precision, self._device)
+        if self._autocast is not None:
+            # The codec decodes outside autocast, in float32.
+            freed = store_layer_weights_in(model, self._autocast, skip=(model._codec_helper.codec_model,))
+            logger.info(f"TTS weights stored in {self._autocast}: {freed / 2**30:.2f} GiB freed")
         self._decoder = MagpieDecoder(
             model, use_cfg=use_cfg, autocast_dtype=self._autocast, graph_max_batch=graph_max_batch
         )

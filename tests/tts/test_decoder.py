@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from servers.common.precision import store_layer_weights_in
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
@@ -72,6 +73,36 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
             == [1, 2, 4]
         )
         assert decoder.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4}
+
+
+def _bf16_codes(model, graph_max_batch: int) -> list[torch.Tensor]:
+    """The codes of three overlapping sequences, decoded as a bf16 engine decodes them."""
+    texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
+    decoder = MagpieDecoder(model, autocast_dtype=torch.bfloat16, graph_max_batch=graph_max_batch)
+    if graph_max_batch:
+        decoder.reserve(sequences=3, max_frames=40, max_text_tokens=64)
+        decoder.prepare_graphs()
+    sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=16) for t, v, _ in texts]
+    for step in range(16):
+        running = [s for s, (_, _, start) in zip(sequences, texts) if start <= step and not s.done]
+        if running:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                decoder.step(running)
+    assert all(s.done for s in sequences)
+    return [s.codes[:, -s.frames :] for s in sequences]
+
+
+@pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
+def test_weights_stored_in_bf16_change_no_code(tiny_tts_path, graph_max_batch):
+    """Text encoder, decoder steps and code sampling under bf16 autocast give bit for bit
+    the same codes with the layers' weights stored in bf16 as with float32 weights."""
+    models = [load_magpie(str(tiny_tts_path), device="cpu", sampling=SamplingSettings(temperature=0.0)) for _ in "ab"]
+    stored = models[1]
+    assert store_layer_weights_in(stored, torch.bfloat16, skip=(stored._codec_helper.codec_model,)) > 0
+    cast, kept = (_bf16_codes(m, graph_max_batch) for m in models)
+    for ours, expected in zip(kept, cast):
+        assert torch.equal(ours, expected)
+    assert not torch.equal(cast[0], cast[1]), "the codes depend on text and voice"
 
 
 @pytest.mark.parametrize("part", ["text_graphs", "advance_graphs", "prefill_graphs", "sampler_graphs"])

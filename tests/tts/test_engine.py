@@ -12,6 +12,7 @@ from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
 from servers.tts.engine import MAX_OPEN_CONTEXTS, PRESETS, SegmentRejected
 from tests.loaded_server import fail_once
 from tests.tts.helpers import assert_same_audio, make_tts_engine, pcm, synthesize
+from tests.weight_casts import weight_casts
 
 TEXT = "Good morning to you."
 
@@ -122,6 +123,18 @@ def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_p
         assert_same_audio(pcm(mine), alone)
     # The reserved cache held every segment: the graphs are all still in use.
     assert graphed.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4, "codec": 8}
+
+
+@pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
+def test_a_bf16_engine_casts_no_weight_while_it_speaks(tiny_tts_path, graph_max_batch):
+    """Autocast would cast every float32 weight on every decoder step, inside the CUDA graphs
+    too; the engine stores them in bf16 instead, all but the codec's, which decodes in float32."""
+    engine = make_tts_engine(tiny_tts_path, precision="bf16", graph_max_batch=graph_max_batch)
+    engine.warm_up()
+    codec = engine.model._codec_helper.codec_model
+    assert {p.dtype for p in codec.parameters()} == {torch.float32}
+    assert weight_casts(engine.model, lambda: synthesize(engine, TEXT, mode="stream")) == 0
+    assert len(pcm(synthesize(engine, TEXT, mode="batch"))) > 0
 
 
 def test_a_full_batch_turning_over_segments_keeps_its_graphs(tiny_tts_path):
