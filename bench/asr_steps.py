@@ -27,6 +27,7 @@ from bench.common import SPEECH
 from bench.steps import sweep
 from servers.asr.config import AsrServerSettings
 from servers.asr.server import load_engine
+from servers.common.settings import PRECISIONS
 
 
 def step_times(engine, batch: int, seconds: float, timeout_s: float) -> list[float]:
@@ -49,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="as the server's --precision")
     p.add_argument("--right-context", type=int, default=1)
     p.add_argument(
         "--cuda-graph-max-batch", type=int, default=AsrServerSettings.cuda_graph_max_batch, help="0: eager NeMo"
@@ -64,6 +66,7 @@ def main() -> None:
     settings = AsrServerSettings(
         model=a.model,
         device=a.device,
+        precision=a.precision,
         right_context=a.right_context,
         max_sessions=max(a.batches),
         cuda_graph_max_batch=a.cuda_graph_max_batch,

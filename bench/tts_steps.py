@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.steps import sweep
 from pipecat_nvidia.protocol import TtsSpeak
+from servers.common.settings import PRECISIONS
 from servers.tts.config import TtsServerSettings
 from servers.tts.engine import TtsStepStats
 from servers.tts.server import load_engine
@@ -54,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="as the server's --precision")
     p.add_argument("--max-frames-per-token", type=float, default=1.5, help="segment length (random weights)")
     p.add_argument("--cuda-graph-max-batch", type=int, default=TtsServerSettings.cuda_graph_max_batch)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -65,6 +67,7 @@ def main() -> None:
     settings = TtsServerSettings(
         model=a.model,
         device=a.device,
+        precision=a.precision,
         max_sessions=max(a.batches),
         max_batch=max(a.batches),
         max_frames_per_token=a.max_frames_per_token,

@@ -92,6 +92,10 @@ class DeviceSetting:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+"""What ``--precision`` takes: the model's autocast dtype (auto: bf16 on CUDA, fp32 on CPU)."""
+
+
 def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
     """The flags every server has, with ``d``'s values as defaults."""
     p.add_setting("--model", d.model, model_help)
@@ -102,7 +106,7 @@ def add_server_settings(p: EnvDefaultsParser, d: Any, model_help: str) -> None:
         "--precision",
         d.precision,
         "autocast for the model: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
-        choices=("auto", "bf16", "fp16", "fp32"),
+        choices=PRECISIONS,
     )
     p.add_setting(
         "--max-sessions", d.max_sessions, "concurrent sessions; more are refused with server_full", type=at_least(1)
