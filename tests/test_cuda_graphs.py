@@ -42,11 +42,36 @@ def test_a_replay_follows_the_inputs_through_intermediates_and_in_place_writes()
 
 @pytest.mark.parametrize(
     ("call", "read"),
-    [(lambda x: x * x.sum().item(), "_local_scalar_dense"), (lambda x: x * torch.equal(x, x), "equal")],
-    ids=["item", "equal"],
+    [
+        (lambda x: x * x.sum().item(), "_local_scalar_dense"),
+        (lambda x: x * torch.equal(x, x), "equal"),
+        (lambda x: x[x > 0], "index.Tensor"),
+        (lambda x: x.index_put_((x > 0,), x * 2), "index_put_"),
+        (lambda x: torch.unique(x), "_unique2"),
+        (lambda x: torch.where(x > 0)[0], "where"),
+        (lambda x: x.repeat_interleave(x.long()), "repeat_interleave.self_Tensor"),
+    ],
+    ids=["item", "equal", "boolean-index", "boolean-index-write", "unique", "where-condition", "repeat-by-tensor"],
 )
-def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read):
-    with pytest.raises(RuntimeError, match=f"aten::{read} reads a value back"):
+@pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference-mode"])
+def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read, inference):
+    """Inference mode (every step's) dispatches ``.item()`` as ``aten::item``."""
+    with torch.inference_mode(inference), pytest.raises(RuntimeError, match="reads a value back"):
+        FixedCall(call, (torch.ones(2),), pool=None)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: x.masked_fill(x > 0, 0.0),
+        lambda x: torch.where(x > 0, x, 0.0),
+        lambda x: x.repeat_interleave(x.long(), output_size=2),
+        lambda x: x[x.long() - 1],
+    ],
+    ids=["masked-fill", "where-select", "repeat-with-size", "integer-index"],
+)
+def test_work_whose_sizes_do_not_depend_on_values_is_held_as_captured(call):
+    with torch.inference_mode():
         FixedCall(call, (torch.ones(2),), pool=None)
 
 

@@ -64,15 +64,27 @@ def graph_pool(device: torch.device) -> GraphPool | None:
 HOST_READS = frozenset(
     {
         "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::is_nonzero",
         "aten::nonzero",
+        "aten::argwhere",
         "aten::masked_select",
+        "aten::_unique",
+        "aten::_unique2",
         "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::unique_dim_consecutive",
         "aten::equal",
         "aten::allclose",
+        "aten::multinomial",
     }
 )
-"""Operations that wait for the device and read a value back: no CUDA graph can hold one,
-and a capture that meets one fails."""
+"""Operations that wait for the device and read a value back (a value, or a result's size
+that depends on values): no CUDA graph can hold one, and a capture that meets one fails.
+Inference mode dispatches some reads under their own names (``item``, ``is_nonzero``)."""
+
+BOOLEAN_INDEXING = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
+"""Indexing that, given a boolean mask, finds its ``nonzero`` positions first."""
 
 HOST_UPLOADS = frozenset({"aten::lift_fresh"})
 """Operations that turn Python data into a tensor (``torch.tensor(list)``, indexing with a
@@ -174,10 +186,10 @@ class _CaptureCheck(TorchDispatchMode):
         if self._device.type == "cpu":
             # Nothing tells the tensors meant for a device from those that stay on the host:
             # every read, and every tensor made from Python data, counts.
-            reads, uploads = name in HOST_READS, name in HOST_UPLOADS
+            reads, uploads = _reads_back(op, *arguments), op._schema.name in HOST_UPLOADS
         else:
             made = _tensors(result)
-            reads = (name in HOST_READS or any(t.device.type == "cpu" for t in made)) and any(
+            reads = (_reads_back(op, *arguments) or any(t.device.type == "cpu" for t in made)) and any(
                 t.device.type == self._device.type for t in given
             )
             uploads = any(t.device.type == "cpu" and t.dim() > 0 for t in given) and any(
@@ -187,6 +199,19 @@ class _CaptureCheck(TorchDispatchMode):
             raise RuntimeError(f"{name} reads a value back from the device: a CUDA graph cannot hold it")
         if uploads:
             raise RuntimeError(f"{name} copies host data to the device: a CUDA graph cannot hold it")
+
+
+def _reads_back(op, args: tuple, kwargs: dict) -> bool:
+    """Whether ``op`` over these arguments waits for the device to read a value back."""
+    name = op._schema.name
+    if name in HOST_READS or op is torch.ops.aten.where.default:  # where(condition) is nonzero
+        return True
+    if name in BOOLEAN_INDEXING:
+        indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if name == "aten::repeat_interleave":  # repeats given as a tensor: the output's size is their sum
+        return op._overloadname != "self_int" and kwargs.get("output_size") is None
+    return False
 
 
 class _Made:
