@@ -35,7 +35,7 @@ import torch
 from loguru import logger
 
 from servers.asr.state_pool import SCRATCH_SLOT, StatePool
-from servers.common.cuda_graphs import FixedCall, bucket_rows, buckets_up_to, graph_pool
+from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
 
 ENCODER_CACHES = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 """The encoder's per-session state in the ``StatePool``, named as NeMo's step takes it."""
@@ -90,15 +90,17 @@ class GraphedEncoderStep:
         self._limits[out_frames] = max_batch
         """Most rows per step run in a bucket, by width (steady chunks win if finals are no wider)."""
         self._device = next(encoder.parameters()).device
-        self._buckets: dict[tuple[int, int], FixedCall] = {}
+        self._buckets = GraphBuckets("ASR encoder step", self._prepare)
+        self._example: tuple[torch.Tensor, ...] | None = None
+        """The first step's inputs: their dtypes and per-row shapes are every bucket's."""
         self.eager_steps = 0
-        """Steps that fell back to eager NeMo (more rows than any bucket holds)."""
+        """Steps that fell back to eager NeMo (more rows than any bucket holds, or no graphs)."""
         self._pool = graph_pool(self._device)
 
     @property
     def captured(self) -> list[tuple[int, int]]:
         """``(rows, width)`` of the buckets that have a graph (or, on a CPU, fixed buffers)."""
-        return sorted(self._buckets)
+        return self._buckets.captured
 
     def bucket_for(self, rows: int, frames: int) -> tuple[int, int] | None:
         """The bucket a step of ``rows`` rows ``frames`` wide runs in; None: eagerly."""
@@ -109,18 +111,19 @@ class GraphedEncoderStep:
 
     @torch.inference_mode()
     def prepare_all(self) -> None:
-        """Capture every bucket now. A step must have run: its inputs set the dtypes and
-        per-row shapes. Like steps, without autograd: its records would keep each
+        """Capture every bucket now, afresh; if a capture fails, every step runs eagerly
+        (logged): slower, but serving. A step must have run: its inputs set the dtypes
+        and per-row shapes. Like steps, without autograd: its records would keep each
         capture's activations alive in the graphs' memory pool."""
-        if not self._buckets:
-            raise RuntimeError("run one encoder step before preparing the other buckets")
-        example = next(iter(self._buckets.values())).inputs
+        if self._example is None:
+            raise RuntimeError("run one encoder step before preparing the buckets")
         started, reserved = time.perf_counter(), self._reserved_gib()
-        wanted = [(rows, width) for width, limit in self._limits.items() for rows in buckets_up_to(limit)]
-        for key in sorted(set(wanted) - self._buckets.keys(), reverse=True):
-            self._prepare(key, example)
+        wanted = {(rows, width) for width, limit in self._limits.items() for rows in buckets_up_to(limit)}
+        if not self._buckets.prepare(sorted(wanted, reverse=True)):
+            self._limits.clear()
+            return
         logger.info(
-            f"ASR encoder step: {len(self._buckets)} buckets ready in {time.perf_counter() - started:.1f} s; "
+            f"ASR encoder step: {len(self.captured)} buckets ready in {time.perf_counter() - started:.1f} s; "
             f"GPU memory reserved {reserved:.1f} -> {self._reserved_gib():.1f} GiB"
         )
 
@@ -131,11 +134,13 @@ class GraphedEncoderStep:
         self, x: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, frames = x.shape[:2]
+        if self._example is None:
+            self._example = (x, lengths, slots)
         key = self.bucket_for(rows, frames)
         if key is None:
             self.eager_steps += 1
             return self._step(x, lengths, slots)
-        bucket = self._buckets.get(key) or self._prepare(key, (x, lengths, slots))
+        bucket = self._buckets.get(key)
         static_x, static_lengths, static_slots = bucket.inputs
         static_x[:rows, :frames].copy_(x)
         static_x[:rows, frames:].zero_()
@@ -145,11 +150,11 @@ class GraphedEncoderStep:
         encoded, encoded_len = bucket()
         return encoded[:rows].clone(), encoded_len[:rows].clone()
 
-    def _prepare(self, key: tuple[int, int], example: tuple[torch.Tensor, ...]) -> FixedCall:
+    def _prepare(self, key: tuple[int, int]) -> FixedCall:
         """Fixed buffers holding a full chunk for the scratch slot in every row; on a GPU,
         the graph captured over them."""
         rows, width = key
-        x, lengths, slots = example
+        x, lengths, slots = self._example
         inputs = (
             x.new_zeros(rows, width, x.shape[2]),
             lengths.new_full((rows,), width),
@@ -158,5 +163,4 @@ class GraphedEncoderStep:
         bucket = FixedCall(self._step, inputs, self._pool)
         if self._pool is not None:
             logger.debug(f"ASR encoder step captured as a CUDA graph for {rows} rows of {width} frames")
-        self._buckets[key] = bucket
         return bucket

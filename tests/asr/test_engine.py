@@ -393,6 +393,23 @@ def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech
     assert graphs.eager_steps == 0
 
 
+def test_an_encoder_step_that_cannot_be_captured_leaves_every_step_eager(tiny_asr_path, speech_int16):
+    """As when a NeMo update adds a read back from the GPU to the conformer: the capture
+    fails, and the server serves eagerly (slower, logged) rather than not at all."""
+    utterance = speech_int16[16000 : 16000 * 3]
+    expected = [m.text for m in transcribe(make_engine(tiny_asr_path), utterance)]
+    engine = make_engine(tiny_asr_path, graph_max_batch=4)
+    transcribe(engine, utterance)
+    graphs = engine.encoder_graphs
+    assert graphs.captured, "the first steps captured their buckets"
+    step = graphs._step
+    graphs._step = lambda x, lengths, slots: (x.sum().item(), step(x, lengths, slots))[1]
+    graphs.prepare_all()
+    assert graphs.captured == []
+    assert [m.text for m in transcribe(engine, utterance)] == expected
+    assert graphs.eager_steps > 0
+
+
 def test_session_state_carries_no_autograd_history(tiny_asr_path, speech_int16):
     """Serving never needs gradients: state that required them would chain an autograd
     record onto every session opened or reset, for as long as the server runs."""
