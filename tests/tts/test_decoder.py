@@ -47,22 +47,36 @@ def _generate_speech(model, text, frames, voice):
     return out.predicted_codes[0, :, : int(out.predicted_codes_lens[0])]
 
 
+OVERLAPPING = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
+"""Three sequences as ``(text, voice, the step it joins at)``."""
+
+
+def _decode_overlapping(
+    model, graph_max_batch: int, frames: int, autocast_dtype: torch.dtype | None = None
+) -> tuple[MagpieDecoder, list[Sequence]]:
+    """The ``OVERLAPPING`` sequences decoded to ``frames`` codec frames each, steps under
+    autocast to ``autocast_dtype`` as the engine runs them."""
+    decoder = MagpieDecoder(model, autocast_dtype=autocast_dtype, graph_max_batch=graph_max_batch)
+    if graph_max_batch:
+        decoder.reserve(sequences=3, max_frames=40, max_text_tokens=64)
+        decoder.prepare_graphs()
+    sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=frames) for t, v, _ in OVERLAPPING]
+    for step in range(OVERLAPPING[-1][2] + frames):
+        running = [s for s, (_, _, start) in zip(sequences, OVERLAPPING) if start <= step and not s.done]
+        if running:
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                decoder.step(running)
+    assert all(s.done for s in sequences)
+    return decoder, sequences
+
+
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
 def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model, graph_max_batch):
     """Fixed-shape: the steps CUDA graphs replay (over the whole reserved cache, rows padded
     to a power of two), replayed from a recording on this CPU."""
-    texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
-    decoder = MagpieDecoder(model, graph_max_batch=graph_max_batch)
-    if graph_max_batch:
-        decoder.reserve(sequences=3, max_frames=40, max_text_tokens=64)
-        decoder.prepare_graphs()
-    sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=24) for t, v, _ in texts]
-    for step in range(20):
-        running = [s for s, (_, _, start) in zip(sequences, texts) if start <= step and not s.done]
-        if running:
-            decoder.step(running)
-    for sequence, (text, voice, _) in zip(sequences, texts):
-        assert sequence.done and sequence.speech_frames == 24
+    decoder, sequences = _decode_overlapping(model, graph_max_batch, frames=24)
+    for sequence, (text, voice, _) in zip(sequences, OVERLAPPING):
+        assert sequence.speech_frames == 24
         ours = sequence.codes[:, -sequence.frames :]
         assert torch.equal(ours, _generate_speech(model, text, 24, voice))
     if graph_max_batch:  # the fixed-shape steps stayed in use (the cache never outgrew them)
@@ -76,19 +90,7 @@ def test_sequences_joining_and_leaving_a_batch_equal_generate_speech_alone(model
 
 
 def _bf16_codes(model, graph_max_batch: int) -> list[torch.Tensor]:
-    """The codes of three overlapping sequences, decoded as a bf16 engine decodes them."""
-    texts = [("Hello there, how are you?", 0, 0), ("Short one.", 1, 3), ("Another sentence, longer.", 0, 5)]
-    decoder = MagpieDecoder(model, autocast_dtype=torch.bfloat16, graph_max_batch=graph_max_batch)
-    if graph_max_batch:
-        decoder.reserve(sequences=3, max_frames=40, max_text_tokens=64)
-        decoder.prepare_graphs()
-    sequences = [Sequence(tokens=_tokens(model, t), voice=v, max_frames=16) for t, v, _ in texts]
-    for step in range(16):
-        running = [s for s, (_, _, start) in zip(sequences, texts) if start <= step and not s.done]
-        if running:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                decoder.step(running)
-    assert all(s.done for s in sequences)
+    _, sequences = _decode_overlapping(model, graph_max_batch, frames=16, autocast_dtype=torch.bfloat16)
     return [s.codes[:, -s.frames :] for s in sequences]
 
 
