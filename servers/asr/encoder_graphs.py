@@ -117,6 +117,8 @@ class GraphedEncoderStep:
         capture's activations alive in the graphs' memory pool."""
         if self._example is None:
             raise RuntimeError("run one encoder step before preparing the buckets")
+        if not self._limits:
+            return  # a capture failed: eager for good
         started, reserved = time.perf_counter(), self._reserved_gib()
         wanted = {(rows, width) for width, limit in self._limits.items() for rows in buckets_up_to(limit)}
         if not self._buckets.prepare(sorted(wanted, reverse=True)):
@@ -136,11 +138,10 @@ class GraphedEncoderStep:
         rows, frames = x.shape[:2]
         if self._example is None:
             self._example = (x, lengths, slots)
-        key = self.bucket_for(rows, frames)
-        if key is None:
+        bucket = self._bucket(rows, frames)
+        if bucket is None:
             self.eager_steps += 1
             return self._step(x, lengths, slots)
-        bucket = self._buckets.get(key)
         static_x, static_lengths, static_slots = bucket.inputs
         static_x[:rows, :frames].copy_(x)
         static_x[:rows, frames:].zero_()
@@ -149,6 +150,17 @@ class GraphedEncoderStep:
         static_slots[rows:].fill_(SCRATCH_SLOT)
         encoded, encoded_len = bucket()
         return encoded[:rows].clone(), encoded_len[:rows].clone()
+
+    def _bucket(self, rows: int, frames: int) -> FixedCall | None:
+        """The bucket a step runs in, captured now if it is new; None: eagerly (more rows
+        than any bucket holds, or graphs off since a capture failed)."""
+        key = self.bucket_for(rows, frames)
+        if key is None:
+            return None
+        bucket = self._buckets.find(key)
+        if bucket is None:
+            self._limits.clear()
+        return bucket
 
     def _prepare(self, key: tuple[int, int]) -> FixedCall:
         """Fixed buffers holding a full chunk for the scratch slot in every row; on a GPU,

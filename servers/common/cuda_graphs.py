@@ -287,6 +287,14 @@ class GraphBuckets:
             call = self._calls[key] = self._make(key)
         return call
 
+    def find(self, key) -> FixedCall | None:
+        """``get``, but a capture that fails is logged and leaves no bucket: None."""
+        try:
+            return self.get(key)
+        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
+            self._failed()
+            return None
+
     def clear(self) -> None:
         self._calls.clear()
 
@@ -298,8 +306,11 @@ class GraphBuckets:
             for key in keys:
                 self.get(key)
         except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            logger.exception(f"{self._what} could not be captured as CUDA graphs; it runs eagerly")
-            self._calls.clear()
+            self._failed()
             return False
         logger.info(f"{self._what}: {len(self._calls)} shapes ready as CUDA graphs")
         return True
+
+    def _failed(self) -> None:
+        logger.exception(f"{self._what} could not be captured as CUDA graphs; it runs eagerly")
+        self._calls.clear()

@@ -393,21 +393,36 @@ def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech
     assert graphs.eager_steps == 0
 
 
-def test_an_encoder_step_that_cannot_be_captured_leaves_every_step_eager(tiny_asr_path, speech_int16):
-    """As when a NeMo update adds a read back from the GPU to the conformer: the capture
-    fails, and the server serves eagerly (slower, logged) rather than not at all."""
+def _read_back_in_the_conformer_call(engine) -> None:
+    """As when a NeMo update adds a read back from the GPU to the conformer: no capture of
+    the encoder step can hold it."""
+    graphs = engine.encoder_graphs
+    step = graphs._step
+    graphs._step = lambda x, lengths, slots: (x.sum().item(), step(x, lengths, slots))[1]
+
+
+def test_an_encoder_step_that_cannot_be_captured_runs_eagerly_from_warm_up_on(tiny_asr_path, speech_int16):
+    """The server then serves eagerly (slower, logged) rather than not at all."""
     utterance = speech_int16[16000 : 16000 * 3]
     expected = [m.text for m in transcribe(make_engine(tiny_asr_path), utterance)]
     engine = make_engine(tiny_asr_path, graph_max_batch=4)
-    transcribe(engine, utterance)
-    graphs = engine.encoder_graphs
-    assert graphs.captured, "the first steps captured their buckets"
-    step = graphs._step
-    graphs._step = lambda x, lengths, slots: (x.sum().item(), step(x, lengths, slots))[1]
-    graphs.prepare_all()
-    assert graphs.captured == []
+    _read_back_in_the_conformer_call(engine)
+    engine.warm_up()
+    assert engine.encoder_graphs.captured == []
     assert [m.text for m in transcribe(engine, utterance)] == expected
-    assert graphs.eager_steps > 0
+    assert engine.encoder_graphs.eager_steps > 0
+
+
+def test_buckets_that_cannot_be_captured_after_the_first_leave_every_step_eager(tiny_asr_path, speech_int16):
+    """Captured on first use, then not at warm-up's capture of every bucket."""
+    utterance = speech_int16[16000 : 16000 * 3]
+    engine = make_engine(tiny_asr_path, graph_max_batch=4)
+    expected = [m.text for m in transcribe(engine, utterance)]
+    assert engine.encoder_graphs.captured, "the first steps captured their buckets"
+    _read_back_in_the_conformer_call(engine)
+    engine.encoder_graphs.prepare_all()
+    assert engine.encoder_graphs.captured == []
+    assert [m.text for m in transcribe(engine, utterance)] == expected
 
 
 def test_session_state_carries_no_autograd_history(tiny_asr_path, speech_int16):
