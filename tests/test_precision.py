@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from servers.common.precision import store_layer_weights_in
+from servers.common.precision import store_weights_for_autocast
 from tests.weight_casts import weight_casts
 
 
@@ -31,7 +32,7 @@ def _model() -> _Tiny:
 
 def test_linear_and_convolution_weights_are_stored_in_the_dtype():
     model = _model()
-    freed = store_layer_weights_in(model, torch.bfloat16)
+    freed = store_weights_for_autocast(model, torch.bfloat16)
     assert {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16} == {
         "conv.weight",
         "conv.bias",
@@ -43,17 +44,26 @@ def test_linear_and_convolution_weights_are_stored_in_the_dtype():
     assert freed == 2 * (8 * 8 * 3 + 8 + 2 * (8 * 8 + 8))
 
 
+@pytest.mark.parametrize("autocast", [None, torch.float16])
+def test_weights_stay_in_float32_unless_autocast_is_bf16(autocast):
+    """NeMo's attention nests a bf16 autocast in an fp16 one: fp16 weights would reach it
+    rounded twice."""
+    model = _model()
+    assert store_weights_for_autocast(model, autocast) == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_a_weight_tied_to_another_kind_of_layer_keeps_its_dtype():
     """The embedding reads the tied weight outside autocast: rounding it would change its output."""
     model = _model()
-    store_layer_weights_in(model, torch.bfloat16)
+    store_weights_for_autocast(model, torch.bfloat16)
     assert model.embed.weight.dtype == torch.float32
     assert model.head.weight is model.embed.weight
 
 
 def test_skipped_submodules_keep_their_weights():
     model = _model()
-    store_layer_weights_in(model, torch.bfloat16, skip=(model.outside,))
+    store_weights_for_autocast(model, torch.bfloat16, skip=(model.outside,))
     assert model.outside.weight.dtype == model.outside.bias.dtype == torch.float32
     assert model.hidden.weight.dtype == torch.bfloat16
 
@@ -63,7 +73,7 @@ def test_stored_weights_give_what_autocast_gave_without_casting_them():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         before = model(tokens)
         assert weight_casts(model, lambda: model(tokens)) == 5, "autocast casts each float32 weight"
-        store_layer_weights_in(model, torch.bfloat16)
+        store_weights_for_autocast(model, torch.bfloat16)
         after = model(tokens)
         assert weight_casts(model, lambda: model(tokens)) == 1, "only the tied head weight is still cast"
     torch.testing.assert_close(after, before, rtol=0, atol=0)

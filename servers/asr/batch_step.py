@@ -29,7 +29,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, GraphedEncoderStep, encod
 from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
-from servers.common.precision import store_layer_weights_in
+from servers.common.precision import store_weights_for_autocast
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ class BatchedStreamingStep:
         graph_max_batch: int = 0,
     ):
         """``graph_max_batch`` > 0 runs steps of up to that many rows from CUDA graphs
-        (``encoder_graphs``); 0 runs every step eagerly. With an ``autocast_dtype`` the
-        encoder's layers keep their weights in it (``store_layer_weights_in``): the model
-        must not run its encoder outside that autocast afterwards."""
+        (``encoder_graphs``); 0 runs every step eagerly. Under bf16 autocast the encoder's
+        layers keep their weights in bf16 (``store_weights_for_autocast``): the model must
+        not run its encoder outside that autocast afterwards."""
         from nemo.collections.asr.parts.submodules.transducer_decoding.label_looping_base import (
             BatchedLabelLoopingState,
         )
@@ -91,8 +91,7 @@ class BatchedStreamingStep:
         self.geometry = geometry
         self.device = next(model.parameters()).device
         self._autocast_dtype = autocast_dtype
-        if autocast_dtype is not None:
-            freed = store_layer_weights_in(model.encoder, autocast_dtype)
+        if freed := store_weights_for_autocast(model.encoder, autocast_dtype):
             logger.info(f"ASR encoder weights stored in {autocast_dtype}: {freed / 2**30:.2f} GiB freed")
         self._decoder = model.decoding.decoding.decoding_computer
         self._max_rows = max_sessions

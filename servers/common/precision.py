@@ -1,4 +1,4 @@
-"""Choosing the autocast dtype for a model's GPU work, and storing weights in it."""
+"""Choosing the autocast dtype for a model's GPU work, and storing weights for it."""
 
 from __future__ import annotations
 
@@ -22,20 +22,23 @@ AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 """Layers whose every call autocast runs in its lower precision, casting weight and bias."""
 
 
-def store_layer_weights_in(
-    module: torch.nn.Module, dtype: torch.dtype, *, skip: tuple[torch.nn.Module, ...] = ()
+def store_weights_for_autocast(
+    module: torch.nn.Module, autocast: torch.dtype | None, *, skip: tuple[torch.nn.Module, ...] = ()
 ) -> int:
-    """Cast, in place, the weights and biases of ``module``'s linear and convolution
-    layers to ``dtype``; returns the number of bytes this frees.
+    """Under bf16 autocast, cast the weights and biases of ``module``'s linear and
+    convolution layers to bf16, in place; returns the number of bytes this frees.
 
     Autocast casts a float32 weight on every call: in a CUDA graph, whose casts cannot
     be cached, each step reads all weights in float32 and writes them again in bf16.
     Stored in bf16 they are read once and autocast leaves them alone, so each step gives
-    bit for bit what it gave before, as long as the model only runs under autocast to
-    ``dtype``. A parameter that another kind of module also holds (a tied embedding) is
-    left alone: its other use would see it rounded. The submodules in ``skip`` keep their
-    weights: parts that run outside autocast.
+    bit for bit what it gave before, as long as the model only runs under that autocast.
+    Not under fp16: NeMo's attention nests a bf16 autocast inside an fp16 one, which would
+    then round weights through fp16 first. A parameter that another kind of module also
+    holds (a tied embedding) is left alone: its other use would see it rounded. The
+    submodules in ``skip`` keep their weights: parts that run outside autocast.
     """
+    if autocast is not torch.bfloat16:
+        return 0
     kept = {id(layer) for part in skip for layer in part.modules()}
     layers = [(layer, isinstance(layer, AUTOCAST_LAYERS) and id(layer) not in kept) for layer in module.modules()]
     owners: dict[int, list[bool]] = {}
@@ -47,9 +50,8 @@ def store_layer_weights_in(
     for layer, cast in layers:
         for key in ("weight", "bias") if cast else ():
             parameter = layer._parameters.get(key)
-            if parameter is None or parameter.dtype == dtype or not all(owners[id(parameter)]):
+            if parameter is None or parameter.dtype != torch.float32 or not all(owners[id(parameter)]):
                 continue
-            before = parameter.nbytes
-            parameter.data = parameter.data.to(dtype)
-            freed += before - parameter.nbytes
+            parameter.data = parameter.data.to(autocast)
+            freed += parameter.nbytes
     return freed

@@ -33,7 +33,7 @@ from pipecat_nvidia.protocol import (
     TtsSpeak,
 )
 from servers.common.engine import SessionEngine
-from servers.common.precision import autocast_dtype, store_layer_weights_in
+from servers.common.precision import autocast_dtype, store_weights_for_autocast
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import languages, voices
@@ -205,6 +205,8 @@ class TTSEngine(SessionEngine):
         clock: Callable[[], float] = time.monotonic,
     ):
         """``clock`` tells the engine the time (listeners' playout is reckoned with it).
+        Under bf16 the model's layers keep their weights in bf16 (codec aside): the model
+        must not run outside the engine afterwards.
         ``graph_max_batch`` > 0: steps of up to that many segments replay CUDA graphs
         (decoder, code sampling, codec pieces), captured in ``warm_up``."""
         self.model = model
@@ -220,9 +222,8 @@ class TTSEngine(SessionEngine):
         self._text = TextPreparer(model, max_text_chars)
         self._device = next(model.parameters()).device
         self._autocast = autocast_dtype(precision, self._device)
-        if self._autocast is not None:
-            # The codec decodes outside autocast, in float32.
-            freed = store_layer_weights_in(model, self._autocast, skip=(model._codec_helper.codec_model,))
+        # The codec decodes outside autocast, in float32.
+        if freed := store_weights_for_autocast(model, self._autocast, skip=(model._codec_helper.codec_model,)):
             logger.info(f"TTS weights stored in {self._autocast}: {freed / 2**30:.2f} GiB freed")
         self._decoder = MagpieDecoder(
             model, use_cfg=use_cfg, autocast_dtype=self._autocast, graph_max_batch=graph_max_batch

@@ -13,7 +13,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, encoder_step
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import load_streaming_model, read_geometry
 from servers.asr.state_pool import PooledTensor, StatePool
-from servers.common.precision import store_layer_weights_in
+from servers.common.precision import store_weights_for_autocast
 from tests.host_reads import HOST_READS, operations
 from tests.weight_casts import weight_casts
 
@@ -62,7 +62,7 @@ def test_encoder_weights_stored_in_bf16_change_no_result(model):
     geometry = read_geometry(model, 1)
     encoders = {"float32": model.encoder, "stored": copy.deepcopy(model.encoder)}
     weights = sum(p.nbytes for p in model.encoder.parameters())
-    assert store_layer_weights_in(encoders["stored"], torch.bfloat16) > 0.4 * weights
+    assert store_weights_for_autocast(encoders["stored"], torch.bfloat16) > 0.4 * weights
     pools = {name: _cache_pool(model.encoder, torch.bfloat16, 2) for name in encoders}
     slots = {name: torch.tensor([pool.acquire(), pool.acquire()]) for name, pool in pools.items()}
     generator = torch.Generator().manual_seed(0)

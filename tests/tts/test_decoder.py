@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from servers.common.precision import store_layer_weights_in
+from servers.common.precision import store_weights_for_autocast
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
@@ -100,7 +100,7 @@ def test_weights_stored_in_bf16_change_no_code(tiny_tts_path, graph_max_batch):
     the same codes with the layers' weights stored in bf16 as with float32 weights."""
     models = [load_magpie(str(tiny_tts_path), device="cpu", sampling=SamplingSettings(temperature=0.0)) for _ in "ab"]
     stored = models[1]
-    assert store_layer_weights_in(stored, torch.bfloat16, skip=(stored._codec_helper.codec_model,)) > 0
+    assert store_weights_for_autocast(stored, torch.bfloat16, skip=(stored._codec_helper.codec_model,)) > 0
     cast, kept = (_bf16_codes(m, graph_max_batch) for m in models)
     for ours, expected in zip(kept, cast):
         assert torch.equal(ours, expected)
