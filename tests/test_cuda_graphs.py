@@ -50,8 +50,22 @@ def test_a_replay_follows_the_inputs_through_intermediates_and_in_place_writes()
         (lambda x: torch.unique(x), "_unique2"),
         (lambda x: torch.where(x > 0)[0], "where"),
         (lambda x: x.repeat_interleave(x.long()), "repeat_interleave.self_Tensor"),
+        (lambda x: x.narrow(0, x.long()[0], 1), "narrow.Tensor"),
+        (lambda x: torch.nn.functional.one_hot(x.long()), "one_hot"),
+        (lambda x: torch.bincount(x.long()), "bincount"),
     ],
-    ids=["item", "equal", "boolean-index", "boolean-index-write", "unique", "where-condition", "repeat-by-tensor"],
+    ids=[
+        "item",
+        "equal",
+        "boolean-index",
+        "boolean-index-write",
+        "unique",
+        "where-condition",
+        "repeat-by-tensor",
+        "narrow-at-a-tensor",
+        "one-hot-of-any-size",
+        "bincount",
+    ],
 )
 @pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference-mode"])
 def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read, inference):
@@ -67,8 +81,9 @@ def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read, i
         lambda x: torch.where(x > 0, x, 0.0),
         lambda x: x.repeat_interleave(x.long(), output_size=2),
         lambda x: x[x.long() - 1],
+        lambda x: torch.nn.functional.one_hot(x.long(), 3),
     ],
-    ids=["masked-fill", "where-select", "repeat-with-size", "integer-index"],
+    ids=["masked-fill", "where-select", "repeat-with-size", "integer-index", "one-hot-of-a-given-size"],
 )
 def test_work_whose_sizes_do_not_depend_on_values_is_held_as_captured(call):
     with torch.inference_mode():
@@ -106,6 +121,15 @@ def test_on_a_device_host_scalars_and_work_on_the_host_alone_are_held_as_capture
     x, counts = torch.ones(3, device="meta"), torch.tensor([1, 2])
     call = FixedCall(lambda x: x * torch.tensor(2.0) + counts.sum(), (x,), pool=None)
     assert call().shape == (3,)
+
+
+def test_on_a_device_a_mask_filled_with_a_host_scalar_is_held_as_captured():
+    """``x[mask] = value`` is ``masked_fill_`` when the value is one number on the host;
+    with values on the device it finds the mask's positions, a read back."""
+    x, fill = torch.ones(3, device="meta"), torch.tensor(0.0)
+    FixedCall(lambda x: x.index_put_((x > 0,), fill), (x,), pool=None)
+    with pytest.raises(RuntimeError, match="index_put_ reads a value back"):
+        FixedCall(lambda x: x.index_put_((x > 0,), x[:1]), (x,), pool=None)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

@@ -77,6 +77,8 @@ HOST_READS = frozenset(
         "aten::equal",
         "aten::allclose",
         "aten::multinomial",
+        "aten::bincount",
+        "aten::histc",
     }
 )
 """Operations that wait for the device and read a value back (a value, or a result's size
@@ -204,14 +206,36 @@ class _CaptureCheck(TorchDispatchMode):
 def _reads_back(op, args: tuple, kwargs: dict) -> bool:
     """Whether ``op`` over these arguments waits for the device to read a value back."""
     name = op._schema.name
-    if name in HOST_READS or op is torch.ops.aten.where.default:  # where(condition) is nonzero
+    if name in HOST_READS:
+        return True
+    if op in (torch.ops.aten.where.default, torch.ops.aten.narrow.Tensor):  # nonzero; a start read back
         return True
     if name in BOOLEAN_INDEXING:
         indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
-        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+        masks = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+        return masks and not _fills_a_mask(name, args, kwargs)
     if name == "aten::repeat_interleave":  # repeats given as a tensor: the output's size is their sum
         return op._overloadname != "self_int" and kwargs.get("output_size") is None
+    if name == "aten::one_hot":  # without a number of classes: the largest value's, read back
+        return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1
     return False
+
+
+def _fills_a_mask(name: str, args: tuple, kwargs: dict) -> bool:
+    """``x[mask] = value`` with one mask on ``x``'s device and one value held on the host:
+    ATen fills the mask in place (``masked_fill_``) without finding its positions."""
+    if name == "aten::index":
+        return False
+    target, indices = args[0], [i for i in kwargs.get("indices", args[1]) if i is not None]
+    values = kwargs.get("values", args[2] if len(args) > 2 else None)
+    accumulate = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
+    return (
+        not accumulate
+        and len(indices) == 1
+        and indices[0].device == target.device
+        and values.numel() == 1
+        and values.device.type == "cpu"
+    )
 
 
 class _Made:
