@@ -92,7 +92,7 @@ class GraphedEncoderStep:
         self._device = next(encoder.parameters()).device
         self._buckets = GraphBuckets("ASR encoder step", self._prepare)
         self._example: tuple[torch.Tensor, ...] | None = None
-        """The first step's inputs: their dtypes and per-row shapes are every bucket's."""
+        """Empty tensors like the first step's inputs: their dtypes and per-row shapes are every bucket's."""
         self.eager_steps = 0
         """Steps that fell back to eager NeMo (more rows than any bucket holds, or no graphs)."""
         self._pool = graph_pool(self._device)
@@ -137,7 +137,7 @@ class GraphedEncoderStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, frames = x.shape[:2]
         if self._example is None:
-            self._example = (x, lengths, slots)
+            self._example = (x.new_empty(0, 0, x.shape[2]), lengths.new_empty(0), slots.new_empty(0))
         bucket = self._bucket(rows, frames)
         if bucket is None:
             self.eager_steps += 1
