@@ -102,6 +102,12 @@ class GraphedEncoderStep:
         """``(rows, width)`` of the buckets that have a graph (or, on a CPU, fixed buffers)."""
         return self._buckets.captured
 
+    @property
+    def batch_limit(self) -> int:
+        """Most rows a step replays from a graph; 0 once a capture failed. Only reads: any
+        thread may ask."""
+        return max(self._limits.values(), default=0)
+
     def bucket_for(self, rows: int, frames: int) -> tuple[int, int] | None:
         """The bucket a step of ``rows`` rows ``frames`` wide runs in; None: eagerly."""
         width = min((w for w in self._limits if w >= frames), default=None)

@@ -148,6 +148,13 @@ class StreamingASREngine(SessionEngine):
         """The CUDA graphs the encoder step replays; None when every step runs eagerly."""
         return self._step.encoder_graphs
 
+    @property
+    def graph_batches(self) -> dict[str, int]:
+        """Most sessions a step replays from CUDA graphs now; 0: eager (from the start, or
+        since a capture failed)."""
+        graphs = self._step.encoder_graphs
+        return {"encoder_step": graphs.batch_limit if graphs else 0}
+
     # ------------------------------------------------------------------ sessions (any thread)
 
     def open_session(self, sink: Sink) -> int:

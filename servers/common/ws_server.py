@@ -146,7 +146,17 @@ class Connection:
         self.send(ErrorMessage(code=code, message=message, **fields))
 
 
-E = TypeVar("E", bound=SteppedEngine)
+class GraphedEngine(SteppedEngine, Protocol):
+    """An engine that can replay its steps from CUDA graphs."""
+
+    @property
+    def graph_batches(self) -> dict[str, int]:
+        """Largest batch each part of a step replays from CUDA graphs now (0: eager);
+        ``/health`` asks from the event loop."""
+        ...
+
+
+E = TypeVar("E", bound=GraphedEngine)
 
 
 class EngineServer(LoadingServer, Generic[E]):
@@ -226,7 +236,9 @@ class EngineServer(LoadingServer, Generic[E]):
     def _health(self) -> tuple[bool, dict]:
         engine = self.engine
         return self._loading.health(
-            sessions=engine.session_count if engine else 0, max_sessions=self.settings.max_sessions
+            sessions=engine.session_count if engine else 0,
+            max_sessions=self.settings.max_sessions,
+            cuda_graphs=engine.graph_batches if engine else {},
         )
 
     # ------------------------------------------------------------------ connections

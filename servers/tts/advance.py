@@ -80,15 +80,21 @@ class PoolGraphs:
     @property
     def batch_limit(self) -> int:
         """Largest batch replayed from the graphs; 0 once a capture failed or the pool grew
-        after them (its tensors moved), for the rest of the process."""
-        if self._buckets and self._pool.generation != self._generation:
+        after them (its tensors moved), for the rest of the process. Only reads: any
+        thread may ask."""
+        return 0 if self._pool_moved() else self.max_batch
+
+    def covers(self, batch: int) -> bool:
+        """Whether a step of ``batch`` rows replays a graph (on the stepping thread: graphs
+        over a pool that has grown since are dropped here)."""
+        if self._pool_moved():
             logger.warning(f"TTS key/value pool grew after the {self.what} graphs were captured; it runs eagerly")
             self._buckets.clear()
             self.max_batch = 0
-        return self.max_batch
+        return batch <= self.max_batch
 
-    def covers(self, batch: int) -> bool:
-        return batch <= self.batch_limit
+    def _pool_moved(self) -> bool:
+        return bool(self._buckets) and self._pool.generation != self._generation
 
     def prepare_all(self) -> None:
         """Capture every bucket over the pool as it is now (any made on first use may be over

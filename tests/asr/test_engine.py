@@ -382,6 +382,7 @@ def test_warm_up_prepares_every_step_bucket_before_serving(tiny_asr_path, speech
     widths = sorted({width for _, width in prepared})
     assert len(widths) == 2, "a steady chunk's width and the longest final's"
     assert prepared == [(rows, width) for rows in (1, 2, 4, 8) for width in widths]
+    assert engine.graph_batches == {"encoder_step": 5}
     sessions = [engine.open_session(lambda message: None) for _ in range(5)]
     for sid in sessions:
         engine.push_audio(sid, speech_int16[16000 : 16000 * 2].tobytes())
@@ -409,6 +410,7 @@ def test_an_encoder_step_that_cannot_be_captured_runs_eagerly_from_warm_up_on(ti
     _read_back_in_the_conformer_call(engine)
     engine.warm_up()
     assert engine.encoder_graphs.captured == []
+    assert engine.graph_batches == {"encoder_step": 0}
     assert [m.text for m in transcribe(engine, utterance)] == expected
     assert engine.encoder_graphs.eager_steps > 0
 
@@ -422,6 +424,7 @@ def test_buckets_that_cannot_be_captured_after_the_first_leave_every_step_eager(
     _read_back_in_the_conformer_call(engine)
     engine.encoder_graphs.prepare_all()
     assert engine.encoder_graphs.captured == []
+    assert engine.graph_batches == {"encoder_step": 0}
     assert [m.text for m in transcribe(engine, utterance)] == expected
 
 

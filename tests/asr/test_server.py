@@ -206,6 +206,17 @@ async def test_messages_before_ready_get_not_ready_while_the_model_loads(
     assert status == 200 and json.loads(body)["status"] == "ready"
 
 
+async def test_health_says_how_many_sessions_a_step_replays_from_cuda_graphs(start_asr_server, monkeypatch):
+    """An operator sees there when a failed capture left the server eager. On this CPU the
+    graphs are the recorded stand-in: made to run as on a GPU."""
+    monkeypatch.setattr(server_module, "graph_max_batch", lambda model, limit: limit)
+    graphed = await start_asr_server(cuda_graph_max_batch=4)
+    eager = await start_asr_server(cuda_graph_max_batch=0)
+    for server, rows in ((graphed, 4), (eager, 0)):
+        status, body = await asyncio.to_thread(http_get, server_url(server, "/health", "http"))
+        assert status == 200 and json.loads(body)["cuda_graphs"] == {"encoder_step": rows}
+
+
 async def test_a_model_that_fails_to_load_is_reported_to_health_and_clients(start_asr_server, tmp_path):
     server = await start_asr_server(wait=False, model=str(tmp_path / "missing.nemo"))
     with pytest.raises(RuntimeError, match="missing.nemo"):

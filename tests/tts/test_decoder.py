@@ -248,6 +248,20 @@ def test_a_sequence_joining_as_another_leaves_takes_its_rows_and_keeps_the_graph
     assert decoder.advance_graphs.covers(2)
 
 
+def test_graphs_over_a_grown_cache_read_as_off_at_once_and_are_dropped_by_the_next_step(model):
+    """``/health`` reads the graph state from the event loop: the read must not drop the
+    graphs under a step that is replaying them; the stepping thread drops them."""
+    decoder = MagpieDecoder(model, graph_max_batch=2)
+    decoder.reserve(sequences=1, max_frames=16, max_text_tokens=64)
+    decoder.prepare_graphs()
+    pool = decoder.transformer.pool
+    pool.allocate(pool.rows + 1, positions=8, text_positions=8)
+    assert decoder.graph_batches["decoder_step"] == 0
+    assert decoder.advance_graphs.captured == [1, 2]
+    assert not decoder.advance_graphs.covers(1)
+    assert decoder.advance_graphs.captured == []
+
+
 def test_a_checkpoint_finds_its_codec_beside_it_after_a_move(tiny_tts_path, tmp_path):
     moved = tmp_path / "moved"
     moved.mkdir()
