@@ -49,7 +49,8 @@ started = time.monotonic()
 while True:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            if json.load(r)["status"] == "ready":
+            report = json.load(r)
+            if report["status"] == "ready":
                 break
     except (OSError, http.client.HTTPException, ValueError, KeyError):
         pass
@@ -58,7 +59,8 @@ while True:
     if time.monotonic() - started > limit:
         fail(f"not ready after {limit:.0f} s")
     time.sleep(0.5)
-print(f"{url} ready after {time.monotonic() - started:.0f} s", file=sys.stderr)
+graphs = f"; CUDA graphs {report['cuda_graphs']}" if "cuda_graphs" in report else ""  # 0: a part runs eagerly
+print(f"{url} ready after {time.monotonic() - started:.0f} s{graphs}", file=sys.stderr)
 PY
 }
 
