@@ -316,7 +316,8 @@ class GraphBuckets:
         try:
             return self.get(key)
         except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            self._failed()
+            logger.exception(f"{self._what} could not be captured as CUDA graphs; it runs eagerly")
+            self._calls.clear()
             return None
 
     def clear(self) -> None:
@@ -326,15 +327,7 @@ class GraphBuckets:
         """Capture a bucket for every key (largest first, see ``buckets_up_to``), afresh;
         False, with the error logged and no bucket left, if one fails."""
         self._calls.clear()
-        try:
-            for key in keys:
-                self.get(key)
-        except Exception:  # noqa: BLE001 - serving eagerly beats not serving
-            self._failed()
+        if any(self.find(key) is None for key in keys):
             return False
         logger.info(f"{self._what}: {len(self._calls)} shapes ready as CUDA graphs")
         return True
-
-    def _failed(self) -> None:
-        logger.exception(f"{self._what} could not be captured as CUDA graphs; it runs eagerly")
-        self._calls.clear()
