@@ -213,7 +213,7 @@ def _reads_back(op, args: tuple, kwargs: dict) -> bool:
     if name in BOOLEAN_INDEXING:
         indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
         masks = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
-        return masks and not _fills_a_mask(name, args, kwargs)
+        return masks and (name == "aten::index" or not _fills_a_mask(args, kwargs))
     if name == "aten::repeat_interleave":  # repeats given as a tensor: the output's size is their sum
         return op._overloadname != "self_int" and kwargs.get("output_size") is None
     if name == "aten::one_hot":  # without a number of classes: the largest value's, read back
@@ -221,11 +221,9 @@ def _reads_back(op, args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _fills_a_mask(name: str, args: tuple, kwargs: dict) -> bool:
+def _fills_a_mask(args: tuple, kwargs: dict) -> bool:
     """``x[mask] = value`` with one mask on ``x``'s device and one value held on the host:
     ATen fills the mask in place (``masked_fill_``) without finding its positions."""
-    if name == "aten::index":
-        return False
     target, indices = args[0], [i for i in kwargs.get("indices", args[1]) if i is not None]
     values = kwargs.get("values", args[2] if len(args) > 2 else None)
     accumulate = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
