@@ -48,11 +48,13 @@ def test_a_replay_follows_the_inputs_through_intermediates_and_in_place_writes()
         (lambda x: x[x > 0], "index.Tensor"),
         (lambda x: x.index_put_((x > 0,), x * 2), "index_put_"),
         (lambda x: torch.unique(x), "_unique2"),
-        (lambda x: torch.where(x > 0)[0], "where"),
-        (lambda x: x.repeat_interleave(x.long()), "repeat_interleave.self_Tensor"),
-        (lambda x: x.narrow(0, x.long()[0], 1), "narrow.Tensor"),
-        (lambda x: torch.nn.functional.one_hot(x.long()), "one_hot"),
+        (lambda x: torch.where(x > 0)[0], "nonzero"),
+        (lambda x: x.repeat_interleave(x.long()), "repeat_interleave.Tensor"),
+        (lambda x: x.narrow(0, x.long()[0], 1), "_local_scalar_dense"),
+        (lambda x: torch.nn.functional.one_hot(x.long()), "(one_hot|_local_scalar_dense)"),
         (lambda x: torch.bincount(x.long()), "bincount"),
+        (lambda x: torch.nonzero(x, as_tuple=True)[0], "nonzero"),
+        (lambda x: torch.combinations(x), "masked_select"),
     ],
     ids=[
         "item",
@@ -65,12 +67,15 @@ def test_a_replay_follows_the_inputs_through_intermediates_and_in_place_writes()
         "narrow-at-a-tensor",
         "one-hot-of-any-size",
         "bincount",
+        "nonzero-as-tuple",
+        "made-of-a-read",
     ],
 )
 @pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference-mode"])
 def test_a_read_back_from_the_device_fails_the_capture_as_on_a_gpu(call, read, inference):
-    """Inference mode (every step's) dispatches ``.item()`` as ``aten::item``."""
-    with torch.inference_mode(inference), pytest.raises(RuntimeError, match="reads a value back"):
+    """Inference mode (every step's) skips autograd, which runs an operation made of others
+    (``item``, ``nonzero(as_tuple=True)``, ``combinations``) as its parts."""
+    with torch.inference_mode(inference), pytest.raises(RuntimeError, match=f"{read} reads a value back"):
         FixedCall(call, (torch.ones(2),), pool=None)
 
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 from loguru import logger
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, autograd_would_have_decomposed
 from torch.utils._pytree import tree_leaves, tree_map
 
 
@@ -64,10 +64,7 @@ def graph_pool(device: torch.device) -> GraphPool | None:
 HOST_READS = frozenset(
     {
         "aten::_local_scalar_dense",
-        "aten::item",
-        "aten::is_nonzero",
         "aten::nonzero",
-        "aten::argwhere",
         "aten::masked_select",
         "aten::_unique",
         "aten::_unique2",
@@ -83,10 +80,14 @@ HOST_READS = frozenset(
 )
 """Operations that wait for the device and read a value back (a value, or a result's size
 that depends on values): no CUDA graph can hold one, and a capture that meets one fails.
-Inference mode dispatches some reads under their own names (``item``, ``is_nonzero``)."""
+Operations made of others (``item``, ``where(condition)``) are checked by their parts."""
 
 BOOLEAN_INDEXING = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
 """Indexing that, given a boolean mask, finds its ``nonzero`` positions first."""
+
+CHECKED_WHOLE = frozenset({"aten::one_hot"})
+"""Operations made of others that are checked as one: on a CPU ``one_hot`` reads its values
+back to validate them, which on a GPU it does not."""
 
 HOST_UPLOADS = frozenset({"aten::lift_fresh"})
 """Operations that turn Python data into a tensor (``torch.tensor(list)``, indexing with a
@@ -179,6 +180,13 @@ class _CaptureCheck(TorchDispatchMode):
 
     def __torch_dispatch__(self, op, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if op._schema.name not in CHECKED_WHOLE and autograd_would_have_decomposed(op, tree_leaves((args, kwargs))):
+            # Inference mode skips autograd, which runs such an op as the operations it is
+            # made of: a read among them would pass unseen. Run them here, each checked.
+            with self:
+                result = op.decompose(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
         result = op(*args, **kwargs)
         self._check(op, (args, kwargs), result)
         return result
@@ -208,14 +216,12 @@ def _reads_back(op, args: tuple, kwargs: dict) -> bool:
     name = op._schema.name
     if name in HOST_READS:
         return True
-    if op in (torch.ops.aten.where.default, torch.ops.aten.narrow.Tensor):  # nonzero; a start read back
-        return True
     if name in BOOLEAN_INDEXING:
         indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
         masks = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
         return masks and (name == "aten::index" or not _fills_a_mask(args, kwargs))
     if name == "aten::repeat_interleave":  # repeats given as a tensor: the output's size is their sum
-        return op._overloadname != "self_int" and kwargs.get("output_size") is None
+        return kwargs.get("output_size") is None
     if name == "aten::one_hot":  # without a number of classes: the largest value's, read back
         return (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1
     return False
