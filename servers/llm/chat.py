@@ -189,6 +189,11 @@ class OutputSplitter:
         """Calls not passed on: malformed, or of a tool the request does not offer."""
 
     @property
+    def withheld(self) -> bool:
+        """Some output went to neither the text nor a call: a call dropped, or cut off."""
+        return bool(self.dropped_calls) or self._mode == "tool"
+
+    @property
     def in_reasoning(self) -> bool:
         """The text so far leaves a reasoning block open."""
         return self._mode == "reasoning"

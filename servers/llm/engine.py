@@ -610,8 +610,10 @@ class LLMEngine(WorkSignal):
         if calls:
             reply["tool_calls"] = [c.as_openai() for c in calls]
         request = generation.request
-        # A reply cut at a stop sequence is not what the cache holds (it has the sequence).
-        resumes = [] if generation.stop.stopped else [_Resume([*request.messages, reply], tokens, through_reply=True)]
+        # A reply cut at a stop sequence, or with call text the client never got, is not
+        # what the cache holds.
+        as_sent = not generation.stop.stopped and not generation.splitter.withheld
+        resumes = [_Resume([*request.messages, reply], tokens, through_reply=True)] if as_sent else []
         if generation.user_turn_end is not None:
             resumes.append(
                 _Resume(request.messages, generation.prompt[: generation.user_turn_end], through_reply=False)
@@ -668,13 +670,17 @@ def chat_template(llm) -> ChatTemplate:
 
 
 def _normal_message(message: dict) -> tuple:
-    """What decides a message's rendering, with whitespace and id differences ignored."""
+    """What decides a message's rendering, with id differences ignored, and a reply's
+    whitespace (a client may trim or join the text it was streamed; the cache holds the
+    reply as generated). Any other message is compared as written: an edit is an edit."""
     content = message.get("content") or ""
+    if message.get("role") == "assistant":
+        content = " ".join(content.split())
     calls = tuple(
         (c.get("function", {}).get("name"), _normal_arguments(c.get("function", {}).get("arguments")))
         for c in message.get("tool_calls") or ()
     )
-    return message.get("role"), " ".join(content.split()), calls
+    return message.get("role"), content, calls
 
 
 def _normal_arguments(arguments) -> str:

@@ -10,6 +10,9 @@ from tests.llm.helpers import SYSTEM, evaluated_tokens, make_engine, make_llm, r
 from tests.llm.scripted_model import write_scripted_llama_gguf
 
 QUESTION = [SYSTEM, {"role": "user", "content": "hello world, what is the weather?"}]
+CLEAN_REPLY_TOKENS = 12
+"""The tiny model's answer to QUESTION writes a (malformed, dropped) tool call from its 15th
+token on: a reply the cache can be continued through stops short of it."""
 
 
 def reference_content(path, engine, messages, max_tokens: int) -> str:
@@ -47,7 +50,7 @@ def test_first_unit_is_the_short_first_segment(tiny_llm_path):
 def test_next_turn_evaluates_only_its_new_tokens(tiny_llm_path):
     engine = make_engine(tiny_llm_path)
     llm = engine._llm
-    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=CLEAN_REPLY_TOKENS))
     turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
     before = evaluated_tokens(llm)
     content, second = run(engine, ChatRequest(turn, max_tokens=12))
@@ -101,6 +104,59 @@ def test_the_turn_after_a_stop_sequence_sees_the_reply_as_the_client_has_it(tiny
     fresh, fresh_end = run(make_engine(tiny_llm_path), ChatRequest(turn, max_tokens=12))
     assert second.usage.cached_tokens > 0
     assert (second.usage.prompt_tokens, content) == (fresh_end.usage.prompt_tokens, fresh)
+
+
+def test_a_reply_sent_back_with_other_whitespace_continues_the_cache_through_it(tiny_llm_path):
+    """Clients trim or join the text they were streamed."""
+    engine = make_engine(tiny_llm_path)
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=CLEAN_REPLY_TOKENS))
+    as_kept = f"  {' '.join(reply.split())}\n"
+    turn = [*QUESTION, {"role": "assistant", "content": as_kept}, {"role": "user", "content": "and the city?"}]
+    _, second = run(engine, ChatRequest(turn, max_tokens=4))
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+@pytest.mark.parametrize("roll_back", [True, False], ids=["rolls-back", "cannot-roll-back"])
+def test_an_earlier_message_edited_in_its_whitespace_alone_is_answered_as_edited(tiny_llm_path, roll_back):
+    """Code, lists, indentation: whitespace is a user's or a system prompt's text too."""
+    engine = make_engine(tiny_llm_path, roll_back=roll_back)
+    reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    edited = [SYSTEM, {"role": "user", "content": "hello\nworld,\n\n    what is the weather?"}]
+    turn = [*edited, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
+    content, _ = run(engine, ChatRequest(turn, max_tokens=12))
+    assert content == run(make_engine(tiny_llm_path, roll_back=roll_back), ChatRequest(turn, max_tokens=12))[0]
+
+
+CHECKS_THE_WEATHER = [
+    "Let",
+    " me",
+    " check",
+    ".",
+    "<tool_call>",
+    '{"name": "get_weather", "arguments": {}}',
+    "</tool_call>",
+]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 5], ids=["call-dropped", "call-cut-by-max-tokens"])
+def test_the_turn_after_a_call_the_client_never_got_sees_the_reply_as_the_client_has_it(tmp_path, max_tokens):
+    """A call of a tool the request does not offer is dropped, and one cut off (by
+    ``max_tokens``, or a barge-in) is never sent: the cache holds its text, and the next
+    turn must not be answered from a history with a call the client does not have."""
+    path = write_scripted_llama_gguf(tmp_path / "checks.gguf", CHECKS_THE_WEATHER)
+    engine = make_engine(path)
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=max_tokens))
+    assert (reply, first.tool_calls) == ("Let me check.", ())
+    turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and?"}]
+    _, second = run(engine, ChatRequest(turn, max_tokens=1))
+    fresh = make_engine(path)
+    _, fresh_end = run(fresh, ChatRequest(turn, max_tokens=1))
+    assert second.usage.cached_tokens > 0
+    prompt = second.usage.prompt_tokens
+    assert (prompt, engine._llm._input_ids[:prompt].tolist()) == (
+        fresh_end.usage.prompt_tokens,
+        fresh._llm._input_ids[: fresh_end.usage.prompt_tokens].tolist(),
+    )
 
 
 def test_a_model_that_cannot_roll_back_resumes_a_diverged_conversation_from_the_last_user_turn(tiny_llm_path):
@@ -264,7 +320,7 @@ def test_a_model_that_cannot_roll_back_resumes_after_its_reply_when_the_eos_is_n
     turn re-evaluates the reply from the last user turn."""
     engine = make_engine(write_random_llama_gguf(tmp_path / "eos.gguf", eos_token_id=2), roll_back=False)
     assert engine._llm.token_eos() == 2
-    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=30))
+    reply, first = run(engine, ChatRequest(QUESTION, max_tokens=CLEAN_REPLY_TOKENS))
     assert first.finish_reason == "length"
     turn = [*QUESTION, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the city?"}]
     _, second = run(engine, ChatRequest(turn, max_tokens=4))
