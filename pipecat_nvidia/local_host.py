@@ -26,8 +26,7 @@ from pipecat_nvidia.agent import AgentSettings
 
 def health_urls(settings: AgentSettings) -> dict[str, str]:
     def health(url: str) -> str:
-        parts = urlsplit(url)
-        return f"http://{parts.hostname}:{parts.port}/health"
+        return f"http://{urlsplit(url).netloc}/health"  # an IPv6 address keeps its brackets
 
     return {"ASR": health(settings.asr_url), "TTS": health(settings.tts_url), "LLM": health(settings.llm_url)}
 

@@ -47,10 +47,13 @@ def test_the_local_hosts_own_ports_move_the_bots_urls_to_them():
     )
 
 
-@pytest.mark.parametrize(
+HOST_ADDRESSES = pytest.mark.parametrize(
     ("host", "reached_at"),
     [("192.168.1.5", "192.168.1.5"), ("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("fd00::5", "[fd00::5]")],
 )
+
+
+@HOST_ADDRESSES
 def test_the_bot_reaches_the_local_host_at_the_address_it_listens_on(host, reached_at):
     settings = AgentSettings.from_env({"HOST_HOST": host, "HOST_TTS_PORT": "9001"})
     assert (settings.asr_url, settings.tts_url, settings.llm_url) == (
@@ -58,6 +61,16 @@ def test_the_bot_reaches_the_local_host_at_the_address_it_listens_on(host, reach
         f"ws://{reached_at}:9001",
         f"http://{reached_at}:8082/v1",
     )
+
+
+@HOST_ADDRESSES
+def test_the_bot_asks_the_local_host_for_its_health_at_the_address_it_listens_on(host, reached_at):
+    settings = AgentSettings.from_env({"HOST_HOST": host, "HOST_TTS_PORT": "9001"})
+    assert health_urls(settings) == {
+        "ASR": f"http://{reached_at}:8080/health",
+        "TTS": f"http://{reached_at}:9001/health",
+        "LLM": f"http://{reached_at}:8082/health",
+    }
 
 
 def test_the_local_hosts_address_does_not_move_standalone_servers_beside_a_remote_one():
