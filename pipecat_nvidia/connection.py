@@ -146,6 +146,14 @@ class ServerConnection:
         if not self._receive_task:
             self._receive_task = self.create_task(self._receive_until_given_up())
 
+    async def set_usable(self, is_usable: bool):
+        """A service that gave up on its server has no receive loop left: brought back (a
+        settings change, or the application once the server is up again), it connects anew."""
+        await super().set_usable(is_usable)
+        if is_usable and self._receive_task is not None and self._receive_task.done():
+            self._receive_task = None
+            await self._connect()
+
     async def _receive_until_given_up(self):
         """Pipecat's receive loop, which returns once it gives up on the server (reconnects
         off, or too many failures): what waited for the server ends then, as on a reconnect."""

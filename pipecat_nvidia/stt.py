@@ -12,6 +12,7 @@ waiting on a timer.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -150,17 +151,9 @@ class NemotronSTTService(ServerConnection, WebsocketSTTService):
     async def _update_settings(self, delta: STTSettings) -> dict[str, Any]:
         """The server decides the model and the language it transcribes: a change here
         cannot take effect, so it is refused with a warning, and transcripts stay
-        labelled with what the server does."""
-        was_usable = self.is_usable
-        changed = await super()._update_settings(delta)
-        self._warn_unhandled_updated_settings(changed)
-        for name, before in changed.items():
-            setattr(self._settings, name, before)
-        if changed and not was_usable:
-            # Pipecat takes a change as a possible fix for a written-off service; none was made.
-            await self.set_usable(False)
-        if "model" in changed:
-            self._sync_model_name_to_metrics()
+        labelled with what the server does. Pipecat's base, which would take the change
+        as a possible fix for a written-off service, is not asked: none was made."""
+        self._warn_unhandled_updated_settings(copy.deepcopy(self._settings).apply_update(delta))
         return {}
 
     async def setup(self, setup: FrameProcessorSetup):

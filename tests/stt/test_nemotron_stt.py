@@ -328,6 +328,33 @@ async def test_the_service_reconnects_when_the_server_restarts(start_asr_server,
     assert len(run.user_messages()) == 2
 
 
+async def test_a_service_that_gave_up_on_its_server_transcribes_again_once_brought_back(start_asr_server, speech_int16):
+    """Pipecat's way back for a written-off service is ``set_usable(True)``, once the
+    server is up again: the service then connects anew, its receive loop having ended."""
+    server = await start_asr_server()
+    port = server.port
+    stt = NemotronSTTService(url=server_url(server), reconnect_backoff_min_wait=0.1, reconnect_backoff_max_wait=0.1)
+    stt.reconnect_attempts = 1
+    first = speech_int16[int(1.0 * 16000) : int(4.3 * 16000)]
+    second = speech_int16[int(4.3 * 16000) : int(6.9 * 16000)]
+    audio = np.concatenate([first, silence(1.0), second, silence(1.5)])
+
+    async def outage_then_back():
+        await server.stop()
+        async with asyncio.timeout(10):
+            while stt.is_usable:
+                await asyncio.sleep(0.05)
+        await start_asr_server(port=port)
+        await stt.set_usable(True)
+        async with asyncio.timeout(10):
+            while stt.ready is None:
+                await asyncio.sleep(0.05)
+
+    run = await run_pipeline(stt, audio, between={(len(first) + 16000) // 320: outage_then_back})
+    finals = run.finals()
+    assert len(finals) == 2 and all(f.text and f.finalized for f in finals)
+
+
 async def test_a_message_the_server_refuses_costs_that_message_not_the_service(start_asr_server, speech_int16):
     """A server whose frame limit is below the second of pre-roll sent at a VAD start
     refuses that message, reports it and goes on; so does the service."""

@@ -20,6 +20,7 @@ from pipecat.frames.frames import (
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
+    TTSUpdateSettingsFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
@@ -328,6 +329,31 @@ async def test_a_turn_cut_off_by_the_servers_loss_ends_with_its_stop_frame(start
     sink = await run_turns(tts, _speak_then_lose_the_server(server, tts, [UNFINISHED] * 2, wait_s=5.0))
     cut = sink.of(TTSAudioRawFrame)[0].frame.context_id
     assert [e.frame.context_id for e in sink.of(TTSStoppedFrame)] == [cut]
+
+
+async def test_a_service_that_gave_up_on_its_server_speaks_again_once_a_settings_change_brings_it_back(
+    start_tts_server,
+):
+    """Pipecat takes any settings change as a possible fix for a written-off service: the
+    service then connects anew, its receive loop having ended."""
+    server = await start_tts_server()
+    port = server.port
+    tts = MagpieTTSService(url=server_url(server), reconnect_backoff_min_wait=0.1, reconnect_backoff_max_wait=0.1)
+    tts.reconnect_attempts = 1
+
+    async def outage_then_back(sink):
+        await server.stop()
+        async with asyncio.timeout(10):
+            while tts.is_usable:
+                await asyncio.sleep(0.05)
+        await start_tts_server(port=port)
+        await tts.queue_frame(TTSUpdateSettingsFrame(delta=MagpieTTSService.Settings(mode="batch")))
+        async with asyncio.timeout(10):
+            while tts.ready is None:
+                await asyncio.sleep(0.05)
+
+    sink = await run_turns(tts, _turn(SENTENCES[:1]), outage_then_back, _turn(SENTENCES[1:2]))
+    assert len({e.frame.context_id for e in sink.of(TTSAudioRawFrame)}) == 2
 
 
 async def test_a_turn_cut_off_by_a_server_the_service_gives_up_on_still_ends(start_tts_server):
