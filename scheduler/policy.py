@@ -4,8 +4,8 @@ On one GPU, models that run at the same time slow each other down, so the schedu
 the GPU to one unit of work at a time and chooses each by what the conversation needs:
 
 1. ASR: its steps are short and the user may be barging in. It runs whenever it has a
-   ready chunk, except that one urgent unit may go first: ASR never waits for more
-   than one unit.
+   ready chunk, except that one urgent unit may go first (not one the GPU has already
+   waited with for this chunk): ASR never waits for more than one unit.
 2. The first pieces of a bot turn: the LLM's first segment, then the TTS's first
    audio. Together they are the latency the user hears.
 3. More TTS when some turn's audio ahead of its playout falls below the target.
@@ -77,7 +77,10 @@ class QueueState:
     tts_next_starts: bool = False
     """The next TTS step also starts a segment (it takes longer)."""
     held: Unit | None = None
-    """A unit that has waited for an ASR chunk since it was last chosen to run."""
+    """A unit that has waited for an ASR chunk (the chunk's step has run) since it was last
+    chosen to run."""
+    holding: Unit | None = None
+    """A unit waiting for a due ASR chunk: the chunk's step runs first once it is ready."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class Targets:
 def choose(state: QueueState, targets: Targets = Targets()) -> Unit | None:
     """The next unit to run, or None when there is nothing to do."""
     urgent = Unit.LLM_FIRST if state.llm_first_pending else Unit.TTS_FIRST if state.tts_first_pending else None
-    if state.asr_ready and (state.asr_waited_units >= 1 or urgent is None):
+    if state.asr_ready and (state.asr_waited_units >= 1 or urgent is None or state.holding is not None):
         return Unit.ASR
     if urgent is not None:
         return urgent

@@ -20,7 +20,7 @@ from typing import Any
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from scheduler.policy import QueueState, Targets, Unit, plan
+from scheduler.policy import Decision, QueueState, Targets, Unit, plan
 from servers.common.loading import EXCLUSIVE_GPU_WORK
 from servers.common.metrics import LATENCY_BUCKETS
 
@@ -97,6 +97,8 @@ class GpuScheduler:
         self._asr_waited = 0
         """Units run while ASR had a ready chunk, since its last step (one during which
         a chunk became ready counts: the chunk waited for it)."""
+        self._holding: Unit | None = None
+        """The unit waiting for a due ASR chunk, until the chunk's step (or its own model) runs."""
         self._held: Unit | None = None
         """The unit that waited for an ASR chunk, until its model runs (it waits once)."""
         self.max_asr_wait_units = 0
@@ -160,6 +162,7 @@ class GpuScheduler:
             tts_next_decodes=tts is not None and tts.next_step_decodes,
             tts_next_starts=tts is not None and tts.next_step_starts,
             held=self._held,
+            holding=self._holding,
         )
 
     def _ask(self, model: str, now: float, question: Callable[[Any], Any]) -> Any:
@@ -217,10 +220,7 @@ class GpuScheduler:
         self._note_waiting(state, now)
         decision = plan(state, self.expected_seconds(state), self.targets)
         unit = decision.unit
-        if decision.held is not None:
-            self._held = decision.held
-        elif unit is not None and self._held is not None and unit.model == self._held.model:
-            self._held = None
+        self._note_hold(decision)
         self._idle_s = decision.wait_s or IDLE_TICK_S
         if decision.wait_s:
             self.metrics.holds.inc()
@@ -251,6 +251,21 @@ class GpuScheduler:
         self._count_misses(unit, state, stats)
         attached.on_step(stats)
         return unit
+
+    def _note_hold(self, decision: Decision) -> None:
+        """A unit has waited for its chunk once the chunk's step runs, not when the hold is
+        decided: a decision before then (new work woke the thread, or the work run in the
+        gap has ended) must hold it again."""
+        unit = decision.unit
+        if unit is not None:
+            if self._held is not None and unit.model == self._held.model:
+                self._held = None
+            if self._holding is not None and unit is Unit.ASR:
+                self._held, self._holding = self._holding, None
+            elif self._holding is not None and unit.model == self._holding.model:
+                self._holding = None
+        if decision.held is not None:
+            self._holding = decision.held
 
     def _count_asr_wait(self, unit: Unit, state: QueueState) -> None:
         """After a unit: a chunk ready before or during it waited for it (after ASR's own

@@ -100,6 +100,21 @@ def test_a_unit_waits_for_one_chunk_at_most():
     assert plan(after_the_chunk, expected) == Decision(Unit.TTS)
 
 
+def test_the_chunk_a_unit_waited_for_runs_before_it_even_an_urgent_one():
+    """Otherwise a turn's first text would be late by the wait, and the chunk would still
+    wait for it."""
+    expected = {Unit.ASR: 0.01, Unit.LLM_FIRST: 0.1}
+    state = QueueState(asr_due_s=0.03, asr_period_s=0.16, llm_first_pending=True, llm_generating=True)
+    assert plan(state, expected) == Decision(None, wait_s=0.03, held=Unit.LLM_FIRST)
+    chunk_ready = replace(state, asr_ready=True, asr_due_s=0.0, holding=Unit.LLM_FIRST)
+    assert plan(chunk_ready, expected) == Decision(Unit.ASR)
+
+
+def test_a_unit_still_waiting_for_its_chunk_is_held_again():
+    state = QueueState(asr_due_s=0.01, asr_period_s=0.16, tts_has_work=True, tts_min_ahead_s=3.0, holding=Unit.TTS)
+    assert plan(state, {Unit.ASR: 0.01, Unit.TTS: 0.2}) == Decision(None, wait_s=0.01, held=Unit.TTS)
+
+
 def test_while_a_unit_waits_for_asr_other_work_that_ends_in_time_runs():
     state = QueueState(
         asr_due_s=0.04,

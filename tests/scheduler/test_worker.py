@@ -239,6 +239,51 @@ def test_a_unit_too_long_for_any_gap_between_chunks_waits_for_one_chunk_then_run
     assert tts.left == 0, "held at every chunk"
 
 
+def test_a_unit_waiting_for_its_chunk_waits_on_when_other_work_wakes_the_scheduler():
+    """Each sentence the TTS is given wakes the scheduler before the chunk is due."""
+    asr, tts = _ClockedAsr(period_s=0.16, step_s=0.005), _LongTts(steps=8)
+    told = threading.Event()
+
+    def tell_of_work():
+        while not told.wait(0.03):
+            tts.on_work()
+
+    threading.Thread(target=tell_of_work, daemon=True).start()
+    try:
+        _run(8 * (0.2 + 0.16) + 0.5, asr=asr, tts=tts)
+    finally:
+        told.set()
+    assert tts.left == 0
+    assert max(asr.waits[1:]) < 0.1, [round(w, 3) for w in asr.waits]  # behind a TTS step: 0.2 s
+
+
+class _TtsWithText(_LongTts):
+    def queue_state(self):
+        return SimpleNamespace(**{**vars(super().queue_state()), "text_ahead_s": 5.0})
+
+
+def test_a_unit_waiting_for_its_chunk_waits_on_after_the_work_run_in_the_gap():
+    asr, tts = _ClockedAsr(period_s=0.16, step_s=0.005), _TtsWithText(steps=8)
+    _run(8 * (0.2 + 0.16) + 0.5, asr=asr, tts=tts, llm=_BusyLlm(unit_s=0.06))
+    assert tts.left == 0
+    assert max(asr.waits[1:]) < 0.1, [round(w, 3) for w in asr.waits]
+
+
+class _UrgentLlm(_BusyLlm):
+    def queue_state(self):
+        return SimpleNamespace(first_pending=True, generating=True)
+
+
+def test_holding_urgent_units_for_a_chunk_makes_it_wait_less_not_more():
+    def mean_wait(targets: Targets) -> float:
+        asr = _ClockedAsr(period_s=0.16, step_s=0.005)
+        _run(3.0, targets, asr=asr, llm=_UrgentLlm(unit_s=0.12))
+        return sum(asr.waits[3:]) / len(asr.waits[3:])
+
+    held, free = mean_wait(Targets()), mean_wait(Targets(asr_holds=False))
+    assert held < free, f"with holds a chunk waits {held * 1000:.0f} ms, without {free * 1000:.0f} ms"
+
+
 class _UnreadableTts:
     def queue_state(self):
         raise ValueError("a bug in the TTS's bookkeeping")
