@@ -51,7 +51,8 @@ class ErrorCode(StrEnum):
     MESSAGE_TOO_BIG = "message_too_big"
     """A frame larger than the server's ``max_message_bytes``; it was dropped."""
     AUDIO_OVERFLOW = "audio_overflow"
-    """The client sends audio faster than the server transcribes it; the excess was dropped."""
+    """The client sends audio (or resets) faster than the server transcribes it; the excess
+    was dropped."""
     NOT_READY = "not_ready"
     """A message arrived before the server's ``ready``; it was dropped."""
     SERVER_FULL = "server_full"

@@ -33,8 +33,14 @@ STREAMING_GAP_S = 0.1
 streaming (for ``due_in_s``)."""
 
 
+MAX_WAITING_RESETS = 16
+"""Resets a session may have waiting behind the one being answered: each takes a step of
+its own, and a client sends one per utterance."""
+
+
 class AudioOverflow(RuntimeError):
-    """A session sent more audio than the engine buffers ahead of transcription."""
+    """A session sent more audio, or more resets, than the engine holds ahead of
+    transcription."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class _Session:
     once, then a step at a time) does not stretch the next arrival it expects."""
     backlog: deque = field(default_factory=deque)
     """What arrived after a pending reset: (samples, time) or another ``_Reset``."""
+    backlog_samples: int = 0
+    backlog_resets: int = 0
     reset: _Reset | None = None
     started: bool = False
     """The utterance's first chunk has run (the encoder has cache for it)."""
@@ -69,7 +77,23 @@ class _Session:
     closed: bool = False
 
     def buffered_samples(self) -> int:
-        return self.audio.buffered_samples + sum(len(a[0]) for a in self.backlog if isinstance(a, tuple))
+        return self.audio.buffered_samples + self.backlog_samples
+
+    def queue(self, item: tuple | _Reset) -> None:
+        """Keep ``item`` for after the pending reset, counted (every push asks)."""
+        self.backlog.append(item)
+        if isinstance(item, _Reset):
+            self.backlog_resets += 1
+        else:
+            self.backlog_samples += len(item[0])
+
+    def unqueue(self) -> tuple | _Reset:
+        item = self.backlog.popleft()
+        if isinstance(item, _Reset):
+            self.backlog_resets -= 1
+        else:
+            self.backlog_samples -= len(item[0])
+        return item
 
     def arrival_of(self, sample_count: int) -> float:
         """When the audio up to ``sample_count`` had arrived."""
@@ -194,7 +218,7 @@ class StreamingASREngine(SessionEngine):
             if session.reset is None:
                 self._append(session, samples, now)
             else:
-                session.backlog.append((samples, now))
+                session.queue((samples, now))
             self._mark_if_ready(session)
 
     def reset(self, sid: int, finalize: bool = True, trailing_silence_ms: float = 0.0) -> None:
@@ -204,8 +228,10 @@ class StreamingASREngine(SessionEngine):
             session = self._sessions[sid]
             if session.reset is None:
                 session.reset = request
+            elif session.backlog_resets >= MAX_WAITING_RESETS:
+                raise AudioOverflow(f"{MAX_WAITING_RESETS} resets are already waiting to be answered")
             else:
-                session.backlog.append(request)
+                session.queue(request)
             self._mark_if_ready(session)
 
     def warm_up(self) -> None:
@@ -427,7 +453,7 @@ class StreamingASREngine(SessionEngine):
         session.arrivals.clear()
         session.reset = None
         while session.backlog:
-            item = session.backlog.popleft()
+            item = session.unqueue()
             if isinstance(item, _Reset):
                 session.reset = item
                 break

@@ -78,7 +78,10 @@ class AsrServer(EngineServer[StreamingASREngine]):
         except ProtocolError as e:
             connection.error(e.code, str(e))
             return
-        engine.reset(connection.sid, finalize=reset.finalize, trailing_silence_ms=reset.trailing_silence_ms)
+        try:
+            engine.reset(connection.sid, finalize=reset.finalize, trailing_silence_ms=reset.trailing_silence_ms)
+        except AudioOverflow as e:
+            connection.error(ErrorCode.AUDIO_OVERFLOW, f"{e}; this reset was dropped")
 
     def put_policy(self, items: deque, message) -> None:
         """A newer interim replaces an unsent one of the same utterance."""

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_nvidia.protocol import ErrorCode
+from pipecat_nvidia.protocol import AsrTranscript, ErrorCode
 from pipecat_nvidia.step_audio import StepAlignedAudio
-from servers.asr.engine import AudioOverflow
+from servers.asr.engine import MAX_WAITING_RESETS, AudioOverflow
 from servers.common.engine import EngineFull
 from tests.asr.helpers import (
     make_engine,
@@ -155,6 +155,36 @@ def test_audio_beyond_the_buffer_limit_is_refused_and_the_session_goes_on(tiny_a
     engine.run_until_idle()
     assert messages[-1].is_final
     assert messages[-1].text == offline_text(engine, speech_int16[16000 : 16000 * 3], 120)
+
+
+def test_resets_beyond_those_waiting_to_be_answered_are_refused_and_the_session_goes_on(tiny_asr_path, speech_int16):
+    """Each reset takes a step of its own: a client sending them faster than steps run
+    would queue work (and finals) without end."""
+    engine = make_engine(tiny_asr_path)
+    messages = []
+    sid = engine.open_session(messages.append)
+    for _ in range(1 + MAX_WAITING_RESETS):  # the one being answered, and those waiting
+        engine.reset(sid)
+    with pytest.raises(AudioOverflow, match="resets"):
+        engine.reset(sid)
+    engine.run_until_idle()
+    assert sum(isinstance(m, AsrTranscript) and m.is_final for m in messages) == 1 + MAX_WAITING_RESETS
+    utterance = speech_int16[16000 : 16000 * 3]
+    stream(engine, sid, utterance)
+    engine.reset(sid, finalize=True, trailing_silence_ms=200)
+    engine.run_until_idle()
+    assert messages[-1].is_final and messages[-1].text == offline_text(engine, utterance, 120)
+
+
+def test_audio_waiting_behind_a_reset_counts_toward_the_buffer_limit_until_it_is_taken(tiny_asr_path, speech_int16):
+    engine = make_engine(tiny_asr_path, max_buffered_s=1.0)
+    sid = engine.open_session(lambda message: None)
+    engine.reset(sid)
+    engine.push_audio(sid, speech_int16[16000 : 16000 + 9600].tobytes())
+    with pytest.raises(AudioOverflow):
+        engine.push_audio(sid, speech_int16[16000 : 16000 + 9600].tobytes())
+    engine.run_until_idle()
+    engine.push_audio(sid, speech_int16[16000 : 16000 + 9600].tobytes())
 
 
 def test_a_step_that_fails_ends_its_utterances_with_an_error_and_the_sessions_go_on(tiny_asr_path, speech_int16):

@@ -158,6 +158,27 @@ async def test_one_clients_bad_input_never_affects_another(start_asr_server, spe
     assert any(isinstance(m, ErrorMessage) for m in noisy) and noisy[-1].is_final
 
 
+async def test_a_flood_of_resets_is_refused_past_those_waiting_and_each_is_answered_once(
+    start_asr_server, speech_int16, expected
+):
+    server = await start_asr_server()
+    utterance = speech_int16[16000 : 16000 * 3]
+    sent = 100
+    async with connect(server_url(server)) as ws:
+        await recv_message(ws)
+        await asyncio.gather(*(ws.send(json.dumps({"type": "reset"})) for _ in range(sent)))
+        answers = []
+        while len(answers) < sent:
+            message = await recv_message(ws)
+            if isinstance(message, ErrorMessage) or message.is_final:
+                answers.append(message)
+        refused = [m for m in answers if isinstance(m, ErrorMessage)]
+        assert refused and all(m.code == ErrorCode.AUDIO_OVERFLOW and not m.fatal for m in refused)
+        await send_utterance(ws, utterance)
+        messages = await until_final(ws)
+    assert messages[-1].text == expected(utterance)
+
+
 async def test_oversize_frames_are_refused_and_far_oversize_ones_close_only_that_connection(
     start_asr_server, speech_int16, expected
 ):
