@@ -294,8 +294,10 @@ class ProtocolError(ValueError):
 
 
 def _parse(adapter: TypeAdapter, known_types: frozenset[str], text: str | bytes):
+    """Strictly: a value of another JSON type (``"no"`` for a boolean, ``"250"`` or ``true``
+    for a number) is an error, not a guess at what was meant."""
     try:
-        return adapter.validate_json(text)
+        return adapter.validate_json(text, strict=True)
     except ValidationError as e:
         kinds = {err["type"] for err in e.errors()}
         if kinds & {"json_invalid", "dict_type"}:

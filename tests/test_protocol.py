@@ -30,6 +30,9 @@ def test_reset_defaults_to_finalize_with_no_trailing_silence():
         ('{"type": "reset", "trailing_silence_ms": 1e9}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "reset", "finalize": "maybe"}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "reset", "finalise": false}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "finalize": "no"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "trailing_silence_ms": true}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "reset", "trailing_silence_ms": "250"}', ErrorCode.INVALID_MESSAGE),
     ],
 )
 def test_bad_client_messages_get_their_error_code(text, code):

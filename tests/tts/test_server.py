@@ -105,6 +105,7 @@ async def test_a_refusal_right_after_a_cancel_comes_after_its_cancelled(start_tt
         ('{"type": "speak", "context_id": "c"}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "speak", "context_id": "", "text": "hi"}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "speak", "context_id": "c", "text": "hi", "sample_rate": 1}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "speak", "context_id": "c", "text": "hi", "sample_rate": "16000"}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "speak", "context_id": "c", "text": "hi", "voice": "nobody"}', ErrorCode.UNKNOWN_VOICE),
         ('{"type": "speak", "context_id": "c", "text": "hi", "mode": "karaoke"}', ErrorCode.INVALID_MESSAGE),
         ('{"type": "speak", "context_id": "c", "text": "  "}', ErrorCode.EMPTY_TEXT),
