@@ -67,6 +67,8 @@ class NemotronLLMService(OpenAILLMService):
 
     def build_chat_completion_params(self, params_from_context: OpenAILLMInvocationParams) -> dict:
         params = super().build_chat_completion_params(params_from_context)
+        # The host, vLLM and llama.cpp's server take top_k, which Pipecat's base leaves out.
+        self._merge_extra_body(params, {"top_k": self._settings.top_k})
         # Settings.extra's extra_body (reasoning_extra) wins key by key, within the
         # template's arguments too: others given there leave reasoning off. A copy: the
         # settings' own dict stays as it was.

@@ -136,3 +136,9 @@ def test_other_chat_template_arguments_in_the_settings_leave_reasoning_off():
     extra = {"extra_body": {"chat_template_kwargs": {"truncate_history_thinking": False}}}
     body = _request_body(NemotronLLMService(settings=NemotronLLMService.Settings(extra=extra)))
     assert body["chat_template_kwargs"] == {"enable_thinking": False, "truncate_history_thinking": False}
+
+
+def test_top_k_in_the_settings_reaches_the_request():
+    """Pipecat's OpenAI service leaves it out; the host, vLLM and llama.cpp's server take it."""
+    assert _request_body(NemotronLLMService(settings=NemotronLLMService.Settings(top_k=20)))["top_k"] == 20
+    assert "top_k" not in _request_body(NemotronLLMService())
