@@ -85,12 +85,18 @@ async def bot(runner_args: RunnerArguments):
     await runner.run()
 
 
+def _runner_listens(args: argparse.Namespace) -> bool:
+    """Whether the runner serves on ``--host``/``--port``: not where it joins a session
+    itself (Daily with ``--direct``, Vonage)."""
+    return not args.direct and args.transport != "vonage"
+
+
 def _start_local_host(settings: AgentSettings, args: argparse.Namespace) -> LocalHost:
     """Before the minutes of loading: refuse a runner port that is taken, which the
-    runner itself would find only afterwards (with ``--direct`` it listens on none)."""
+    runner itself would find only afterwards."""
     from pipecat_nvidia.local_host import LocalHost, port_in_use
 
-    if not args.direct and port_in_use(args.host, args.port):
+    if _runner_listens(args) and port_in_use(args.host, args.port):
         sys.exit(f"Port {args.port} is taken (another bot?): stop it, or choose another with --port")
     host = LocalHost(settings)
     atexit.register(host.stop)

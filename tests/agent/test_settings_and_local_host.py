@@ -346,3 +346,18 @@ def test_the_bot_stops_before_loading_anything_when_its_own_port_is_taken():
         )
     assert result.returncode == 1
     assert f"Port {taken} is taken" in result.stderr and "Starting the local GPU host" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("transport", "direct", "listens"),
+    [(None, False, True), ("twilio", False, True), ("vonage", False, False), ("daily", True, False)],
+    ids=["playground", "telephony", "vonage", "daily-direct"],
+)
+def test_the_bot_checks_its_port_only_where_the_runner_listens(transport, direct, listens):
+    """With Vonage or ``--direct`` the runner joins the session itself: a taken port is no
+    reason to refuse."""
+    import argparse
+
+    from bot import _runner_listens
+
+    assert _runner_listens(argparse.Namespace(transport=transport, direct=direct)) is listens
