@@ -26,8 +26,9 @@ class TextChunk:
 
 class TextPreparer:
     """Tokenizes with the checkpoint's tokenizer for the language. Text longer than NeMo's
-    per-language threshold (~20 s of speech) is split at sentence boundaries (NeMo's own
-    splitter), so memory per chunk stays bounded; each chunk is then spoken on its own."""
+    per-language threshold (~20 s of speech), or of more tokens than the model speaks at
+    once, is split at sentence boundaries (NeMo's own splitter), so memory per chunk stays
+    bounded; each chunk is then spoken on its own."""
 
     def __init__(self, model, max_chars: int):
         from nemo.collections.tts.parts.utils.tts_dataset_utils import get_tokenizer_for_language
@@ -43,7 +44,10 @@ class TextPreparer:
         )
 
     def prepare(self, text: str, language: str) -> list[TextChunk]:
-        from nemo.collections.tts.parts.utils.tts_dataset_utils import chunk_text_for_inference
+        from nemo.collections.tts.parts.utils.tts_dataset_utils import (
+            chunk_and_tokenize_text_by_sentence,
+            chunk_text_for_inference,
+        )
 
         stripped = text.strip()
         if not stripped:
@@ -61,6 +65,16 @@ class TextPreparer:
             text_tokenizer=m.tokenizer,
             eos_token_id=m.eos_id,
         )
+        if max(lengths) > self.max_tokens:
+            # NeMo splits by a count of words: text of fewer but long words (terms, numbers,
+            # links) can be more than the model speaks at once and still in one piece.
+            chunks, lengths, texts = chunk_and_tokenize_text_by_sentence(
+                text=stripped,
+                tokenizer_name=tokenizer,
+                text_tokenizer=m.tokenizer,
+                eos_token_id=m.eos_id,
+                language=language,
+            )
         prepared = [
             TextChunk(text=t, tokens=tokens.long()) for tokens, length, t in zip(chunks, lengths, texts) if length > 1
         ]

@@ -10,6 +10,7 @@ import torch
 
 from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
 from servers.tts.engine import MAX_OPEN_CONTEXTS, PRESETS, SegmentRejected
+from servers.tts.text import TextPreparer, TextRejected
 from tests.loaded_server import fail_once
 from tests.tts.helpers import assert_same_audio, make_tts_engine, pcm, synthesize
 from tests.weight_casts import weight_casts
@@ -305,6 +306,17 @@ def test_unspeakable_text_is_refused_and_the_context_goes_on(engine, text, code)
     assert (error.code, error.context_id, error.segment_id) == (code, "turn", "0")
     assert [m.type for m in messages if m.type != "audio"] == ["error", "segment_done", "done"]
     assert len(pcm(messages)) > 0
+
+
+def test_short_sentences_too_many_tokens_together_are_split_into_their_sentences(engine):
+    """NeMo splits text by its count of words: eight sentences of long words stay one piece
+    of more tokens than the model speaks at once."""
+    sentence = "Internationalization considerations notwithstanding, everything works."
+    text = " ".join([sentence] * 8)
+    preparer = TextPreparer(engine.model, max_chars=2000)
+    assert len(preparer.prepare(text, "en")) == 8
+    with pytest.raises(TextRejected, match="a sentence of"):
+        preparer.prepare("word " * 101, "en")
 
 
 def test_a_step_that_fails_ends_its_segments_with_an_error_and_the_engine_serves_on(engine):
