@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servers.common.precision import store_weights_for_autocast
+from servers.common.precision import autocast, store_weights_for_autocast
 from tests.weight_casts import weight_casts
 
 
@@ -77,3 +77,18 @@ def test_stored_weights_give_what_autocast_gave_without_casting_them():
         after = model(tokens)
         assert weight_casts(model, lambda: model(tokens)) == 1, "only the tied head weight is still cast"
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_autocast_keeps_no_weight_casts_across_calls():
+    """A CUDA graph captured in the region must hold each cast, not one cached by an earlier call."""
+    model, tokens = _model(), torch.zeros((1, 3), dtype=torch.long)
+    with autocast("cpu", torch.bfloat16):
+        assert weight_casts(model, lambda: (model(tokens), model(tokens)), inference=False) == 10
+        assert model(tokens).dtype == torch.bfloat16
+
+
+def test_autocast_to_none_runs_in_float32():
+    model, tokens = _model(), torch.zeros((1, 3), dtype=torch.long)
+    with autocast("cpu", None):
+        assert model(tokens).dtype == torch.float32
+        assert weight_casts(model, lambda: model(tokens)) == 0

@@ -27,9 +27,10 @@ class _WeightCasts(TorchDispatchMode):
         return result
 
 
-def weight_casts(module: torch.nn.Module, call: Callable[[], object]) -> int:
-    """How many times ``call`` turns one of ``module``'s parameters into another dtype."""
+def weight_casts(module: torch.nn.Module, call: Callable[[], object], *, inference: bool = True) -> int:
+    """How many times ``call`` turns one of ``module``'s parameters into another dtype
+    (``inference=False``: outside inference mode, where autocast may cache the casts)."""
     mode = _WeightCasts({p.untyped_storage().data_ptr() for p in module.parameters()})
-    with torch.inference_mode(), mode:
+    with torch.inference_mode(inference), mode:
         call()
     return mode.count

@@ -29,7 +29,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, GraphedEncoderStep, encod
 from servers.asr.features import FeatureBatch, FeatureRequest, compute_features
 from servers.asr.model import StreamingGeometry
 from servers.asr.state_pool import PooledTensor, StatePool
-from servers.common.precision import store_weights_for_autocast
+from servers.common.precision import autocast, store_weights_for_autocast
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ class BatchedStreamingStep:
     def _pre_encode(self, group: _Group):
         features = group.frames if group.first else torch.cat([group.cache, group.frames], dim=2)
         n = torch.full((features.shape[0],), features.shape[2], device=self.device)
-        with torch.autocast(self.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None):
+        with autocast(self.device.type, self._autocast_dtype):
             x, n = self.model.encoder.pre_encode(x=features.transpose(1, 2), lengths=n)
         n = n.to(torch.int64)
         if not group.first:

@@ -36,6 +36,7 @@ from loguru import logger
 
 from servers.asr.state_pool import SCRATCH_SLOT, StatePool
 from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
+from servers.common.precision import autocast
 
 ENCODER_CACHES = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 """The encoder's per-session state in the ``StatePool``, named as NeMo's step takes it."""
@@ -49,9 +50,7 @@ def encoder_step(
     the pool and their next caches written back within the call, so that a CUDA graph of
     it moves each cache once each way and copies none into or out of its own buffers."""
     caches = pool.gather(slots, ENCODER_CACHES)
-    # Autocast's weight-cast cache must be off inside a graph capture; the casts are
-    # then part of the graph.
-    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None, cache_enabled=False):
+    with autocast(x.device.type, autocast_dtype):
         encoded, encoded_len, *next_caches = encoder.cache_aware_stream_step(
             processed_signal=x,
             processed_signal_length=lengths,

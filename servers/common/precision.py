@@ -18,6 +18,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
 
 
+def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` (None: off) without autocast's weight-cast cache, which a CUDA
+    graph capture must not hold: the casts are then part of the graph."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
+
+
 AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 """Layers whose every call autocast runs in its lower precision, casting weight and bias."""
 

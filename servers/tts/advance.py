@@ -13,6 +13,7 @@ import torch
 from loguru import logger
 
 from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
+from servers.common.precision import autocast
 from servers.tts.kv_cache import SCRATCH_ROW, CachedDecoder
 
 
@@ -37,11 +38,7 @@ class AdvanceStep:
         self._autocast_dtype = autocast_dtype
 
     def __call__(self, codes, rows, start, text_lengths, prior, span: int, text_span: int):
-        # Its own autocast, without the weight-cast cache: a captured graph must not hold
-        # casts made for another call (the same as the code sampler's).
-        with torch.autocast(
-            codes.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
-        ):
+        with autocast(codes.device.type, self._autocast_dtype):
             x = embed_frame_stack(self._model, codes)[:, None].repeat(self._branches, 1, 1)
             decoded = self._transformer.forward(
                 x, rows, start, torch.zeros_like(rows), text_lengths, prior, span=span, text_span=text_span
@@ -219,10 +216,7 @@ class GraphedPrefill(PoolGraphs):
 
     def _prefill(self, x: torch.Tensor, index: torch.Tensor):
         rows, last, text_lengths = index
-        # Its own autocast, without the weight-cast cache (as the decoder step's).
-        with torch.autocast(
-            x.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
-        ):
+        with autocast(x.device.type, self._autocast_dtype):
             decoded = self._transformer.forward(
                 x, rows, torch.zeros_like(rows), last, text_lengths, None, self._width, self._pool.text_positions
             )
@@ -264,10 +258,7 @@ class GraphedText(PoolGraphs):
     def _encode(self, text: torch.Tensor, index: torch.Tensor) -> None:
         rows, _, lengths = index
         size = len(text)
-        # Its own autocast, without the weight-cast cache (as the decoder step's).
-        with torch.autocast(
-            text.device.type, dtype=self._autocast_dtype, enabled=self._autocast_dtype is not None, cache_enabled=False
-        ):
+        with autocast(text.device.type, self._autocast_dtype):
             write_text(self._model, self._transformer, text, lengths[:size], rows, self._branches)
 
 

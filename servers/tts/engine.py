@@ -18,7 +18,6 @@ from enum import Enum
 
 import numpy as np
 import soxr
-import torch
 from loguru import logger
 
 from pipecat_nvidia.protocol import (
@@ -33,7 +32,7 @@ from pipecat_nvidia.protocol import (
     TtsSpeak,
 )
 from servers.common.engine import SessionEngine
-from servers.common.precision import autocast_dtype, store_weights_for_autocast
+from servers.common.precision import autocast, autocast_dtype, store_weights_for_autocast
 from servers.tts.codec import RECEPTIVE_FIELD_FRAMES, CodecDecoder, DecodeRequest
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import languages, voices
@@ -452,7 +451,7 @@ class TTSEngine(SessionEngine):
 
     def _advance(self, running: list[_Segment]) -> tuple[list[tuple[_Segment, DecodeRequest]], list[np.ndarray]]:
         """One decoder step for the running segments, then the audio that is due."""
-        with torch.autocast(self._device.type, dtype=self._autocast, enabled=self._autocast is not None):
+        with autocast(self._device.type, self._autocast):
             self._decoder.step([s.sequence for s in running])
         decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
         if not decoding:

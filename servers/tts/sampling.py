@@ -18,6 +18,7 @@ import functools
 import torch
 
 from servers.common.cuda_graphs import FixedCall, GraphBuckets, bucket_rows, buckets_up_to, graph_pool
+from servers.common.precision import autocast
 
 
 class CodeSampler:
@@ -71,9 +72,7 @@ def sample_codes(
         eos_forbidden = torch.cat([eos_forbidden, torch.zeros_like(eos_forbidden)])
         eos_forced = torch.cat([eos_forced, torch.zeros_like(eos_forced)])
     masks = s.row_masks(eos_forbidden, eos_forced, dims=2)
-    with torch.autocast(
-        dec_output.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None, cache_enabled=False
-    ):
+    with autocast(dec_output.device.type, s.autocast_dtype):
         lt.local_transformer.reset_cache(use_cache=s.use_kv_cache)
         sequence = lt.local_transformer_in_projection(dec_output.unsqueeze(1))
         picks = []
