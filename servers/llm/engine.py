@@ -247,7 +247,10 @@ class LLMEngine(WorkSignal):
 
     @property
     def context_size(self) -> int:
-        return self._llm.n_ctx()
+        """The tokens a prompt and its answer may fill: the context asked for. llama.cpp
+        pads its context up (300 asked gives 512), but llama-cpp-python keeps the tokens
+        it evaluated in a buffer of the size asked, and fails past it."""
+        return min(self._llm.n_ctx(), len(self._llm.input_ids))
 
     # ------------------------------------------------------------------ requests (any thread)
 

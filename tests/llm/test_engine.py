@@ -266,6 +266,23 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_llm_path):
         engine.submit(ChatRequest([{"role": "user", "content": "hello world " * 200}]), lambda event: None)
 
 
+def test_the_context_is_the_size_asked_for_though_llama_cpp_pads_it(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, context_size=300)
+    assert engine.context_size == 300 < engine._llm.n_ctx()
+    with pytest.raises(ContextOverflow):
+        engine.prepare(ChatRequest([SYSTEM, {"role": "user", "content": "hello world " * 140}]))
+
+
+def test_an_answer_stops_at_the_context_asked_for(tiny_llm_path):
+    engine = make_engine(tiny_llm_path, context_size=300)
+    request = ChatRequest([SYSTEM, {"role": "user", "content": "hello world " * 125}], max_tokens=100)
+    prompt = len(engine.prepare(request).prompt)
+    content, finished = run(engine, request)
+    assert finished.error is None and finished.finish_reason == "length"
+    assert finished.usage.completion_tokens == 300 - prompt
+    assert engine._llm.n_tokens <= 300
+
+
 def test_deltas_stream_before_the_request_finishes(tiny_llm_path):
     engine = make_engine(tiny_llm_path, first_segment_tokens=8)
     events = []
