@@ -40,14 +40,15 @@ from pipecat_nvidia.connection import ServerConnection
 from pipecat_nvidia.protocol import ASR_SAMPLE_RATE, AsrReset, AsrTranscript, parse_asr_server_message
 from pipecat_nvidia.step_audio import StepAlignedAudio
 
-NEMOTRON_TTFS_P99: float = 0.6
+NEMOTRON_TTFS_P99: float = 1.0
 """What Pipecat's turn strategy waits, from the end of speech, for a transcript that is not
-marked finalized. Ours are finalized and arrive ~15 ms after the VAD stop, which closes a
-completed turn at once, so this timer only matters when a final is lost. It must not be
-shorter than the VAD stop window plus Smart Turn's inference (~100-150 ms on a CPU): the
-strategy checks the timer as soon as inference ends, and a deadline already past would
-close the turn before a final that has arrived, but waits behind that inference in the
-aggregator's queue, is counted (its words would start a turn of their own)."""
+marked finalized; Pipecat's own default. Ours are finalized and close a completed turn as
+they arrive, but the timer also closes a turn that already holds text: the first part of a
+sentence the user paused in, whose second part's final is still on its way. So it must
+outlast that final's round trip plus Smart Turn's inference (~100-500 ms on a CPU, and the
+final waits behind it in the aggregator's queue): 0.6 s split such a turn in two, each
+answered, when the server was reached over a link of 0.45 s. Its price: a turn whose last
+part gives no words (a cough after a pause) closes this long after the end of speech."""
 
 PREROLL_SECS: float = 1.0
 """Audio from before the VAD's start that is sent with it when the service pauses between

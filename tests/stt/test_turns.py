@@ -8,10 +8,13 @@ import sys
 import numpy as np
 import pytest
 from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
+from pipecat.frames.frames import TranscriptionFrame
+from pipecat.processors.frame_processor import FrameDirection
 
 from pipecat_nvidia.stt import NemotronSTTService
 from pipecat_nvidia.turns import VAD_STOP_SECS, user_turn_params
 from tests.asr.client import server_url
+from tests.slow_link import slow_link
 from tests.stt.harness import run_pipeline
 
 SENTENCE = (9.5, 12.2)
@@ -63,23 +66,42 @@ def test_smart_turn_tells_a_finished_sentence_from_one_cut_mid_way(speech):
 @pytest.mark.slow
 async def test_a_turn_judged_incomplete_continues_with_the_next_segment(start_asr_server, speech_int16):
     """The user pauses mid-sentence: the VAD stops and the ASR finalizes the first part,
-    Smart Turn keeps the turn open, the user goes on (to the end of the sentence and
-    straight into the next, long enough for the tiny model to emit text whatever the
-    exact utterance boundary), and the turn's text is both parts, no word lost or repeated."""
+    Smart Turn keeps the turn open, the user goes on, and the turn's text is both parts,
+    no word lost or repeated."""
     server = await start_asr_server()
-    stt = NemotronSTTService(url=server_url(server))
+    run = await run_pipeline(NemotronSTTService(url=server_url(server)), _paused_sentence(speech_int16))
+    _assert_one_turn_of_two_finals(run)
+
+
+@pytest.mark.slow
+async def test_a_paused_turn_waits_for_its_last_final_over_a_slow_link(start_asr_server, speech_int16):
+    """A remote server's finals come half a second after the end of speech: the first
+    part's text, already in the turn, must not close it before the second part's final."""
+    server = await start_asr_server()
+    async with slow_link(server.port, 0.45) as port:
+        run = await run_pipeline(NemotronSTTService(url=f"ws://127.0.0.1:{port}"), _paused_sentence(speech_int16))
+    last_final = run.near.of(TranscriptionFrame, FrameDirection.DOWNSTREAM)[-1]
+    assert last_final.t - run.vad_stops()[-1] > 0.45, "the link did not delay the final"
+    _assert_one_turn_of_two_finals(run)
+
+
+def _paused_sentence(speech: np.ndarray) -> np.ndarray:
+    """A sentence with a pause where Smart Turn calls it incomplete, then the next (long
+    enough for the tiny model to emit text whatever the exact utterance boundary)."""
     begin, end = SENTENCE
-    room = _room_tone(speech_int16, 1.0)
-    audio = np.concatenate(
+    room = _room_tone(speech, 1.0)
+    return np.concatenate(
         [
-            _span(speech_int16, begin, MID_SENTENCE),
+            _span(speech, begin, MID_SENTENCE),
             room[:8000],
-            _span(speech_int16, MID_SENTENCE, end),
-            _span(speech_int16, *NEXT_SENTENCE),
+            _span(speech, MID_SENTENCE, end),
+            _span(speech, *NEXT_SENTENCE),
             room,
         ]
     )
-    run = await run_pipeline(stt, audio)
+
+
+def _assert_one_turn_of_two_finals(run) -> None:
     finals = [f.text for f in run.finals()]
     assert len(run.vad_stops()) == 2 and len(finals) == 2 and all(finals)
     assert len(run.user_stops()) == 1, "one turn across the pause"
