@@ -500,7 +500,7 @@ class LLMEngine(WorkSignal):
             generation.todo = generation.todo[len(piece) :]
             evaluated += len(piece)
             if llm.n_tokens == generation.snapshot_at:
-                self._snapshot = take_snapshot(llm)
+                self._snapshot = take_snapshot(llm, replacing=self._snapshot)
         return evaluated
 
     def _generate(self, generation: _Generation, count: int, deadline: float | None = None) -> int:

@@ -33,11 +33,18 @@ def can_roll_back(llm) -> bool:
     return not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
 
 
-def take_snapshot(llm) -> StateSnapshot:
+def take_snapshot(llm, replacing: StateSnapshot | None = None) -> StateSnapshot:
+    """The sequence's state now, written into the buffer of the snapshot it replaces when
+    that holds it: the state is tens of MiB for the real model, and a fresh buffer each
+    turn costs its allocation and page faults before the turn's first token. A buffer is
+    made twice the size needed, as the state grows with the conversation's tokens."""
     import llama_cpp
 
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, SEQUENCE)
-    data = (ctypes.c_uint8 * size)()
+    if replacing is not None and len(replacing.data) >= size:
+        data = replacing.data
+    else:
+        data = (ctypes.c_uint8 * (2 * size))()
     written = llama_cpp.llama_state_seq_get_data(llm.ctx, data, size, SEQUENCE)
     return StateSnapshot(tuple(int(t) for t in llm.input_ids[: llm.n_tokens]), data, written)
 

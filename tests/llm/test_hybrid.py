@@ -5,6 +5,7 @@ end of the last user turn, and each answer must be the one a fresh engine gives.
 are compared with their tokens' log probabilities: a wrong state moves them even where a
 random model's text happens to stay the same."""
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,34 @@ def test_after_a_barge_in_the_turn_resumes_from_the_snapshot_and_answers_as_a_fr
     assert finished.usage.cached_tokens == user_turn_end(engine, QUESTION)
     assert evaluated_tokens(llm) - before == finished.usage.prompt_tokens - finished.usage.cached_tokens + ANSWER_TOKENS
     assert said == same_answer(answer(make_engine(hybrid_path), turn)[0])
+
+
+def test_a_snapshot_written_over_the_last_restores_its_own_turn(hybrid_path):
+    """Each user turn's snapshot is written into the buffer of the one before; a barge-in
+    on the second reply resumes from the second user turn, and answers as the same tokens
+    evaluated from an empty state do."""
+
+    def two_turns(engine: LLMEngine) -> tuple[list[dict], list]:
+        reply, _ = run(engine, ChatRequest(QUESTION, max_tokens=30))
+        snapshots = [engine._snapshot]
+        second = [*QUESTION, {"role": "assistant", "content": reply}, FOLLOW_UP]
+        second_reply, _ = run(engine, ChatRequest(second, max_tokens=30))
+        snapshots.append(engine._snapshot)
+        cut = {"role": "assistant", "content": second_reply[:3]}
+        return [*second, cut, {"role": "user", "content": "why?"}], snapshots
+
+    engine = make_engine(hybrid_path)
+    third, (first, snapshot) = two_turns(engine)
+    assert ctypes.addressof(snapshot.data) == ctypes.addressof(first.data)
+    assert len(snapshot.tokens) > user_turn_end(engine, QUESTION)
+    said, finished = answer(engine, third)
+    assert finished.usage.cached_tokens == len(snapshot.tokens)
+    scratch = make_engine(hybrid_path)
+    two_turns(scratch)
+    scratch._llm.reset()
+    evaluated, evaluated_end = answer(scratch, third)
+    assert evaluated_end.usage.cached_tokens == 0
+    assert said == same_answer(evaluated)
 
 
 def test_a_turn_that_extends_the_whole_reply_continues_the_state(hybrid_path):
