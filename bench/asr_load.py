@@ -85,6 +85,8 @@ class ClientResult:
     sessions_ready: int = 0
     send_late_s: float = 0.0
     """The most any session's audio went out behind real time."""
+    streamed_s: float = 0.0
+    """The most audio any session streamed: whole utterances, so past ``--duration``."""
 
 
 async def _session(
@@ -145,6 +147,7 @@ async def _stream(
                 await ws.send(rest)
             resets_sent.append(time.perf_counter())
             await ws.send(reset)
+        result.streamed_s = max(result.streamed_s, sent / RATE)
         deadline = time.perf_counter() + FINAL_WAIT_S
         while resets_sent and not receiver.done() and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
@@ -175,6 +178,7 @@ def run_load(url: str, sessions: int, shape: ClientShape, processes: int) -> dic
     finals = [x for p in parts for x in p["final_latencies"]]
     chunk = histogram_quantiles(before, after, "asr_chunk_latency_seconds")
     steps = delta(before, after, "asr_step_seconds_count")
+    streamed_s = max(p["streamed_s"] for p in parts)
     return {
         "sessions": sessions,
         "sessions_ready": sum(p["sessions_ready"] for p in parts),
@@ -186,8 +190,9 @@ def run_load(url: str, sessions: int, shape: ClientShape, processes: int) -> dic
         "mean_step_ms": round(1000 * delta(before, after, "asr_step_seconds_sum") / steps, 2) if steps else None,
         # Per second of streaming, which every session did at once (the run's wall time
         # also holds starting the client processes and waiting for the last finals).
-        "audio_messages_per_s": round(delta(before, after, "asr_audio_messages_total") / shape.seconds, 1),
-        "server_cpu_cores": round(delta(before, after, "process_cpu_seconds_total") / shape.seconds, 3),
+        "streamed_s": round(streamed_s, 2),
+        "audio_messages_per_s": round(delta(before, after, "asr_audio_messages_total") / streamed_s, 1),
+        "server_cpu_cores": round(delta(before, after, "process_cpu_seconds_total") / streamed_s, 3),
         "client_send_late_ms_max": round(1000 * max(p["send_late_s"] for p in parts), 1),
         "errors": sorted({e for p in parts for e in p["errors"]}),
         "error_count": sum(len(p["errors"]) for p in parts),
