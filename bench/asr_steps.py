@@ -85,6 +85,7 @@ def main() -> None:
             "step_ms_p50": round(1000 * statistics.median(times), 2) if times else None,
             "step_ms_max": round(1000 * max(times), 2) if times else None,
             "chunk_ms": engine.geometry.chunk_ms,
+            "cuda_graph_max_batch": a.cuda_graph_max_batch,
             # Steps of the run that missed every graph bucket (here: all sessions' finals at
             # once, more rows than final buckets hold); None: graphs off.
             "eager_encoder_steps": graphs.eager_steps - eager_before if graphs else None,

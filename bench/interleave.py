@@ -35,10 +35,8 @@ from scheduler.policy import Targets
 from scheduler.worker import GpuScheduler
 from servers.asr.server import load_engine as load_asr
 from servers.common.loading import own_worker
-from servers.llm.config import LlmServerSettings
 from servers.llm.engine import ChatRequest, LlmDelta, LlmFinished
 from servers.llm.server import load_engine as load_llm
-from servers.tts.config import TtsServerSettings
 from servers.tts.server import load_engine as load_tts
 
 SENTENCES = [
@@ -257,20 +255,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", nargs="+", choices=MODES, default=["free", "scheduled"])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    # The local host's settings (graph buckets and batches for a few streams), not a server's.
+    host = HostSettings()
     engines = {
-        # The local host's ASR settings (graph buckets for a few streams), not a server's.
-        "asr": load_asr(
-            replace(HostSettings().asr, model=args.asr, device=args.device, right_context=args.right_context)
-        ),
+        "asr": load_asr(replace(host.asr, model=args.asr, device=args.device, right_context=args.right_context)),
         "tts": load_tts(
-            TtsServerSettings(
+            replace(
+                host.tts,
                 model=args.tts,
                 codec=args.codec,
                 device=args.device,
                 max_frames_per_token=args.tts_max_frames_per_token,
             )
         ),
-        "llm": load_llm(LlmServerSettings(model=args.llm, gpu_layers=args.llm_gpu_layers)),
+        "llm": load_llm(replace(host.llm, model=args.llm, gpu_layers=args.llm_gpu_layers)),
     }
     results = run_modes(args.modes, engines, args)
     print(json.dumps(results, indent=2))
@@ -278,4 +276,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in result for result in main().values()) else 0)

@@ -76,13 +76,18 @@ for _ in range(600):
   grep -a "voice-to-voice" "$2/agent.log" | tail -n "${TURNS:-6}" || true
 }
 
+failed=0
 for entry in ${SERVERS:-host standalone}; do
   mkdir -p "$OUT/$entry"
   echo "== $entry"
-  converse "$entry" "$OUT/$entry" || echo "== $entry failed"
+  converse "$entry" "$OUT/$entry" || { echo "== $entry failed"; failed=$((failed + 1)); }
   stop ${agent:-} "${servers[@]}"
   agent=
   servers=()
 done
 # Smart Turn's CPU time by thread count on this machine's cores (printed: $OUT holds 8 files).
 PYTHONPATH=$agent_path python3 -m bench.smart_turn --cpus 1 2 4 8 --turns 20
+if [ $failed -gt 0 ]; then
+  echo "$failed of the entries failed" >&2
+  exit 1
+fi

@@ -10,6 +10,8 @@ python3 -c 'import pydantic' 2>/dev/null || python3 -m pip install -q --no-index
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+# A machine where torch sees no GPU would skip the GPU tests and time the CPU: stop here.
+python3 -c 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"'
 
 # wait_healthy PID URL [LOG]: wait until the server process PID answers "ready" at URL/health.
 # Fails (non-zero, so set -e ends the runner and its EXIT trap) as soon as PID is gone, e.g.
