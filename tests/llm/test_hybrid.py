@@ -6,6 +6,7 @@ are compared with their tokens' log probabilities: a wrong state moves them even
 random model's text happens to stay the same."""
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,17 @@ def same_answer(reference: tuple[str, list[float]]) -> tuple[str, object]:
     evaluated in other batches moves them by about 2e-4, a wrong state by 0.01 or more."""
     text, logprobs = reference
     return text, pytest.approx(logprobs, abs=1e-3)
+
+
+def answer_from_an_empty_state(path: Path, history: Callable[[LLMEngine], object], turn: list[dict]):
+    """``turn`` answered by a fresh engine that ran ``history`` first, so that its prompt
+    holds the replies' tokens as generated, and then emptied its state."""
+    scratch = make_engine(path)
+    history(scratch)
+    scratch._llm.reset()
+    evaluated, finished = answer(scratch, turn)
+    assert finished.usage.cached_tokens == 0
+    return evaluated
 
 
 def user_turn_end(engine: LLMEngine, messages: list[dict]) -> int:
@@ -95,12 +107,7 @@ def test_a_snapshot_written_over_the_last_restores_its_own_turn(hybrid_path):
     assert len(snapshot.tokens) > user_turn_end(engine, QUESTION)
     said, finished = answer(engine, third)
     assert finished.usage.cached_tokens == len(snapshot.tokens)
-    scratch = make_engine(hybrid_path)
-    two_turns(scratch)
-    scratch._llm.reset()
-    evaluated, evaluated_end = answer(scratch, third)
-    assert evaluated_end.usage.cached_tokens == 0
-    assert said == same_answer(evaluated)
+    assert said == same_answer(answer_from_an_empty_state(hybrid_path, two_turns, third))
 
 
 def test_a_turn_that_extends_the_whole_reply_continues_the_state(hybrid_path):
@@ -116,12 +123,7 @@ def test_a_turn_that_extends_the_whole_reply_continues_the_state(hybrid_path):
     held = engine._llm.n_tokens
     said, finished = answer(engine, turn)
     assert finished.usage.cached_tokens == held
-    scratch = make_engine(hybrid_path)
-    second_turn(scratch)
-    scratch._llm.reset()
-    evaluated, evaluated_end = answer(scratch, turn)
-    assert evaluated_end.usage.cached_tokens == 0
-    assert said == same_answer(evaluated)
+    assert said == same_answer(answer_from_an_empty_state(hybrid_path, second_turn, turn))
 
 
 def test_the_turn_after_a_cancelled_answer_answers_as_a_fresh_engine(hybrid_path):
