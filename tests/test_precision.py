@@ -70,7 +70,7 @@ def test_skipped_submodules_keep_their_weights():
 
 def test_stored_weights_give_what_autocast_gave_without_casting_them():
     model, tokens = _model(), torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+    with torch.inference_mode(), autocast("cpu", torch.bfloat16):
         before = model(tokens)
         assert weight_casts(model, lambda: model(tokens)) == 5, "autocast casts each float32 weight"
         store_weights_for_autocast(model, torch.bfloat16)

@@ -13,7 +13,7 @@ from servers.asr.encoder_graphs import ENCODER_CACHES, encoder_step
 from servers.asr.features import UtteranceAudio
 from servers.asr.model import load_streaming_model, read_geometry
 from servers.asr.state_pool import PooledTensor, StatePool
-from servers.common.precision import store_weights_for_autocast
+from servers.common.precision import autocast, store_weights_for_autocast
 from tests.host_reads import HOST_READS, operations
 from tests.weight_casts import weight_casts
 
@@ -72,7 +72,7 @@ def test_encoder_weights_stored_in_bf16_change_no_result(model):
             frames = torch.full((2,), geometry.chunk_frames)
             encoded = {}
             for name, encoder in encoders.items():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast("cpu", torch.bfloat16):
                     x, lengths = encoder.pre_encode(x=features, lengths=frames)
                 encoded[name] = encoder_step(encoder, torch.bfloat16, pools[name], x, lengths, slots[name])[0]
             torch.testing.assert_close(encoded["stored"], encoded["float32"], rtol=0, atol=0)

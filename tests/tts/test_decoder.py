@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from servers.common.precision import store_weights_for_autocast
+from servers.common.precision import autocast, store_weights_for_autocast
 from servers.tts.decoder import MagpieDecoder, Sequence
 from servers.tts.model import SamplingSettings, load_magpie
 from servers.tts.sampling import CodeSampler, GraphedSampler, sample_codes
@@ -64,7 +64,7 @@ def _decode_overlapping(
     for step in range(OVERLAPPING[-1][2] + frames):
         running = [s for s, (_, _, start) in zip(sequences, OVERLAPPING) if start <= step and not s.done]
         if running:
-            with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with autocast("cpu", autocast_dtype):
                 decoder.step(running)
     assert all(s.done for s in sequences)
     return decoder, sequences
