@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servers.common.precision import autocast, store_weights_for_autocast
+from servers.common.precision import AUTOCAST_DTYPES, autocast, autocast_dtype, store_weights_for_autocast
+from servers.common.settings import PRECISIONS
 from tests.weight_casts import weight_casts
 
 
@@ -92,3 +93,15 @@ def test_autocast_to_none_runs_in_float32():
     with autocast("cpu", None):
         assert model(tokens).dtype == torch.float32
         assert weight_casts(model, lambda: model(tokens)) == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_precision_flag_choice_names_an_autocast_dtype(device):
+    resolved = {name: autocast_dtype(name, torch.device(device)) for name in PRECISIONS}
+    assert resolved["auto"] == (torch.bfloat16 if device == "cuda" else None)
+    assert set(PRECISIONS) == {"auto", *AUTOCAST_DTYPES}
+
+
+def test_an_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
+        autocast_dtype("int8", torch.device("cpu"))

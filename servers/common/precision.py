@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Each ``--precision`` name but auto, and the autocast dtype it stands for (None: off)."""
+
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` (auto: bf16 on CUDA, none i.e. fp32 elsewhere)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; use auto, {', '.join(AUTOCAST_DTYPES)}")
+    return AUTOCAST_DTYPES[precision]
 
 
 def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
