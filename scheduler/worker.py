@@ -55,7 +55,7 @@ class SchedulerMetrics:
             registry=r,
         )
         self.holds = Counter(
-            "scheduler_holds", "Times the GPU waited for a due ASR chunk instead of starting a unit", registry=r
+            "scheduler_holds", "Times the GPU idled for a due ASR chunk instead of starting a unit", registry=r
         )
         self.deadline_misses = Counter(
             "scheduler_deadline_misses",
@@ -101,6 +101,9 @@ class GpuScheduler:
         """The unit waiting for a due ASR chunk, until the chunk's step (or its own model) runs."""
         self._held: Unit | None = None
         """The unit that waited for an ASR chunk, until its model runs (it waits once)."""
+        self._idling_for: Unit | None = None
+        """The unit the GPU idles for while its hold lasts: work arriving meanwhile wakes the
+        thread, whose next decision renews the same hold (counted once)."""
         self.max_asr_wait_units = 0
         """The most units that ever ran while ASR had a ready chunk (the policy promises 1)."""
         self._sitting_out_until: dict[str, float] = {}
@@ -222,8 +225,9 @@ class GpuScheduler:
         unit = decision.unit
         self._note_hold(decision)
         self._idle_s = decision.wait_s or IDLE_TICK_S
-        if decision.wait_s:
+        if decision.wait_s and decision.held is not self._idling_for:
             self.metrics.holds.inc()
+        self._idling_for = decision.held if decision.wait_s else None
         if unit is None:
             return None
         attached = self._engines[unit.model]

@@ -339,3 +339,37 @@ def test_the_scheduler_stops_at_once_while_an_engine_warms_up():
         stopping.start()
         stopping.join(timeout=0.5)
         assert not stopping.is_alive()
+
+
+class _SteadyTts(_AlternatingTts):
+    """TTS work that never runs dry; each step takes 30 ms."""
+
+    def step(self):
+        time.sleep(0.03)
+        self.steps += 1
+        return SimpleNamespace(synthesis_gaps=0, text_gaps=0)
+
+
+def test_a_hold_renewed_by_work_arriving_meanwhile_counts_once():
+    """New text for the TTS wakes the thread during an idle wait for a chunk; its next
+    decision holds the same unit for the same chunk, which is not another hold."""
+    asr, tts = _ClockedAsr(period_s=0.05, step_s=0.002), _SteadyTts()
+    scheduler = GpuScheduler()
+    scheduler.driver("asr")(asr, lambda stats: None)
+    scheduler.driver("tts")(tts, lambda stats: None)
+    stop = threading.Event()
+
+    def text_arriving() -> None:
+        while not stop.wait(0.002):
+            tts.on_work()
+
+    poker = threading.Thread(target=text_arriving)
+    poker.start()
+    time.sleep(1.5)
+    stop.set()
+    poker.join()
+    scheduler.stop()
+    holds = scheduler.metrics.registry.get_sample_value("scheduler_holds_total")
+    assert holds >= 5, "the scenario holds the TTS for chunks"
+    # One hold per chunk at most; the last may still be under way when the scheduler stops.
+    assert holds <= len(asr.waits) + 1, f"{holds:.0f} holds for {len(asr.waits)} chunks"
