@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from pipecat_nvidia.agent import AgentSettings
+from servers.extras import SERVER_EXTRA, missing_packages
 
 
 def health_urls(settings: AgentSettings) -> dict[str, str]:
@@ -119,8 +120,13 @@ class LocalHost:
         """Set if the host, once ready, exits unasked."""
 
     def start(self) -> None:
-        """Start the host; refuse if one of its ports is taken (a host left running by
-        another bot would otherwise answer in its place)."""
+        """Start the host; refuse if this machine lacks the server side, or if one of its
+        ports is taken (a host left running by another bot would otherwise answer in its place)."""
+        if missing := missing_packages("host"):
+            raise RuntimeError(
+                f"it needs {', '.join(missing)}: pip install '{SERVER_EXTRA}', or set NVIDIA_ASR_URL, "
+                "NVIDIA_TTS_URL and NVIDIA_LLM_URL to servers that run elsewhere"
+            )
         self._refuse_taken_ports()
         logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")
         # The host asks for the token the bot sends (through the environment: arguments

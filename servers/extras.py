@@ -1,0 +1,52 @@
+"""The console scripts, each checking first that the ``server`` extra is installed.
+
+``pip install pipecat-nvidia`` is the client side alone (no torch, NeMo or llama.cpp); a
+server started there would end in an import traceback that names no remedy. Standard
+library only: this module must import where the extra is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+
+SERVER_EXTRA = "pipecat-nvidia[server]"
+
+NEEDED: dict[str, dict[str, str]] = {
+    "asr": {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"},
+    "tts": {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"},
+    "llm": {"llama_cpp": "llama-cpp-python", "prometheus_client": "prometheus-client", "aiohttp": "aiohttp"},
+}
+"""By server, the modules it imports from the extra and the distribution that holds each."""
+NEEDED["host"] = {**NEEDED["asr"], **NEEDED["tts"], **NEEDED["llm"]}
+
+
+def missing_packages(server: str) -> list[str]:
+    """The distributions ``server`` ("asr", "tts", "llm" or "host") needs that are not installed."""
+    return [package for module, package in NEEDED[server].items() if importlib.util.find_spec(module) is None]
+
+
+def require_server_extra(server: str) -> None:
+    """Exit with the remedy if ``server`` cannot run here."""
+    if missing := missing_packages(server):
+        raise SystemExit(
+            f"The {server} server needs {', '.join(missing)}: install the server extra, "
+            f"pip install '{SERVER_EXTRA}' (with CMAKE_ARGS=\"-DGGML_CUDA=on\" for a GPU's llama.cpp)"
+        )
+
+
+def _launcher(server: str, module: str) -> Callable[[], None]:
+    """A console script: ``module``'s ``main`` once ``server``'s packages are known to be there."""
+
+    def launch() -> None:
+        require_server_extra(server)
+        importlib.import_module(module).main()
+
+    return launch
+
+
+asr = _launcher("asr", "servers.asr.__main__")
+tts = _launcher("tts", "servers.tts.__main__")
+llm = _launcher("llm", "servers.llm.__main__")
+host = _launcher("host", "scheduler.__main__")
