@@ -49,3 +49,14 @@ def test_the_build_context_leaves_out_secrets_and_the_test_environment_but_not_w
     assert {".env", ".venv", ".git"} <= set(ignored)
     copied = set().union(*(_copied((ROOT / name).read_text()) for name in ARCHITECTURES))
     assert not any(fnmatch.fnmatch(source, pattern) for source in copied for pattern in ignored)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_each_dockerfile_keeps_only_the_images_torch_pinned_before_installing(name):
+    """NVIDIA's image pins all it ships in /etc/pip/constraint.txt, older than our
+    dependencies need; unpinned, its CUDA torch could be replaced by PyPI's."""
+    lines = (ROOT / name).read_text().splitlines()
+    installs = [i for i, line in enumerate(lines) if "pip install" in line]
+    rewrites = [i for i, line in enumerate(lines) if "> /etc/pip/constraint.txt" in line]
+    assert installs and len(rewrites) == 1 and rewrites[0] < min(installs)
+    assert re.search(r"grep -iE '\^\(torch\|", lines[rewrites[0] - 1])
