@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from pipecat_nvidia.agent import AgentSettings
-from servers.extras import SERVER_EXTRA, missing_packages
+from servers.extras import INSTALL_SERVER_EXTRA, missing_packages
 
 
 def health_urls(settings: AgentSettings) -> dict[str, str]:
@@ -124,7 +124,7 @@ class LocalHost:
         ports is taken (a host left running by another bot would otherwise answer in its place)."""
         if missing := missing_packages("host"):
             raise RuntimeError(
-                f"it needs {', '.join(missing)}: pip install '{SERVER_EXTRA}', or set NVIDIA_ASR_URL, "
+                f"it needs {', '.join(missing)}: {INSTALL_SERVER_EXTRA}, or set NVIDIA_ASR_URL, "
                 "NVIDIA_TTS_URL and NVIDIA_LLM_URL to servers that run elsewhere"
             )
         self._refuse_taken_ports()

@@ -93,7 +93,7 @@ def parse_settings(argv: list[str] | None = None) -> HostSettings:
         type=at_least(0),
     )
     add_sampling_settings(p, tts, prefix="tts-")
-    add_llm_settings(p, llm, prefix="llm-")
+    add_llm_settings(p, llm, prefix="llm-", gpu_by_default="the --device GPU, none with --device cpu")
     p.add_setting("--llm-port", llm.port, "OpenAI-compatible /v1 port", type=int)
     p.add_setting("--audio-ahead-s", targets.audio_ahead_s, "TTS audio kept ahead of each turn's playout", type=float)
     p.add_setting(

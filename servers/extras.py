@@ -1,6 +1,6 @@
 """The console scripts, each checking first that the ``server`` extra is installed.
 
-``pip install pipecat-nvidia`` is the client side alone (no torch, NeMo or llama.cpp); a
+The package without extras is the client side alone (no torch, NeMo or llama.cpp); a
 server started there would end in an import traceback that names no remedy. Standard
 library only: this module must import where the extra is missing.
 """
@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 
-SERVER_EXTRA = "pipecat-nvidia[server]"
+INSTALL_SERVER_EXTRA = "pip install '.[server]' in a checkout of pipecat-nvidia"
 
 NEEDED: dict[str, dict[str, str]] = {
     "asr": {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"},
@@ -31,8 +31,8 @@ def require_server_extra(server: str) -> None:
     """Exit with the remedy if ``server`` cannot run here."""
     if missing := missing_packages(server):
         raise SystemExit(
-            f"The {server} server needs {', '.join(missing)}: install the server extra, "
-            f"pip install '{SERVER_EXTRA}' (with CMAKE_ARGS=\"-DGGML_CUDA=on\" for a GPU's llama.cpp)"
+            f"The {server} server needs {', '.join(missing)}: {INSTALL_SERVER_EXTRA} "
+            f'(with CMAKE_ARGS="-DGGML_CUDA=on" for a GPU\'s llama.cpp)'
         )
 
 

@@ -36,7 +36,7 @@ def test_the_server_extra_provides_every_module_the_servers_check_for():
 def test_a_server_script_without_the_server_extra_names_what_to_install():
     done = _run_script(SCRIPTS["pipecat-nvidia-asr"], "--help", hidden=("nemo",))
     assert done.returncode == 1
-    assert "needs nemo_toolkit: install the server extra, pip install 'pipecat-nvidia[server]'" in done.stderr
+    assert "needs nemo_toolkit: pip install '.[server]' in a checkout of pipecat-nvidia" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -47,12 +47,15 @@ LLM_FLAGS = (
 )
 
 
-def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "") -> None:
-    """The model and decoding flags (``LLM_FLAGS``; the local GPU host adds them with a prefix)."""
+def add_llm_settings(
+    p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "", gpu_by_default: str = "spread over every visible GPU"
+) -> None:
+    """The model and decoding flags (``LLM_FLAGS``; the local GPU host adds them with a
+    prefix, and says where its llama.cpp runs without ``--main-gpu``: ``gpu_by_default``)."""
     p.add_setting(
         f"--{prefix}model",
         d.model,
-        "GGUF path, Hugging Face repo (quantisation chosen by --quant) or repo:FILE-GLOB",
+        f"GGUF path, Hugging Face repo (quantisation chosen by --{prefix}quant) or repo:FILE-GLOB",
     )
     p.add_setting(
         f"--{prefix}quant", d.quant, "quantisation file in the repo: auto (Q8_0 with >= 64 GiB free GPU, else Q4_K_M)"
@@ -64,7 +67,7 @@ def add_llm_settings(p: EnvDefaultsParser, d: LlmServerSettings, prefix: str = "
     p.add_setting(
         f"--{prefix}main-gpu",
         d.main_gpu,
-        "run on this GPU index alone (default: spread over every visible GPU)",
+        f"run on this GPU index alone (default: {gpu_by_default})",
         type=at_least(0),
     )
     p.add_setting(
