@@ -453,7 +453,11 @@ class TTSEngine(SessionEngine):
         """One decoder step for the running segments, then the audio that is due."""
         with autocast(self._device.type, self._autocast):
             self._decoder.step([s.sequence for s in running])
-        decoding = [(s, r) for s in running if (r := self._audio_due(s, self._clock())) is not None]
+        # A turn cancelled during the step (read without the lock: rechecked under it) is
+        # not decoded: its audio would never be sent.
+        decoding = [
+            (s, r) for s in running if not s.context.cancelled and (r := self._audio_due(s, self._clock())) is not None
+        ]
         if not decoding:
             return [], []
         decode_started = time.perf_counter()

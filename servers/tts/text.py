@@ -65,7 +65,7 @@ class TextPreparer:
             text_tokenizer=m.tokenizer,
             eos_token_id=m.eos_id,
         )
-        if max(lengths) > self.max_tokens:
+        if max(lengths, default=0) > self.max_tokens:  # none: all dropped, refused below
             # NeMo splits by a count of words: text of fewer but long words (terms, numbers,
             # links) can be more than the model speaks at once and still in one piece.
             chunks, lengths, texts = chunk_and_tokenize_text_by_sentence(

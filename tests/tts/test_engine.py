@@ -199,6 +199,33 @@ def test_cancel_stops_the_segment_within_a_step_and_drops_queued_ones(engine):
     assert [m.type for m in after if m.context_id == "other"][-1] == "segment_done"
 
 
+def test_a_cancel_during_a_step_spares_the_codec_the_cancelled_turns_audio(engine, monkeypatch):
+    """A barge-in arriving while the decoder step runs: the turn's audio that the step
+    completed is never decoded (it would lengthen the step for every other session)."""
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="turn", text=TEXT, mode="batch"))
+    engine.step()
+    sequence = engine._busy[0].segments[0].sequence
+    while sequence.frames + engine._decoder.frames_per_step < sequence.max_frames:
+        engine.step()
+    decoder_step, codec_decode, decoded = engine._decoder.step, engine._codec.decode, []
+
+    def step_then_cancel(sequences):
+        decoder_step(sequences)
+        engine.cancel(sid, "turn")
+
+    def decode(requests):
+        decoded.extend(requests)
+        return codec_decode(requests)
+
+    monkeypatch.setattr(engine._decoder, "step", step_then_cancel)
+    monkeypatch.setattr(engine._codec, "decode", decode)
+    engine.step()
+    assert sequence.done, "the step completed the segment"
+    assert not decoded and [m.type for m in messages] == ["cancelled"]
+
+
 def test_cancel_from_another_thread_while_steps_run_sends_nothing_after_cancelled(engine):
     messages = []
     lock = threading.Lock()
@@ -291,6 +318,7 @@ def test_a_text_refused_in_a_step_is_told_before_a_flush_or_cancel_made_during_i
     [
         ("   ", ErrorCode.EMPTY_TEXT),
         ("\u2603\u2603", ErrorCode.EMPTY_TEXT),
+        ("* " * 50, ErrorCode.EMPTY_TEXT),  # long enough for NeMo's sentence split, which drops it all
         ("word " * 500, ErrorCode.TEXT_TOO_LONG),
         ("word " * 101, ErrorCode.TEXT_TOO_LONG),  # one sentence of more tokens than decoder steps
     ],
