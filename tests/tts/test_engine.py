@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import servers.tts.advance
+import servers.tts.codec
+import servers.tts.sampling
 from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
+from servers.common.cuda_graphs import FixedCall
 from servers.tts.engine import MAX_OPEN_CONTEXTS, PRESETS, SegmentRejected
 from servers.tts.text import TextPreparer, TextRejected
 from tests.loaded_server import fail_once
@@ -124,6 +128,33 @@ def test_step_graphs_are_prepared_at_warm_up_and_give_the_eager_audio(tiny_tts_p
         assert_same_audio(pcm(mine), alone)
     # The reserved cache held every segment: the graphs are all still in use.
     assert graphed.graph_batches == {"text_encoder": 4, "decoder_step": 4, "prefill": 4, "sampler": 4, "codec": 8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "parts"),
+    [
+        (servers.tts.advance, {"text_encoder", "decoder_step", "prefill"}),
+        (servers.tts.sampling, {"sampler"}),
+        (servers.tts.codec, {"codec"}),
+    ],
+    ids=["advance", "sampler", "codec"],
+)
+def test_parts_whose_capture_fails_run_eagerly_and_the_audio_is_the_same(
+    tiny_tts_path, engine, monkeypatch, module, parts
+):
+    """A capture that fails at warm-up (here: a read back from the device, which a GPU's
+    capture refuses) leaves those parts eager, the others replaying, and the server serving."""
+
+    def reading_back(fn, inputs, pool):
+        return FixedCall(lambda *args: (args[0].sum().item(), fn(*args))[1], inputs, pool)
+
+    monkeypatch.setattr(module, "FixedCall", reading_back)
+    graphed = make_tts_engine(tiny_tts_path, graph_max_batch=2)
+    graphed.warm_up()
+    assert {part for part, batch in graphed.graph_batches.items() if batch == 0} == parts
+    for mode in ("stream", "batch"):
+        assert_same_audio(pcm(synthesize(graphed, TEXT, mode=mode)), pcm(synthesize(engine, TEXT, mode=mode)))
 
 
 @pytest.mark.parametrize("graph_max_batch", [0, 4], ids=["eager", "fixed-shape"])
