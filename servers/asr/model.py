@@ -10,6 +10,8 @@ import torch
 from loguru import logger
 from omegaconf import open_dict
 
+from servers.common.nemo_logs import stop_nemo_log_buffers
+
 STREAMABLE_NORMALIZE = (None, "NA", "none", "")
 """Per-utterance feature normalisation cannot be computed chunk by chunk."""
 
@@ -162,6 +164,7 @@ def load_streaming_model(name_or_path: str, *, right_context: int, device: str |
     """
     from nemo.collections.asr.models import ASRModel
 
+    stop_nemo_log_buffers()
     device = torch.device(device)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".nemo" or path.exists():

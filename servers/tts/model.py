@@ -9,6 +9,8 @@ import torch
 from loguru import logger
 from omegaconf import OmegaConf
 
+from servers.common.nemo_logs import stop_nemo_log_buffers
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -58,6 +60,7 @@ def load_magpie(
     """
     from nemo.collections.tts.models import MagpieTTSModel
 
+    stop_nemo_log_buffers()
     device = torch.device(device)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".nemo" or path.exists():

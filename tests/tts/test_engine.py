@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from logging.handlers import MemoryHandler
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import servers.tts.codec
 import servers.tts.sampling
 from pipecat_nvidia.protocol import ErrorCode, TtsSpeak
 from servers.common.cuda_graphs import FixedCall
+from servers.common.nemo_logs import NEMO_LOGGER
 from servers.tts.engine import MAX_OPEN_CONTEXTS, PRESETS, SegmentRejected
 from servers.tts.text import TextPreparer, TextRejected
 from tests.loaded_server import fail_once
@@ -702,3 +705,24 @@ def test_the_engine_foresees_the_audio_of_a_long_segments_later_sentences(tiny_t
         started += stats.started
     assert started == 6, "the text was not split into sentences"
     assert foreseen == happened
+
+
+def test_nemos_log_keeps_no_record_of_what_was_spoken(engine):
+    """NeMo warns of each character its tokenizer lacks, with the whole text; its
+    target-less log buffers would keep every such warning for the life of the server."""
+    nemo_logger = logging.getLogger(NEMO_LOGGER)
+    emitted = []
+    counter = logging.Handler(logging.WARNING)
+    counter.emit = emitted.append
+    level = nemo_logger.level
+    nemo_logger.setLevel(logging.WARNING)
+    nemo_logger.addHandler(counter)
+    try:
+        for _ in range(3):
+            synthesize(engine, f"{TEXT} \u2603")
+    finally:
+        nemo_logger.removeHandler(counter)
+        nemo_logger.setLevel(level)
+    assert emitted, "the tokenizer warned of the character it lacks"
+    buffers = [h for h in nemo_logger.handlers if isinstance(h, MemoryHandler)]
+    assert buffers and not any(h.buffer for h in buffers)
