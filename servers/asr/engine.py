@@ -163,9 +163,10 @@ class StreamingASREngine(SessionEngine):
         self._ready: set[int] = set()
         """Sessions whose next step can run now; kept up to date so that waiting for
         work and planning cost nothing per idle session."""
-        self._ended_slots: list[int] = []
+        self._ended_slots: set[int] = set()
         """Slots to put back to the initial state before their next step (of new sessions
-        and of utterances that ended), reset together by the next step, as it starts."""
+        and of utterances that ended), reset together by the next step, as it starts: a
+        set, as clients that come and go while nobody streams reuse the same slots."""
 
     @property
     def encoder_graphs(self) -> GraphedEncoderStep | None:
@@ -186,7 +187,7 @@ class StreamingASREngine(SessionEngine):
             sid = self._add_session_locked(
                 lambda sid: _Session(sid=sid, slot=self._pool.acquire(), sink=sink, audio=self._new_audio())
             )
-            self._ended_slots.append(self._sessions[sid].slot)
+            self._ended_slots.add(self._sessions[sid].slot)
             return sid
 
     def close_session(self, sid: int) -> None:
@@ -279,19 +280,19 @@ class StreamingASREngine(SessionEngine):
         events: list[tuple[Sink, AsrServerMessage]] = []
         with self._lock:
             rows = self._plan(events)
-            ended, self._ended_slots = (self._ended_slots, []) if rows else ([], self._ended_slots)
+            ended, self._ended_slots = (self._ended_slots, set()) if rows else (set(), self._ended_slots)
         tokens = None
         if rows:
             try:
                 # Off the lock: on a GPU the write waits for work queued before it.
-                self._pool.reset(ended)
-                ended = []
+                self._pool.reset(sorted(ended))
+                ended = set()
                 tokens = self._step.run([r.step for r in rows]).tokens
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the engine
                 logger.exception("ASR step failed")
                 error = ErrorMessage(code=ErrorCode.INTERNAL, message=f"transcription failed: {e}")
             with self._lock:
-                self._ended_slots += ended  # left by a failed reset: the next step writes them
+                self._ended_slots |= ended  # left by a failed reset: the next step writes them
                 for i, row in enumerate(rows):
                     session = row.session
                     session.in_flight = False
@@ -445,7 +446,7 @@ class StreamingASREngine(SessionEngine):
     def _end_utterance(self, session: _Session) -> None:
         """Start the next utterance: fresh state (see ``_ended_slots``), then whatever
         arrived after the reset."""
-        self._ended_slots.append(session.slot)
+        self._ended_slots.add(session.slot)
         self._next_segment(session)
         session.started = False
         session.segment_start_samples = 0

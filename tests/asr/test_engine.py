@@ -326,6 +326,16 @@ def test_sessions_closed_at_any_moment_free_their_state(tiny_asr_path, speech_in
     assert engine._pool.in_use == 0
 
 
+def test_clients_that_come_and_go_while_nobody_streams_leave_one_reset_per_slot(tiny_asr_path, speech_int16):
+    """Health probes or a reconnecting client against an idle server: no step runs to
+    reset their slots, and what waits for that step must not grow with each of them."""
+    engine = make_engine(tiny_asr_path, initial_slots=2)
+    for _ in range(100):
+        engine.close_session(engine.open_session(lambda m: None))
+    assert len(engine._ended_slots) <= engine._pool.capacity
+    assert [m.text for m in transcribe(engine, speech_int16[16000 : 16000 * 3])][-1]
+
+
 @pytest.mark.slow
 def test_per_chunk_work_stays_flat_over_ten_minutes_of_continuous_audio(tiny_asr_path, speech_int16):
     """Features are computed per chunk, never over the whole utterance: the preprocessor
