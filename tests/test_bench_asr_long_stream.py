@@ -9,5 +9,10 @@ def test_every_chunk_of_the_stream_is_timed_by_its_minute_and_the_session_closed
     by_minute = step_times_by_minute(engine, minutes=1)
     # A minute at 160 ms steps: 375 steps (the first chunk is shorter, so one may slip).
     assert 374 <= len(by_minute[0]) <= 376
-    assert summary(by_minute)["last_over_first"] == 1.0
     assert engine.session_count == 0
+
+
+def test_the_summary_compares_the_last_minutes_median_step_with_the_first():
+    result = summary([[0.001, 0.001, 0.003], [0.002, 0.002]])
+    assert result["steps"] == 5 and result["step_ms_p50_by_minute"] == [1.0, 2.0]
+    assert result["last_over_first"] == 2.0

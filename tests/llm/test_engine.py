@@ -1,6 +1,7 @@
 """The LLM engine on a tiny random llama GGUF: chunked decoding, prefix reuse, cancel."""
 
 import pytest
+from llama_cpp import LLAMA_SPLIT_MODE_NONE
 
 from servers.llm.chat import OutputSplitter
 from servers.llm.engine import ChatRequest, ContextOverflow, LlmDelta, LLMEngine, LlmFinished
@@ -397,6 +398,8 @@ def test_a_token_longer_than_32_bytes_is_said_whole(tmp_path):
 
 def test_a_model_placed_on_one_gpu_loads_and_answers(tiny_llm_path):
     """``main_gpu`` asks llama.cpp for no split across GPUs (a CPU build runs as before)."""
-    engine = LLMEngine(load_llama(GgufSource(path=str(tiny_llm_path)), context_size=1024, gpu_layers=0, main_gpu=0))
+    llm = load_llama(GgufSource(path=str(tiny_llm_path)), context_size=1024, gpu_layers=0, main_gpu=0)
+    assert (llm.model_params.split_mode, llm.model_params.main_gpu) == (LLAMA_SPLIT_MODE_NONE, 0)
+    engine = LLMEngine(llm)
     _, finished = run(engine, ChatRequest(QUESTION, max_tokens=3))
     assert finished.finish_reason == "length"

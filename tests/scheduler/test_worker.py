@@ -77,7 +77,9 @@ def test_a_unit_that_would_delay_a_due_asr_chunk_is_cut_to_fit_before_it():
     settled = asr.waits[2:]  # once a unit of each kind has been measured
     assert len(settled) >= 8
     assert max(settled) < 0.03, [round(w, 3) for w in asr.waits]
-    assert llm.budgets and max(llm.budgets) < 0.06, "LLM units were cut to the time before a chunk"
+    # Cut to less than a whole unit: 60 ms, and the sleep's overshoot that the scheduler
+    # measures with it (a chunk due 61 ms away cuts a unit measured at 62 ms).
+    assert llm.budgets and max(llm.budgets) < 0.07, "LLM units were cut to the time before a chunk"
 
 
 class _AlternatingTts:

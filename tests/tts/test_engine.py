@@ -63,7 +63,14 @@ def test_streamed_audio_starts_after_the_presets_first_frames(engine, preset):
 
 
 def test_batch_mode_sends_audio_only_when_the_segment_is_complete(engine):
-    messages = synthesize(engine, TEXT, mode="batch")
+    messages = []
+    sid = engine.open_session(messages.append)
+    engine.speak(sid, TtsSpeak(context_id="c", text=TEXT, mode="batch"))
+    while not any(m.type == "segment_done" for m in messages):
+        assert not messages, "nothing is sent before the step that completes the segment"
+        engine.step()
+    engine.close_session(sid)
+    engine.run_until_idle()
     done = next(m for m in messages if m.type == "segment_done")
     audio = [m for m in messages if m.type == "audio"]
     assert done.first_audio_ms > 0 and done.stopped_by == "max_frames"
