@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from pipecat_nvidia.agent import AgentSettings
-from servers.extras import INSTALL_SERVER_EXTRA, missing_packages
+from servers.extras import lacking_server_extra
 
 
 def health_urls(settings: AgentSettings) -> dict[str, str]:
@@ -122,10 +122,9 @@ class LocalHost:
     def start(self) -> None:
         """Start the host; refuse if this machine lacks the server side, or if one of its
         ports is taken (a host left running by another bot would otherwise answer in its place)."""
-        if missing := missing_packages("host"):
+        if lacking := lacking_server_extra("host"):
             raise RuntimeError(
-                f"it needs {', '.join(missing)}: {INSTALL_SERVER_EXTRA}, or set NVIDIA_ASR_URL, "
-                "NVIDIA_TTS_URL and NVIDIA_LLM_URL to servers that run elsewhere"
+                f"it {lacking}, or set NVIDIA_ASR_URL, NVIDIA_TTS_URL and NVIDIA_LLM_URL to servers that run elsewhere"
             )
         self._refuse_taken_ports()
         logger.info(f"Starting the local GPU host: {' '.join(self._args[1:])}")

@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 INSTALL_SERVER_EXTRA = "pip install '.[server]' in a checkout of pipecat-nvidia"
 
+_NEMO_SERVER = {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"}
 NEEDED: dict[str, dict[str, str]] = {
-    "asr": {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"},
-    "tts": {"torch": "torch", "nemo": "nemo_toolkit", "prometheus_client": "prometheus-client"},
+    "asr": _NEMO_SERVER,
+    "tts": _NEMO_SERVER,
     "llm": {"llama_cpp": "llama-cpp-python", "prometheus_client": "prometheus-client", "aiohttp": "aiohttp"},
 }
 """By server, the modules it imports from the extra and the distribution that holds each."""
@@ -27,13 +28,21 @@ def missing_packages(server: str) -> list[str]:
     return [package for module, package in NEEDED[server].items() if importlib.util.find_spec(module) is None]
 
 
-def require_server_extra(server: str) -> None:
-    """Exit with the remedy if ``server`` cannot run here."""
+def lacking_server_extra(server: str) -> str | None:
+    """What ``server`` lacks here and how to install it ("needs ...: pip install ..."); None
+    if nothing."""
     if missing := missing_packages(server):
-        raise SystemExit(
-            f"The {server} server needs {', '.join(missing)}: {INSTALL_SERVER_EXTRA} "
+        return (
+            f"needs {', '.join(missing)}: {INSTALL_SERVER_EXTRA} "
             f'(with CMAKE_ARGS="-DGGML_CUDA=on" for a GPU\'s llama.cpp)'
         )
+    return None
+
+
+def require_server_extra(server: str) -> None:
+    """Exit with the remedy if ``server`` cannot run here."""
+    if lacking := lacking_server_extra(server):
+        raise SystemExit(f"The {server} server {lacking}")
 
 
 def _launcher(server: str, module: str) -> Callable[[], None]:

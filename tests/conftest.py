@@ -8,13 +8,15 @@ import pytest
 import soundfile as sf
 import torch
 
+from servers.common.nemo_logs import NEMO_LOGGER
+
 DATA = Path(__file__).parent / "data"
 SAMPLE_RATE = 16000
 
 
 def pytest_configure(config):
     # NeMo logs warnings for every model it builds; keep test output readable.
-    logging.getLogger("nemo_logger").setLevel(logging.ERROR)
+    logging.getLogger(NEMO_LOGGER).setLevel(logging.ERROR)
     # One intra-op thread: the servers' engine threads, ONNX (VAD, Smart Turn) and the
     # event loop share two cores, and oversubscribed torch threads stall badly under load.
     torch.set_num_threads(1)
